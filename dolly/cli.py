@@ -1,0 +1,63 @@
+"""Argument handling shared by the entry points: `--config`, step inputs, and config overrides.
+
+MLflow passes declared parameters by name and undeclared `-P key=value` as `--key value`; so
+every `--key` that is not one of the step's own inputs must be a config field.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Callable
+
+from dolly.config import DEFAULT_PROFILE, FIELDS, Config, load_config
+from dolly.errors import ConfigError, DollyError
+
+
+def parse(argv: list[str], inputs: dict[str, str | None]) -> tuple[Config, dict[str, str]]:
+    """(config, step inputs) from `--key value` / `--key=value` pairs.
+
+    `inputs` maps the step's own parameter names to their defaults (None = required).
+    """
+    pairs: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument '{arg}' (expected --key value)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"parameter '{key}' has no value")
+            value = argv[i + 1]
+            i += 1
+        pairs[key.replace("-", "_")] = value
+        i += 1
+    profile = pairs.pop("config", None) or DEFAULT_PROFILE
+    step_inputs = {}
+    for name, default in inputs.items():
+        value = pairs.pop(name, None)
+        if value in (None, "") and default is None:
+            raise ConfigError(f"parameter '{name}' is required (-P {name}=...)")
+        step_inputs[name] = value if value not in (None, "") else default
+    unknown = [k for k in pairs if k not in FIELDS]
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}' (see dolly/config.py for the keys)")
+    return load_config(profile, pairs), step_inputs
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+    """Call `main(argv)`; a DollyError becomes one line on stderr and exit code 2."""
+    try:
+        code = main(sys.argv[1:])
+    except DollyError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:  # unexpected: keep the traceback for a bug report, end with one line
+        traceback.print_exc()
+        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(code or 0)

