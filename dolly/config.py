@@ -77,7 +77,9 @@ class Config:
     tiny_n_embd: int = _f(256, "Hidden size of the tiny GPT-J.")
     tiny_n_head: int = _f(8, "Attention heads of the tiny GPT-J.")
     tiny_rotary_dim: int = _f(16, "Rotary dimensions per head of the tiny GPT-J.")
-    tiny_n_positions: int = _f(256, "Context length of the tiny GPT-J.")
+    tiny_n_positions: int = _f(
+        1024, "Context length of the tiny GPT-J. GPT-J's positions are rotary (no learned table), "
+        "so a long context costs nothing and leaves room for Dolly's 256 new tokens.")
     trust_remote_code: bool = _f(False, "Allow model code from the Hub (off: safer).")
 
     # --- launch -----------------------------------------------------------------------------
