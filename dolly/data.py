@@ -327,21 +327,27 @@ def tokenize(tok, texts: list[str], max_length: int, policy: str):
     return ids_out, starts, truncated
 
 
+_COLUMNS = ("instruction", "input", "response", "category", "source", "where", "text")
+
+
 def _frame(records: list[dict], ids, starts, truncated) -> pd.DataFrame:
-    df = pd.DataFrame.from_records(records)
-    df["input_ids"] = ids
+    df = pd.DataFrame({c: pd.Series([r[c] for r in records], dtype=object) for c in _COLUMNS})
+    df["input_ids"] = pd.Series(ids, dtype=object)
     df["length"] = np.array([len(i) for i in ids], dtype=np.int32)
     df["response_start"] = np.array(starts, dtype=np.int32)
-    df["truncated"] = truncated
+    df["truncated"] = np.array(truncated, dtype=bool)
     return df
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    # token ids as int32 lists: half the bytes of int64, and what the collator reads
-    idx = table.schema.get_field_index("input_ids")
-    table = table.set_column(idx, "input_ids", table.column("input_ids").cast(pa.list_(pa.int32())))
-    pq.write_table(table, path)
+    # An explicit schema: token ids as int32 lists (half of int64, what the collator reads),
+    # and the same types when a split is empty.
+    columns = {c: pa.array(df[c].tolist(), type=pa.string()) for c in _COLUMNS}
+    columns["input_ids"] = pa.array(df["input_ids"].tolist(), type=pa.list_(pa.int32()))
+    columns["length"] = pa.array(df["length"].to_numpy(), type=pa.int32())
+    columns["response_start"] = pa.array(df["response_start"].to_numpy(), type=pa.int32())
+    columns["truncated"] = pa.array(df["truncated"].to_numpy(), type=pa.bool_())
+    pq.write_table(pa.table(columns), path)
 
 
 def _percentiles(lengths: np.ndarray) -> dict[str, float]:

@@ -24,7 +24,11 @@ def log_config(cfg: Config, prefix: str = "") -> None:
     import mlflow
 
     params = {f"{prefix}{k}": str(v)[:_MAX_PARAM] for k, v in cfg.to_dict().items()}
-    mlflow.log_params(params)
+    run = mlflow.active_run()
+    # `mlflow run` already logged the user's -P values verbatim ("1" for test_size 1.0); MLflow
+    # forbids changing a param, so those keep the user's spelling and config.yaml has all.
+    already = mlflow.get_run(run.info.run_id).data.params if run else {}
+    mlflow.log_params({k: v for k, v in params.items() if k not in already})
     mlflow.log_dict(cfg.to_dict(), "config.yaml")
 
 
@@ -40,3 +44,21 @@ def local_path(uri: str, what: str = "artifact") -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except (MlflowException, OSError) as e:
         raise DollyError(f"cannot fetch {what} '{uri}': {str(e).splitlines()[0]}") from None
+
+
+def dataset_source(cfg: Config):
+    """The MLflow dataset source that names where `cfg.dataset` came from."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    ds = cfg.dataset.strip()
+    if ds == "builtin":
+        return CodeDatasetSource({"generator": "dolly.builtin_tasks", "seed": cfg.seed,
+                                  "records": cfg.builtin_records})
+    if ds.startswith("hf:"):
+        ds = ds[3:]
+    p = Path(ds)
+    if p.exists():
+        return HTTPDatasetSource(p.resolve().as_uri())  # a file:// URL: no resolver needed
+    return HuggingFaceDatasetSource(path=ds, split=cfg.dataset_split)

@@ -18,7 +18,7 @@ def main(argv: list[str]) -> None:
             mlflow.log_metric(f"tokens_{k}", float(v))
         mlflow.set_tag("data_hash", result.data_hash)
         mlflow.log_artifacts(str(result.out_dir), "prepared")
-        source = cfg.dataset if cfg.dataset != "builtin" else f"builtin:seed={cfg.seed}"
+        source = tracking.dataset_source(cfg)
         for split, df in (("train", result.train), ("test", result.test)):
             ds = mlflow.data.from_pandas(
                 df[["instruction", "input", "response", "text", "length"]],

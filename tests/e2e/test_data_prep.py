@@ -1,0 +1,69 @@
+"""data_prep through `mlflow run`, as a user runs it, against a real sqlite tracking store."""
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+
+from conftest import mlflow_run
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def only_run(tracking_uri):
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_builtin_offline_default(tracking_uri, tmp_path):
+    proc = mlflow_run("data_prep", {"builtin_records": 300}, tracking_uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, run = only_run(tracking_uri)
+    m = run.data.metrics
+    assert m["records_read"] == 300 == m["records_kept"] + m["records_rejected"]
+    assert run.data.tags["mlflow.project.entryPoint"] == "data_prep"
+    assert len(run.data.tags["data_hash"]) == 64
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "prepared")}
+    assert {"prepared/train.parquet", "prepared/test.parquet", "prepared/rejected.jsonl",
+            "prepared/summary.json", "prepared/lengths.png"} <= files
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/prepared",
+                                                tracking_uri=tracking_uri, dst_path=str(tmp_path))
+    train = pd.read_parquet(f"{local}/train.parquet")
+    assert "text" in train and train["text"].str.endswith("\n\n### End").all()
+    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
+    assert contexts == ["test", "train"]
+    assert run.data.params["builtin_records"] == "300"
+
+
+def test_mixed_jsonl_accounts_for_every_line(tracking_uri, tmp_path):
+    good = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("a", "b", "c")]
+    lines = [json.dumps(g) for g in good] + [
+        "{oops", json.dumps({"instruction": "x"}), json.dumps({"instruction": 1, "output": "y"}),
+        json.dumps({"instruction": " ", "output": "y"}), json.dumps(good[0]),
+        json.dumps({"instruction": "big", "output": "z " * 20000})]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    proc = mlflow_run("data_prep", {"dataset": path, "test_size": 1}, tracking_uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, run = only_run(tracking_uri)
+    m = run.data.metrics
+    assert (m["records_read"], m["records_kept"], m["records_rejected"]) == (9, 3, 6)
+    rej = client.download_artifacts(run.info.run_id, "prepared/rejected.jsonl", str(tmp_path))
+    got = {json.loads(l)["where"]: json.loads(l)["reason"] for l in open(rej)}
+    assert got == {"line 4": "malformed_json", "line 5": "missing_response",
+                   "line 6": "non_string_field", "line 7": "blank_instruction",
+                   "line 8": "duplicate", "line 9": "too_long"}
+
+
+@pytest.mark.parametrize("name", ["unrelated.csv", "does-not-exist.jsonl"])
+def test_unusable_input_fails_with_one_line(tracking_uri, tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        path.write_text("city,population\nParis,2100000\n")
+    proc = mlflow_run("data_prep", {"dataset": path}, tracking_uri)
+    assert proc.returncode != 0
+    ours = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(ours) == 1 and name in ours[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr.split("mlflow.exceptions")[0]

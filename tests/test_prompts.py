@@ -1,0 +1,37 @@
+from dolly import prompts
+
+NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\nName a color.\n\n### Response:\nBlue.\n\n### End"
+)
+WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    "Translate to French.\n\n### Input:\nHello\n\n### Response:\nBonjour\n\n### End"
+)
+
+
+def test_training_text_is_byte_identical_to_dolly_v1():
+    assert prompts.format_record("Name a color.", "", "Blue.") == NO_INPUT
+    assert prompts.format_record("Name a color.", None, "Blue.") == NO_INPUT
+    assert prompts.format_record("Translate to French.", "Hello", "Bonjour") == WITH_INPUT
+
+
+def test_generation_prompt_is_dolly_v1_prompt_format():
+    assert prompts.format_prompt("Name a color.") == NO_INPUT[: NO_INPUT.index("Blue.")]
+    assert prompts.PROMPT_TEMPLATE.format(prompt="Name a color.") == prompts.format_prompt("Name a color.")
+
+
+def test_special_tokens_and_defaults_are_dollys():
+    assert prompts.SPECIAL_TOKENS == ("### End", "### Instruction:", "### Response:\n")
+    assert prompts.GENERATION_DEFAULTS["do_sample"] is True
+    assert prompts.GENERATION_DEFAULTS["top_p"] == 0.92
+    assert prompts.GENERATION_DEFAULTS["top_k"] == 0
+    assert prompts.GENERATION_DEFAULTS["max_new_tokens"] == 256
+
+
+def test_parse_response_returns_only_the_answer():
+    generated = prompts.format_prompt("Name a color.") + " Blue. \n\n### End junk after"
+    assert prompts.parse_response(generated) == "Blue."
+    assert prompts.parse_response("  Red\n\n### End") == "Red"
+    assert prompts.parse_response("no end marker ") == "no end marker"
