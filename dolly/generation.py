@@ -1,0 +1,174 @@
+"""Batched generation in Dolly's format: left-padded prompts, stop at `### End`, parsed answers.
+
+Evaluation uses this module (the registered model's pyfunc uses the transformers pipeline with the
+same prompt template and stop token). Prompts come from dolly.prompts, so the model is asked in
+exactly the format it was trained on. Generation never runs past the model's context: the token
+budget is capped to the room left after the prompt, and a prompt too long to leave room for an
+answer is shortened, keeping the template and the *end* of the instruction.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from dolly import prompts
+from dolly.tokenizer import special_ids
+
+_SENTINEL = "\u0000DOLLY-INSTRUCTION\u0000"
+
+
+@dataclass
+class Generation:
+    """One answer: the parsed response, whether it ended with `### End`, and its length."""
+
+    response: str
+    stopped: bool  # generated `### End` before the token limit
+    new_tokens: int  # tokens generated, `### End` included, padding excluded
+    prompt_tokens: int
+    truncated_prompt: bool  # the prompt had to be shortened to fit the context
+
+
+@dataclass
+class GenerationRun:
+    """Every answer plus the wall time the batch loop took (for throughput)."""
+
+    generations: list[Generation]
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = sum(g.new_tokens for g in self.generations)
+        return total / self.seconds if self.seconds > 0 else 0.0
+
+
+def context_length(model, tokenizer=None) -> int:
+    """The model's context in tokens (GPT-J: n_positions); the tokenizer's limit as a fallback."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else 2048
+
+
+def answer_room(max_new_tokens: int, context: int) -> int:
+    """Tokens kept free for the answer when a prompt must be shortened (at most a quarter)."""
+    return max(1, min(max_new_tokens, context // 4))
+
+
+def prompt_ids(tokenizer, instruction: str, input: str | None, budget: int) -> tuple[list[int], bool]:
+    """Token ids of Dolly's prompt, at most `budget` long: (ids, whether it was shortened).
+
+    A prompt over budget keeps the template around the instruction and the end of the
+    instruction (where the question usually is); if even the template does not fit, the last
+    `budget` tokens (which still end with the response key) are kept.
+    """
+    ids = tokenizer(prompts.format_prompt(instruction, input), add_special_tokens=False)["input_ids"]
+    if len(ids) <= budget:
+        return ids, False
+    head, _, tail = prompts.format_prompt(_SENTINEL, input).partition(_SENTINEL)
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    keep = budget - len(head_ids) - len(tail_ids)
+    if keep > 0:
+        body = tokenizer(instruction, add_special_tokens=False)["input_ids"]
+        return head_ids + body[-keep:] + tail_ids, True
+    return ids[-budget:], True
+
+
+def _decode(tokenizer, ids: list[int], end_id: int, stop_ids: set[int]) -> tuple[str, bool, int]:
+    """(response, stopped at `### End`, tokens generated) from the new tokens of one row."""
+    n = 0
+    stopped = False
+    kept: list[int] = []
+    for t in ids:
+        n += 1
+        if t == end_id:
+            stopped = True
+            break
+        if t in stop_ids:
+            break
+        kept.append(t)
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    return prompts.parse_response(text), stopped, n
+
+
+def generate(
+    model,
+    tokenizer,
+    instructions: Sequence[str],
+    inputs: Sequence[str | None] | None = None,
+    *,
+    max_new_tokens: int = prompts.GENERATION_DEFAULTS["max_new_tokens"],
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> GenerationRun:
+    """Answers to `instructions` (with `inputs` where given), in order, generated in batches.
+
+    Greedy by default (what evaluation wants); `do_sample=True` with Dolly's top_p/top_k for
+    Dolly-like sampling. Batches group prompts of similar length, so little padding is wasted.
+    """
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    inputs = list(inputs) if inputs is not None else [None] * len(instructions)
+    if len(inputs) != len(instructions):
+        raise ValueError("instructions and inputs differ in length")
+    _, end_id = special_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = {end_id}
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(tokenizer.eos_token_id)  # a base model's own end of text also ends an answer
+    context = context_length(model, tokenizer)
+    budget = context - answer_room(max_new_tokens, context)
+    encoded = [prompt_ids(tokenizer, ins, inp or None, budget)
+               for ins, inp in zip(instructions, inputs)]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    device = next(model.parameters()).device
+    results: list[Generation | None] = [None] * len(encoded)
+
+    was_training = model.training
+    model.eval()
+    rng_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = [encoded[i][0] for i in idx]
+            width = max(len(r) for r in rows)
+            # Left padding: every prompt ends where generation starts.
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                input_ids[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
+                attention[j, width - len(r):] = 1
+            room = min(max_new_tokens, context - width)
+            gen_cfg = GenerationConfig(
+                max_new_tokens=room, do_sample=do_sample, eos_token_id=sorted(stop_ids),
+                pad_token_id=pad_id, use_cache=True,
+                **({"temperature": temperature, "top_p": top_p, "top_k": top_k}
+                   if do_sample else {}))
+            with torch.inference_mode():
+                out = model.generate(input_ids=input_ids.to(device),
+                                     attention_mask=attention.to(device),
+                                     generation_config=gen_cfg)
+            new = out[:, width:].tolist()
+            for j, i in enumerate(idx):
+                text, stopped, n = _decode(tokenizer, new[j], end_id, stop_ids)
+                results[i] = Generation(text, stopped, n, len(rows[j]), encoded[i][1])
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(rng_state)
+        model.train(was_training)
+    return GenerationRun([r for r in results if r is not None], time.perf_counter() - t0)

@@ -1,0 +1,101 @@
+"""Batched generation: left padding, stopping at `### End`, the context cap, long prompts."""
+import pytest
+import torch
+
+from dolly import builtin_tasks, generation, prompts
+from dolly.config import Config
+from dolly.modeling import build_tiny
+from dolly.tokenizer import add_dolly_tokens, corpus_bpe, special_ids
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    recs = builtin_tasks.generate(200, seed=1)
+    texts = [prompts.format_record(r["instruction"], r["input"], r["output"]) for r in recs]
+    return add_dolly_tokens(corpus_bpe(texts, 400))
+
+
+def tiny(tok, n_positions=128, seed=0):
+    cfg = Config(tiny_n_layer=2, tiny_n_embd=64, tiny_n_head=4, tiny_rotary_dim=16,
+                 tiny_n_positions=n_positions, max_length=n_positions, seed=seed)
+    return build_tiny(cfg, tok).eval()
+
+
+def force_token(model, token_id):
+    """Make the model always predict `token_id` (zero LM head, bias on that token)."""
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[token_id] = 100.0
+    return model
+
+
+INSTRUCTIONS = ["Repeat the word bada.", "Greet Kalo.",
+                "Reverse the order of the words in the input.", "Count the words in the input."]
+INPUTS = [None, "", "ma ko li", "a b c d e f g h"]
+
+
+def test_batched_left_padding_equals_one_by_one(tok):
+    model = tiny(tok)
+    batched = generation.generate(model, tok, INSTRUCTIONS, INPUTS, max_new_tokens=6, batch_size=4)
+    single = [generation.generate(model, tok, [i], [n], max_new_tokens=6, batch_size=1)
+              .generations[0] for i, n in zip(INSTRUCTIONS, INPUTS)]
+    assert [g.response for g in batched.generations] == [g.response for g in single]
+    assert [g.prompt_tokens for g in batched.generations] == [g.prompt_tokens for g in single]
+    assert len({g.prompt_tokens for g in single}) > 1  # the batch really needed padding
+    assert batched.tokens_per_s > 0
+
+
+def test_prompt_uses_dolly_format_with_input(tok):
+    ids, cut = generation.prompt_ids(tok, "Do it.", "the input", budget=1000)
+    assert not cut
+    assert tok.decode(ids) == prompts.format_prompt("Do it.", "the input")
+    assert ids[-1] == special_ids(tok)[0]  # ends with the response key
+
+
+def test_stops_at_end_token(tok):
+    _, end = special_ids(tok)
+    model = force_token(tiny(tok), end)
+    run = generation.generate(model, tok, INSTRUCTIONS, max_new_tokens=20, batch_size=2)
+    for g in run.generations:
+        assert g.stopped and g.response == "" and g.new_tokens == 1
+
+
+def test_no_stop_runs_to_limit(tok):
+    word = tok.convert_tokens_to_ids(tok.tokenize("ba")[0])
+    model = force_token(tiny(tok), word)
+    run = generation.generate(model, tok, INSTRUCTIONS[:2], max_new_tokens=7)
+    for g in run.generations:
+        assert not g.stopped and g.new_tokens == 7 and g.response
+
+
+def test_new_tokens_capped_to_context(tok):
+    word = tok.convert_tokens_to_ids(tok.tokenize("ba")[0])
+    model = force_token(tiny(tok, n_positions=64), word)
+    run = generation.generate(model, tok, INSTRUCTIONS[:1], max_new_tokens=256)
+    g = run.generations[0]
+    assert g.prompt_tokens + g.new_tokens <= 64
+    assert g.new_tokens > 0
+
+
+def test_too_long_prompt_is_shortened_keeping_template_and_end(tok):
+    model = tiny(tok, n_positions=64)
+    long = "word " * 300 + "Repeat the word bada."
+    ids, cut = generation.prompt_ids(tok, long, None, budget=48)
+    assert cut and len(ids) <= 48
+    text = tok.decode(ids)
+    assert text.startswith(prompts.INTRO_NO_INPUT)
+    assert text.endswith("Repeat the word bada.\n\n" + prompts.RESPONSE_KEY_NL)
+    run = generation.generate(model, tok, [long, "Greet Kalo."], max_new_tokens=32)
+    assert run.generations[0].truncated_prompt and not run.generations[1].truncated_prompt
+    assert all(g.prompt_tokens + g.new_tokens <= 64 for g in run.generations)
+
+
+def test_sampling_is_seeded(tok):
+    model = tiny(tok)
+    kw = dict(max_new_tokens=6, do_sample=True, top_p=0.92, top_k=0, seed=3)
+    a = generation.generate(model, tok, INSTRUCTIONS, **kw)
+    b = generation.generate(model, tok, INSTRUCTIONS, **kw)
+    assert [g.response for g in a.generations] == [g.response for g in b.generations]
