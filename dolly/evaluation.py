@@ -1,0 +1,224 @@
+"""Evaluation of a causal LM on the held-out split: response-token loss and generation metrics.
+
+Loss and perplexity are measured on response tokens only (the tokens training learns; the prompt is
+masked the same way), from the prepared token ids. Generation metrics come from batched greedy
+decoding in Dolly's prompt format (dolly.generation):
+
+- exact_match: normalised answer == normalised reference (case, whitespace, trailing punctuation)
+- rouge_l: ROUGE-L F1 (the rouge_score package, offline)
+- stop_rate: answers that ended with `### End` before the token limit
+- empty_rate: answers that are empty after parsing
+- response_length: mean tokens generated per answer (`### End` included)
+- tokens_per_s: generation throughput over the whole batch loop
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from dolly import generation
+from dolly.errors import DollyError
+
+METRICS = ("eval_loss", "perplexity", "exact_match", "rouge_l", "stop_rate", "empty_rate",
+           "response_length", "tokens_per_s")
+_TRAILING = string.punctuation + " \t\n"
+
+
+def normalise(text: str) -> str:
+    """Lower case, single spaces, no trailing punctuation: 'Hello, Kalo!' == 'hello, kalo'."""
+    return " ".join(str(text).lower().split()).rstrip(_TRAILING).strip()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalise(prediction) == normalise(reference))
+
+
+_scorer = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 between two texts (0 when either has no word)."""
+    global _scorer
+    if _scorer is None:
+        from rouge_score import rouge_scorer
+
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    if not re.search(r"\w", prediction or "") or not re.search(r"\w", reference or ""):
+        return 0.0
+    return float(_scorer.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def response_loss(model, test: pd.DataFrame, pad_id: int, batch_size: int = 8) -> float:
+    """Mean cross-entropy per response token (labels masked up to and including the response key).
+
+    Token-weighted over the whole split, so long and short answers count by their tokens.
+    """
+    device = next(model.parameters()).device
+    context = generation.context_length(model)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    rows = [(list(ids)[:context], int(start)) for ids, start in
+            zip(test["input_ids"], test["response_start"])]
+    rows.sort(key=lambda r: len(r[0]))  # similar lengths together: little padding
+    try:
+        for b in range(0, len(rows), batch_size):
+            batch = rows[b:b + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, (ids, start) in enumerate(batch):
+                t = torch.tensor(ids, dtype=torch.long)
+                input_ids[j, :len(ids)] = t
+                mask[j, :len(ids)] = 1
+                labels[j, start:len(ids)] = t[start:]
+            with torch.inference_mode():
+                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(device)
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((shift_labels != -100).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise DollyError("the test split has no response tokens to evaluate")
+    return total / count
+
+
+@dataclass
+class ModelEval:
+    """Aggregate metrics and the per-example answers of one model."""
+
+    metrics: dict[str, float]
+    examples: pd.DataFrame  # response, exact_match, rouge_l, stopped, new_tokens
+
+
+def evaluate_model(model, tokenizer, test: pd.DataFrame, *, max_new_tokens: int,
+                   batch_size: int) -> ModelEval:
+    """Every metric of METRICS for one model on `test` (a prepared split)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loss = response_loss(model, test, pad_id, batch_size)
+    inputs = [i if isinstance(i, str) and i else None for i in test["input"]]
+    run = generation.generate(model, tokenizer, list(test["instruction"]), inputs,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gens = run.generations
+    refs = list(test["response"])
+    ex = pd.DataFrame({
+        "response": [g.response for g in gens],
+        "exact_match": [exact_match(g.response, r) for g, r in zip(gens, refs)],
+        "rouge_l": [rouge_l(g.response, r) for g, r in zip(gens, refs)],
+        "stopped": [g.stopped for g in gens],
+        "new_tokens": [g.new_tokens for g in gens],
+    })
+    n = max(len(gens), 1)
+    metrics = {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),  # capped: an untrained model's exp(loss) overflows
+        "exact_match": float(ex["exact_match"].mean()) if len(ex) else 0.0,
+        "rouge_l": float(ex["rouge_l"].mean()) if len(ex) else 0.0,
+        "stop_rate": sum(g.stopped for g in gens) / n,
+        "empty_rate": sum(not g.response for g in gens) / n,
+        "response_length": sum(g.new_tokens for g in gens) / n,
+        "tokens_per_s": run.tokens_per_s,
+        "generation_s": run.seconds,
+    }
+    return ModelEval(metrics, ex)
+
+
+def category_metrics(test: pd.DataFrame, ex: pd.DataFrame) -> dict[str, float]:
+    """exact_match per task family (when the split has a non-empty `category` column)."""
+    if "category" not in test.columns:
+        return {}
+    cats = test["category"].fillna("").astype(str).to_numpy()
+    out = {}
+    for cat in sorted(set(cats) - {""}):
+        sel = cats == cat
+        out[f"exact_match/{_metric_safe(cat)}"] = float(ex["exact_match"].to_numpy()[sel].mean())
+    return out
+
+
+def _metric_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)[:100] or "_"
+
+
+def select(test: pd.DataFrame, limit: int) -> pd.DataFrame:
+    """The first `limit` test records (0 = all): a fixed subset, the same on every run."""
+    return test.head(limit).reset_index(drop=True) if limit > 0 else test.reset_index(drop=True)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def dtype_for(dev: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPU (as training's 'auto')."""
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def model_folder(local: Path) -> tuple[Path, Path]:
+    """(weights folder, tokenizer folder) inside a downloaded transformers-flavor model or a
+    plain saved-model folder."""
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        import yaml
+
+        spec: dict[str, Any] = yaml.safe_load(mlmodel.read_text()) or {}
+        flavor = (spec.get("flavors") or {}).get("transformers") or {}
+        weights = local / flavor.get("model_binary", "model")
+        tok = local / "components" / "tokenizer"
+        if not (tok / "tokenizer_config.json").is_file():
+            tok = weights
+        if (weights / "config.json").is_file():
+            return weights, tok
+        raise DollyError(f"{local}: an MLflow model without transformers weights (no {weights.name}/config.json)")
+    if (local / "config.json").is_file():
+        return local, local
+    raise DollyError(f"{local}: neither an MLflow transformers model nor a saved model folder")
+
+
+def logged_run_id(local: Path) -> str | None:
+    """The run that logged a downloaded MLflow model (the train run), if it says."""
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    import yaml
+
+    return (yaml.safe_load(mlmodel.read_text()) or {}).get("run_id") or None
+
+
+# Fields that decide what the base model is: taken from the train run, so that evaluating a
+# model always compares it with the base *it* was trained from (even if run with other settings).
+BASE_FIELDS = ("base_model", "tiny_n_layer", "tiny_n_embd", "tiny_n_head", "tiny_rotary_dim",
+               "tiny_n_positions", "seed", "trust_remote_code")
+
+
+def base_config(cfg, train_params: dict[str, str]):
+    """`cfg` with the base-model fields the train run logged; (config, fields that differed)."""
+    import dataclasses
+
+    from dolly.config import _coerce
+    from dolly.errors import ConfigError
+
+    changes = {}
+    for name in BASE_FIELDS:
+        if name in train_params:
+            try:
+                value = _coerce(name, train_params[name])
+            except ConfigError:
+                continue
+            if value != getattr(cfg, name):
+                changes[name] = value
+    return (dataclasses.replace(cfg, **changes) if changes else cfg), changes

@@ -1,0 +1,113 @@
+"""Evaluation metrics: normalisation, ROUGE-L, response-only loss, the base config, model folders."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from dolly import builtin_tasks, evaluation, prompts
+from dolly.config import Config
+from dolly.errors import DollyError
+from dolly.modeling import build_tiny
+from dolly.tokenizer import add_dolly_tokens, corpus_bpe, special_ids
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("pred, ref, same", [
+    ("Hello, Kalo!", "hello, kalo", True),
+    ("  two  ", "Two.", True),
+    ("ba  da\nko", "ba da ko", True),
+    ("bada", "bado", False),
+    ("", "x", False),
+    ("Hello Kalo", "Hello, Kalo", False),  # inner punctuation still counts
+])
+def test_exact_match_normalisation(pred, ref, same):
+    assert evaluation.exact_match(pred, ref) == float(same)
+
+
+def test_rouge_l():
+    assert evaluation.rouge_l("ma ko li", "ma ko li") == pytest.approx(1.0)
+    assert evaluation.rouge_l("li ko ma", "ma ko li") == pytest.approx(1 / 3)
+    assert evaluation.rouge_l("", "ma") == 0.0
+    assert evaluation.rouge_l("!!!", "ma") == 0.0
+
+
+@pytest.fixture(scope="module")
+def tok():
+    recs = builtin_tasks.generate(100, seed=2)
+    texts = [prompts.format_record(r["instruction"], r["input"], r["output"]) for r in recs]
+    return add_dolly_tokens(corpus_bpe(texts, 350))
+
+
+def split(tok, records):
+    resp_id, _ = special_ids(tok)
+    rows = []
+    for ins, inp, resp in records:
+        ids = tok(prompts.format_record(ins, inp, resp), add_special_tokens=False)["input_ids"]
+        rows.append({"instruction": ins, "input": inp, "response": resp, "input_ids": ids,
+                     "response_start": ids.index(resp_id) + 1, "category": "c"})
+    return pd.DataFrame(rows)
+
+
+def test_response_loss_counts_only_response_tokens(tok):
+    model = build_tiny(Config(tiny_n_layer=1, tiny_n_embd=32, tiny_n_head=2, tiny_rotary_dim=16,
+                              tiny_n_positions=256), tok).eval()
+    test = split(tok, [("Greet Kalo.", "", "Hello, Kalo!"), ("Count the words in the input.",
+                                                             "ma ko", "two")])
+    got = evaluation.response_loss(model, test, tok.pad_token_id, batch_size=2)
+    total, n = 0.0, 0
+    for ids, start in zip(test["input_ids"], test["response_start"]):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        lp = torch.log_softmax(logits[:-1].float(), -1)
+        for pos in range(start, len(ids)):  # token `pos` is predicted at `pos - 1`
+            total -= float(lp[pos - 1, ids[pos]])
+            n += 1
+    assert got == pytest.approx(total / n, rel=1e-4)
+
+
+def test_evaluate_model_metrics(tok):
+    model = build_tiny(Config(tiny_n_layer=1, tiny_n_embd=32, tiny_n_head=2, tiny_rotary_dim=16,
+                              tiny_n_positions=256), tok).eval()
+    test = split(tok, [("Greet Kalo.", "", "Hello, Kalo!"), ("Repeat the word bada.", "", "bada"),
+                       ("Count the words in the input.", "ma ko", "two")])
+    res = evaluation.evaluate_model(model, tok, test, max_new_tokens=4, batch_size=2)
+    for k in evaluation.METRICS:
+        assert k in res.metrics and math.isfinite(res.metrics[k])
+    assert res.metrics["perplexity"] == pytest.approx(math.exp(res.metrics["eval_loss"]))
+    assert len(res.examples) == 3
+    assert 0 <= res.metrics["stop_rate"] <= 1 and 0 <= res.metrics["empty_rate"] <= 1
+    assert evaluation.category_metrics(test, res.examples).keys() == {"exact_match/c"}
+
+
+def test_base_config_follows_the_train_run():
+    cfg = Config()
+    params = {"tiny_n_layer": "2", "tiny_n_embd": "64", "tiny_n_head": "4", "seed": "7",
+              "learning_rate": "0.5", "base_model": "tiny-gptj"}
+    base, changed = evaluation.base_config(cfg, params)
+    assert changed == {"tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4, "seed": 7}
+    assert base.tiny_n_layer == 2 and base.learning_rate == cfg.learning_rate
+
+
+def test_select_is_a_fixed_prefix():
+    df = pd.DataFrame({"a": range(10)})
+    assert list(evaluation.select(df, 3)["a"]) == [0, 1, 2]
+    assert len(evaluation.select(df, 0)) == 10
+
+
+def test_model_folder_layouts(tmp_path):
+    mlm = tmp_path / "logged"
+    (mlm / "model").mkdir(parents=True)
+    (mlm / "model" / "config.json").write_text("{}")
+    (mlm / "components" / "tokenizer").mkdir(parents=True)
+    (mlm / "components" / "tokenizer" / "tokenizer_config.json").write_text("{}")
+    (mlm / "MLmodel").write_text("run_id: abc\nflavors:\n  transformers:\n    model_binary: model\n")
+    assert evaluation.model_folder(mlm) == (mlm / "model", mlm / "components" / "tokenizer")
+    assert evaluation.logged_run_id(mlm) == "abc"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    assert evaluation.model_folder(plain) == (plain, plain)
+    with pytest.raises(DollyError):
+        evaluation.model_folder(tmp_path / "nothing")
