@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,122 @@ def tracking_uri(tmp_path) -> str:
 @pytest.fixture
 def alpaca_sample() -> Path:
     return FIXTURES / "alpaca_sample.json"
+
+
+# --- evaluate / register / serving / Spark e2e: one tiny logged model per session -------------
+
+# A tiny GPT-J (2 layers, 64 wide) on 200 built-in records: fast to build, log, load and serve.
+TINY_OVERRIDES = {"builtin_records": 200, "tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4,
+                  "tiny_rotary_dim": 16, "tiny_n_positions": 256, "max_length": 128}
+E2E_EXPERIMENT = "dolly-e2e"
+
+
+@contextmanager
+def tracking_to(uri: str):
+    """In-process MLflow calls go to `uri` inside the block; the previous setting comes back."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_global, old_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_global)
+        if old_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+@dataclass
+class TinyModel:
+    """A logged (untrained) tiny model in its own sqlite store, as the train step would leave it."""
+
+    root: Path
+    tracking_uri: str
+    experiment: str
+    prepared: Path
+    model_uri: str
+    train_run: str
+    data_hash: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return project_env(self.tracking_uri, MLFLOW_EXPERIMENT_NAME=self.experiment, **extra)
+
+    def mlflow_run(self, entry_point: str, params: dict, timeout: int = 600):
+        return mlflow_run(entry_point, params, self.tracking_uri, timeout,
+                          MLFLOW_EXPERIMENT_NAME=self.experiment)
+
+    def client(self):
+        import mlflow
+
+        return mlflow.MlflowClient(self.tracking_uri)
+
+    def fake_eval_run(self, tuned: float, base: float, metric: str = "exact_match",
+                      model_uri: str | None = None) -> str:
+        """A FINISHED evaluate-like run with the given primary metric (to drive the gate)."""
+        client = self.client()
+        exp = client.get_experiment_by_name(self.experiment).experiment_id
+        run = client.create_run(exp, tags={
+            "mlflow.project.entryPoint": "evaluate", "model_uri": model_uri or self.model_uri,
+            "train_run_id": self.train_run, "data_hash": self.data_hash,
+            "base_model": "tiny-gptj"})
+        rid = run.info.run_id
+        for k, v in {f"tuned/{metric}": tuned, f"base/{metric}": base, "eval_records": 20}.items():
+            client.log_metric(rid, k, v)
+        client.set_terminated(rid, "FINISHED")
+        return rid
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> TinyModel:
+    """prepared/ data + a saved tiny model (left padding, eos = `### End`) logged with
+    registry.log_model into a run of experiment E2E_EXPERIMENT (artifacts under tmp)."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from dolly import data, registry, tracking
+    from dolly.config import load_config
+    from dolly.modeling import build_tiny
+    from dolly.tokenizer import add_dolly_tokens, special_ids
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    uri = f"sqlite:///{root}/mlflow.db"
+    cfg = load_config(None, TINY_OVERRIDES)
+    prepared = data.prepare(cfg, root / "prepared", progress=False)
+    # padding_side given at load time is what save_pretrained persists (setting it later is not).
+    tok = add_dolly_tokens(AutoTokenizer.from_pretrained(root / "prepared" / "tokenizer",
+                                                         padding_side="left"))
+    model = build_tiny(cfg, tok)
+    model.generation_config.eos_token_id = special_ids(tok)[1]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    final = root / "final"
+    model.save_pretrained(final)
+    tok.save_pretrained(final)
+    with tracking_to(uri):
+        client = mlflow.MlflowClient()
+        exp = client.create_experiment(E2E_EXPERIMENT, artifact_location=str(root / "artifacts"))
+        with mlflow.start_run(experiment_id=exp, run_name="train (test fixture)") as run:
+            tracking.log_config(cfg)
+            model_uri = registry.log_model(final, cfg)
+            mlflow.set_tags({"model_uri": model_uri, "data_hash": prepared.data_hash,
+                             "mlflow.project.entryPoint": "train"})
+    return TinyModel(root, uri, E2E_EXPERIMENT, root / "prepared", model_uri,
+                     run.info.run_id, prepared.data_hash)
+
+
+@pytest.fixture(scope="session")
+def champion(tiny_model) -> str:
+    """tiny_model registered as `dolly` and made @champion (a passing gate); returns the version."""
+    from dolly import registry
+    from dolly.config import load_config
+
+    cfg = load_config(None, TINY_OVERRIDES)
+    with tracking_to(tiny_model.tracking_uri):
+        eval_run = tiny_model.fake_eval_run(tuned=0.9, base=0.0)
+        result = registry.register(
+            tiny_model.model_uri, cfg, eval_metrics={"tuned/exact_match": 0.9,
+                                                     "base/exact_match": 0.0},
+            eval_run=eval_run, data_hash=tiny_model.data_hash, train_run=tiny_model.train_run,
+            base_model=cfg.base_model, dataset=cfg.dataset)
+    assert result.promoted, result.reason
+    return result.version

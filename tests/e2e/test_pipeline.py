@@ -1,0 +1,122 @@
+"""evaluate and register through `mlflow run`, the promotion gate, and the champion's pyfunc."""
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+
+from conftest import TINY_OVERRIDES, tracking_to
+from dolly.errors import DollyError
+
+TEMPLATE_BITS = ("Below is an instruction", "### Instruction", "### Response", "### End")
+
+
+def _runs(tiny, entry_point):
+    client = tiny.client()
+    exp = client.get_experiment_by_name(tiny.experiment).experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
+                              order_by=["attributes.start_time DESC"])
+
+
+@pytest.mark.timeout(420)
+def test_evaluate_entry_point(tiny_model):
+    proc = tiny_model.mlflow_run("evaluate", {
+        "model_uri": tiny_model.model_uri, "prepared": tiny_model.prepared,
+        "eval_limit": 8, "eval_max_new_tokens": 8, "eval_batch_size": 4})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = _runs(tiny_model, "evaluate")[0]
+    m, tags = run.data.metrics, run.data.tags
+    for who in ("base", "tuned"):
+        for k in ("perplexity", "eval_loss", "exact_match", "rouge_l", "stop_rate", "empty_rate",
+                  "response_length", "tokens_per_s"):
+            assert f"{who}/{k}" in m, f"{who}/{k}"
+    # The fixture's model is the untrained base: evaluate must rebuild exactly that base
+    # (from the train run's settings, although this run used the default profile).
+    assert m["base/eval_loss"] == pytest.approx(m["tuned/eval_loss"], rel=1e-5)
+    assert m["eval_records"] == 8
+    assert tags["data_hash"] == tiny_model.data_hash
+    assert tags["model_uri"] == tiny_model.model_uri
+    assert tags["train_run_id"] == tiny_model.train_run
+    table = tiny_model.client().download_artifacts(run.info.run_id, "eval_examples.json",
+                                                   str(tiny_model.root / "dl"))
+    doc = json.load(open(table))
+    df = pd.DataFrame(doc["data"], columns=doc["columns"])
+    assert len(df) == 8
+    assert {"instruction", "reference", "base_response", "tuned_response",
+            "tuned_exact_match", "tuned_rouge_l"} <= set(df.columns)
+
+
+@pytest.mark.timeout(420)
+def test_register_entry_point_and_gate(tiny_model):
+    name = "dolly_gate"
+    good = tiny_model.fake_eval_run(tuned=0.8, base=0.0)
+    proc = tiny_model.mlflow_run("register", {"model_uri": tiny_model.model_uri,
+                                              "eval_run": good, "model_name": name})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = tiny_model.client()
+    first = str(client.get_model_version_by_alias(name, "champion").version)
+    mv = client.get_model_version(name, first)
+    assert mv.run_id == tiny_model.train_run  # registered where the train run logged it
+    assert mv.source == tiny_model.model_uri  # no second copy
+    assert mv.tags["promoted"] == "true" and mv.tags["tuned/exact_match"] == "0.8"
+    assert mv.tags["data_hash"] == tiny_model.data_hash
+    assert mv.tags["train_run_id"] == tiny_model.train_run and mv.tags["eval_run_id"] == good
+    assert "# dolly_gate v" in mv.description and "tiny-gptj" in mv.description
+    lic = client.get_registered_model(name).tags["license"]
+    assert "project-generated" in lic
+    reg_run = _runs(tiny_model, "register")[0]
+    assert reg_run.data.tags["registered_version"] == first
+    assert reg_run.data.tags["promoted"] == "true"
+
+    # A worse model (beats its base, but below the champion) is registered, not promoted.
+    worse = tiny_model.fake_eval_run(tuned=0.5, base=0.0)
+    proc = tiny_model.mlflow_run("register", {"model_uri": tiny_model.model_uri,
+                                              "eval_run": worse, "model_name": name})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first
+    latest = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    assert str(latest.version) != first
+    assert latest.tags["promoted"] == "false"
+    assert "worse than champion" in latest.tags["gate_reason"]
+
+    # An evaluation of another model can not be used to register this one (in process: fast).
+    from steps import register
+
+    other = tiny_model.fake_eval_run(tuned=0.9, base=0.0, model_uri="models:/m-someone-else")
+    with tracking_to(tiny_model.tracking_uri), pytest.raises(DollyError, match="m-someone-else"):
+        register.main(["--model_uri", tiny_model.model_uri, "--eval_run", other,
+                       "--model_name", name])
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+
+
+@pytest.mark.timeout(300)
+def test_not_better_than_base_is_not_promoted(tiny_model):
+    from dolly import registry
+    from dolly.config import load_config
+
+    cfg = load_config(None, {**TINY_OVERRIDES, "model_name": "dolly_flat"})
+    flat = tiny_model.fake_eval_run(tuned=0.0, base=0.0)
+    with tracking_to(tiny_model.tracking_uri):
+        result = registry.register(tiny_model.model_uri, cfg,
+                                   eval_metrics={"tuned/exact_match": 0.0, "base/exact_match": 0.0},
+                                   eval_run=flat, data_hash=tiny_model.data_hash,
+                                   train_run=tiny_model.train_run, base_model="tiny-gptj",
+                                   dataset="tatsu-lab/alpaca")
+    assert not result.promoted and "does not beat base" in result.reason
+    client = tiny_model.client()
+    assert client.get_registered_model("dolly_flat").aliases == {}
+    assert client.get_registered_model("dolly_flat").tags["license"] == "CC BY-NC 4.0"
+
+
+@pytest.mark.timeout(300)
+def test_champion_pyfunc_returns_only_responses(tiny_model, champion):
+    with tracking_to(tiny_model.tracking_uri):
+        model = mlflow.pyfunc.load_model("models:/dolly@champion")
+    instructions = ["Repeat the word bada.", "Greet Kalo.", "Count the words in the input."]
+    out = model.predict(instructions, params={"max_new_tokens": 6})
+    assert isinstance(out, list) and len(out) == 3
+    assert all(isinstance(o, str) for o in out)
+    assert not any(bit in o for o in out for bit in TEMPLATE_BITS)
+    df_out = model.predict(pd.DataFrame({"instruction": instructions[:2], "id": [1, 2]}),
+                           params={"max_new_tokens": 4, "do_sample": False})
+    assert len(df_out) == 2 and all(isinstance(o, str) for o in df_out)
