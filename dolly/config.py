@@ -151,6 +151,13 @@ class Config:
     champion_alias: str = _f("champion", "Alias that points at the best version.")
     spark_master: str = _f("local[*]", "Spark master for batch scoring (any Spark URL).")
 
+    # --- training (added by the train step) ------------------------------------------------
+    length_group_batches: int = _f(
+        8,
+        "length_grouped batching: optimizer steps per megabatch that is sorted by length "
+        "(larger pads less, smaller keeps batches more mixed).",
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -195,6 +202,8 @@ class Config:
         if self.resume not in ("auto", "never") and not self.resume.strip():
             raise ConfigError("config key 'resume': must be 'auto', 'never' or a checkpoint path")
         _require(bool(self.model_name.strip()), "model_name", self.model_name, "must not be empty")
+        _require(self.length_group_batches >= 1, "length_group_batches",
+                 self.length_group_batches, "must be >= 1")
 
     @property
     def test_count_or_fraction(self) -> float | int:

@@ -1,0 +1,56 @@
+"""train entry point: prepared/ -> DeepSpeed ZeRO-3 ranks -> <output_dir>/final -> logged model.
+
+This process owns the MLflow run: it logs the resolved config, launches the ranks (rank 0 logs
+params and metrics into this run), and logs the final model once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+
+from dolly import cli, tracking, training
+from dolly.errors import DollyError
+
+
+def _log_model(final_dir, cfg) -> str | None:
+    try:  # dolly.registry is written in another issue; the signature is agreed
+        from dolly.registry import log_model
+    except ImportError:
+        print("warning: dolly.registry.log_model is not available: the model was saved to "
+              f"{final_dir} but not logged to MLflow", flush=True)
+        return None
+    return log_model(final_dir, cfg)
+
+
+def main(argv: list[str]) -> None:
+    cfg, inputs = cli.parse(argv, {"prepared": None})
+    with mlflow.start_run() as run:
+        prepared = tracking.local_path(inputs["prepared"], "prepared data")
+        plan = training.plan(cfg, prepared)
+        for note in plan.notes:
+            print(f"train: {note}", flush=True)
+        tracking.log_config(plan.cfg)
+        mlflow.log_param("prepared", inputs["prepared"][:500])
+        print(f"train: {plan.world_size} rank(s) ({'GPU' if plan.gpu else 'CPU, gloo'}), "
+              f"{plan.cfg.precision}, ZeRO-3; output in {plan.cfg.output_dir}", flush=True)
+        code = training.launch(plan, prepared, inputs["prepared"], run.info.run_id,
+                               mlflow.get_tracking_uri())
+        if code != 0:
+            raise DollyError(f"training failed: the launcher exited with code {code} "
+                             "(the failing rank's error is above)")
+        if plan.cfg.node_rank != 0:
+            print("train: this node's ranks finished; node 0 logs the model", flush=True)
+            return
+        result = training.read_result(plan.cfg)
+        mlflow.log_metric("resumed_from_step", result["resumed_from_step"])
+        model_uri = _log_model(Path(result["final_dir"]), plan.cfg)
+        if model_uri:
+            mlflow.set_tag("model_uri", model_uri)
+        print(f"train: {result['global_step']} steps (resumed from step "
+              f"{result['resumed_from_step']}), final loss {result['final_loss']:.4f}, "
+              f"{result['seconds']:.0f} s; model_uri = {model_uri}", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
