@@ -120,3 +120,64 @@ def test_champion_pyfunc_returns_only_responses(tiny_model, champion):
     df_out = model.predict(pd.DataFrame({"instruction": instructions[:2], "id": [1, 2]}),
                            params={"max_new_tokens": 4, "do_sample": False})
     assert len(df_out) == 2 and all(isinstance(o, str) for o in df_out)
+
+
+# --- the whole pipeline: `mlflow run .` ------------------------------------------------------
+
+MAIN_PARAMS = {"builtin_records": 200, "max_steps": 10, "eval_limit": 16,
+               "eval_max_new_tokens": 8, "eval_batch_size": 16}
+
+
+@pytest.mark.timeout(1200)
+def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
+    from conftest import mlflow_run
+
+    params = {**MAIN_PARAMS, "output_dir": tmp_path / "train"}
+    proc = mlflow_run("main", params, tracking_uri, timeout=1100)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "main")
+    children = {r.data.tags["mlflow.project.entryPoint"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"data_prep", "train", "evaluate", "register"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    # only URIs pass between steps
+    prepared = f"runs:/{children['data_prep'].info.run_id}/prepared"
+    model_uri = children["train"].data.tags["model_uri"]
+    assert children["train"].data.params["prepared"] == prepared
+    assert children["evaluate"].data.params["model_uri"] == model_uri
+    assert children["register"].data.params["eval_run"] == children["evaluate"].info.run_id
+    # every step got main's overrides
+    assert all(r.data.params["max_steps"] == "10" for r in children.values())
+    # the summary
+    t, m = parent.data.tags, parent.data.metrics
+    assert t["registered_model"] == "dolly" and t["registered_version"] == "1"
+    assert t["promoted"] in ("true", "false") and t["gate_reason"]
+    assert {"base/exact_match", "tuned/exact_match", "tuned/perplexity", "registered_version",
+            "promoted"} <= set(m)
+    assert m["tuned/perplexity"] < m["base/perplexity"]  # 10 steps already lower the loss
+    assert client.get_model_version("dolly", "1").run_id == children["train"].info.run_id
+    assert "main: summary" in proc.stdout
+
+    # The same inputs again: every step is reused, nothing is recomputed or registered twice.
+    again = mlflow_run("main", params, tracking_uri, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for step in ("data_prep", "train", "evaluate", "register"):
+        assert f"main: {step}: reusing finished run {children[step].info.run_id}" in again.stdout
+    assert len(client.search_model_versions("name='dolly'")) == 1
+
+
+@pytest.mark.timeout(300)
+def test_failing_step_fails_main_with_one_line(tracking_uri, tmp_path):
+    from conftest import mlflow_run
+
+    proc = mlflow_run("main", {"dataset": tmp_path / "missing.jsonl"}, tracking_uri, timeout=280)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors and "step 'data_prep' failed" in errors[-1]
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "main")
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_step"] == "data_prep"
+    assert {r.data.tags.get("mlflow.project.entryPoint") for r in runs} == {"main", "data_prep"}
