@@ -111,8 +111,6 @@ def _checkpoints(out: Path) -> list[Path]:
 
 def plan(cfg: Config, prepared: Path) -> Plan:
     """Devices, precision, world size and the resume decision; prepares output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     from dolly import data
 
     _, _, summary = data.load_prepared(prepared)
@@ -153,9 +151,10 @@ def plan(cfg: Config, prepared: Path) -> Plan:
     stale = _checkpoints(out)
     resumed_from = None
     if cfg.resume == "auto":
-        last = get_last_checkpoint(str(out)) if stale else None
+        # the Trainer writes trainer_state.json last: a checkpoint without it is incomplete
+        last = next((p for p in reversed(stale) if (p / "trainer_state.json").is_file()), None)
         if last and old == fp:
-            resumed_from = last
+            resumed_from = str(last)
         elif stale:
             changed = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in fp.items()
                                 if old.get(k) != v) if old else "no fingerprint file"
@@ -174,12 +173,12 @@ def plan(cfg: Config, prepared: Path) -> Plan:
             notes.append(f"resume: {path} was not written with these settings; resuming it as asked")
     if resumed_from is None:
         for p in stale:  # left in place they would outrank the new run's checkpoints
-            shutil.rmtree(p)
+            shutil.rmtree(p, ignore_errors=True)  # nodes sharing output_dir may race here
     for leftover in (out / FINAL_DIR, out / RESULT_FILE):  # never report a previous run's result
         if leftover.is_dir():
-            shutil.rmtree(leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
         elif leftover.exists():
-            leftover.unlink()
+            leftover.unlink(missing_ok=True)
     fp_file.write_text(json.dumps(fp, indent=2, sort_keys=True))
     resolved = dataclasses.replace(cfg, precision=precision, resume=resumed_from or "never")
     return Plan(resolved, gpu, procs, world, resumed_from, notes)
@@ -646,7 +645,7 @@ def main(argv: list[str]) -> None:
     try:
         train(cfg, prepared, run_id if rank == 0 else "")
     except BaseException as e:
-        print(f"rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"\nrank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
 
 

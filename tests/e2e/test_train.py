@@ -201,3 +201,99 @@ def test_a_dying_rank_ends_the_step_quickly_with_its_error(runs, tmp_path):
     assert "rank 1 failed: KeyboardInterrupt" in text
     assert "error: training failed: the launcher exited with code" in text
     assert not (out / "train_result.json").exists()
+
+
+# --- the parent's decisions, without launching ---------------------------------------------------
+
+@pytest.fixture
+def fake_prepared(tmp_path) -> Path:
+    import pandas as pd
+
+    d = tmp_path / "prepared"
+    d.mkdir()
+    for split in ("train", "test"):
+        pd.DataFrame({"input_ids": [[1, 2, 3]], "response_start": [2], "length": [3]}).to_parquet(
+            d / f"{split}.parquet")
+    (d / "summary.json").write_text(json.dumps({"data_hash": "h1"}))
+    return d
+
+
+def _checkpoint(out: Path, step: int, complete: bool = True) -> Path:
+    c = out / f"checkpoint-{step}"
+    c.mkdir(parents=True)
+    if complete:
+        (c / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return c
+
+
+@pytest.mark.timeout(60)
+def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_path, monkeypatch):
+    from dolly import training
+    from dolly.config import load_config
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    cfg = load_config(None, {"output_dir": out, "num_gpus": 0})
+    first = training.plan(cfg, fake_prepared)
+    assert first.resumed_from is None and first.cfg.resume == "never"
+    assert (first.world_size, first.cfg.precision) == (2, "fp32")
+    _checkpoint(out, 4)
+    _checkpoint(out, 8, complete=False)  # killed while saving
+    (out / "train_result.json").write_text("{}")
+
+    again = training.plan(cfg, fake_prepared)  # same data and settings: continue
+    assert again.resumed_from == str(out / "checkpoint-4") == again.cfg.resume
+    assert not (out / "train_result.json").exists()  # a stale result is never reported
+
+    other = training.plan(load_config(None, {"output_dir": out, "num_gpus": 0,
+                                             "learning_rate": 5e-4}), fake_prepared)
+    assert other.resumed_from is None
+    assert any("learning_rate: 0.001 -> 0.0005" in n for n in other.notes), other.notes
+    assert not list(out.glob("checkpoint-*"))  # they would outrank the new run's checkpoints
+
+    _checkpoint(out, 2)
+    assert training.plan(load_config(None, {"output_dir": out, "num_gpus": 0,
+                                            "learning_rate": 5e-4, "resume": "never"}),
+                         fake_prepared).resumed_from is None
+    assert not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.timeout(60)
+def test_launch_commands_single_and_multi_node(fake_prepared, tmp_path, monkeypatch):
+    import base64
+
+    from dolly import training
+    from dolly.config import load_config
+
+    monkeypatch.chdir(ROOT)
+    one = training.plan(load_config(None, {"output_dir": tmp_path / "a", "num_gpus": 0}),
+                        fake_prepared)
+    cmd = training.launch_command(one, fake_prepared, "runs:/x/prepared")
+    assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]
+    info = json.loads(base64.urlsafe_b64decode(cmd[4].split("=", 1)[1]))
+    assert info == {"localhost": [0, 1]} and "--node_rank=0" in cmd and "--no_local_rank" in cmd
+    assert cmd[cmd.index("--module") + 1] == "dolly.training"
+    sent = json.loads(base64.urlsafe_b64decode(cmd[cmd.index("--config_b64") + 1]))
+    assert sent["precision"] == "fp32" and sent["resume"] == "never"
+
+    # nodes started one by one: the same world on every node, this node's rank
+    two = training.plan(load_config(None, {"output_dir": tmp_path / "b", "num_gpus": 0,
+                                           "num_nodes": 2, "node_rank": 1,
+                                           "master_addr": "10.0.0.1"}), fake_prepared)
+    assert two.world_size == 4
+    cmd = training.launch_command(two, fake_prepared, "runs:/x/prepared")
+    info = json.loads(base64.urlsafe_b64decode(cmd[4].split("=", 1)[1]))
+    assert info == {"node0": [0, 1], "node1": [0, 1]}
+    assert "--node_rank=1" in cmd and "--master_addr=10.0.0.1" in cmd
+
+    # a hostfile: DeepSpeed's runner reaches every node from this one
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-1 slots=8\nworker-2 slots=8\n")
+    p = training.Plan(load_config(None, {"hostfile": hostfile, "num_nodes": 2}), True, 8, 16,
+                      None, [])
+    cmd = training.launch_command(p, fake_prepared, "runs:/x/prepared")
+    assert cmd[3] == "deepspeed.launcher.runner"
+    assert cmd[cmd.index("--hostfile") + 1] == str(hostfile)
+    assert cmd[cmd.index("--num_nodes") + 1] == "2" and "--master_addr" not in cmd
+    assert training._hostfile_world_size(load_config(None, {"hostfile": hostfile,
+                                                            "num_nodes": 2, "num_gpus": 4})) == 8
