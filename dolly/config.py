@@ -80,6 +80,7 @@ class Config:
     tiny_n_positions: int = _f(
         1024, "Context length of the tiny GPT-J. GPT-J's positions are rotary (no learned table), "
         "so a long context costs nothing and leaves room for Dolly's 256 new tokens.")
+    tiny_tie_embeddings: bool = _f(True, "Share the tiny GPT-J's input and output embeddings.")
     trust_remote_code: bool = _f(False, "Allow model code from the Hub (off: safer).")
 
     # --- launch -----------------------------------------------------------------------------

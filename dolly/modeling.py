@@ -20,7 +20,9 @@ def tiny_config(cfg: Config, tokenizer) -> GPTJConfig:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        # Tied input/output embeddings (GPT-J 6B unties them): with a vocabulary this small the
+        # tiny model learns to copy words far sooner, and it has fewer weights to train.
+        tie_word_embeddings=cfg.tiny_tie_embeddings,
     )
 
 

@@ -41,10 +41,16 @@ def gptj_offline() -> PreTrainedTokenizerFast:
 
 def corpus_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A small byte-level BPE trained on `texts`: the fast choice for the offline tiny model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Whitespace is its own token here (GPT-2's BPE glues a space to the next word), so a word
+    # has the same id wherever it stands: copying a word from the instruction into the answer
+    # is then one skill to learn, not one lookup per word.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
