@@ -10,8 +10,8 @@ run/model URIs passed between steps:
 
 Reuse (MLflow's multistep `_already_ran` idea): each finished child is tagged with a step key, a
 hash of its entry point, its parameters, the resolved config it depends on, the code version (git
-commit plus a hash of uncommitted changes) and, for data_prep, a fingerprint of the dataset files.
-A rerun finds a FINISHED run with the same key in this experiment and reuses it instead of
+commit plus a hash of uncommitted changes to CODE_PATHS) and, for data_prep, a fingerprint of the
+dataset files. A rerun finds a FINISHED run with the same key in this experiment and reuses it instead of
 recomputing; since each step's parameters hold its upstream run's URI, a recomputed step makes
 every step after it recompute too. -P reuse=false recomputes everything.
 
@@ -59,13 +59,17 @@ def _git(*args: str) -> bytes:
                           timeout=60).stdout
 
 
+# What the steps run: a change elsewhere (README, tests, benchmarks) does not invalidate reuse.
+CODE_PATHS = ("dolly", "steps", "configs", "MLproject", "conda.yaml", "requirements.txt")
+
+
 def code_version() -> str:
-    """git commit, plus a hash of uncommitted changes (tracked diffs and untracked files)."""
+    """git commit, plus a hash of uncommitted changes to CODE_PATHS (diffs and new files)."""
     try:
         commit = _git("rev-parse", "HEAD").decode().strip()
-        h = hashlib.sha256(_git("diff", "HEAD", "--binary"))
-        for name in sorted(filter(None, _git("ls-files", "--others", "--exclude-standard",
-                                             "-z").split(b"\0"))):
+        h = hashlib.sha256(_git("diff", "HEAD", "--binary", "--", *CODE_PATHS))
+        for name in sorted(filter(None, _git("ls-files", "--others", "--exclude-standard", "-z",
+                                             "--", *CODE_PATHS).split(b"\0"))):
             h.update(name)
             path = ROOT / name.decode(errors="replace")
             if path.is_file():

@@ -132,7 +132,12 @@ MAIN_PARAMS = {"builtin_records": 200, "max_steps": 10, "eval_limit": 16,
 def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     from conftest import mlflow_run
 
-    params = {**MAIN_PARAMS, "output_dir": tmp_path / "train"}
+    import socket
+
+    with socket.socket() as s:  # a free rendezvous port: another training may hold 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = {**MAIN_PARAMS, "output_dir": tmp_path / "train", "master_port": port}
     proc = mlflow_run("main", params, tracking_uri, timeout=1100)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri)
@@ -161,11 +166,38 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     assert "main: summary" in proc.stdout
 
     # The same inputs again: every step is reused, nothing is recomputed or registered twice.
-    again = mlflow_run("main", params, tracking_uri, timeout=600)
+    again = mlflow_run("main", params, tracking_uri, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
+    parents = client.search_runs([parent.info.experiment_id],
+                                 "tags.`mlflow.project.entryPoint` = 'main'",
+                                 order_by=["attributes.start_time DESC"])
+    if parents[0].data.tags["dolly.code_version"] != parent.data.tags["dolly.code_version"]:
+        # Someone edited the code in this working tree meanwhile: then nothing may be reused.
+        assert "reusing" not in again.stdout
+        return
     for step in ("data_prep", "train", "evaluate", "register"):
         assert f"main: {step}: reusing finished run {children[step].info.run_id}" in again.stdout
+    assert parents[0].data.tags["steps_reused"] == "data_prep,train,evaluate,register"
     assert len(client.search_model_versions("name='dolly'")) == 1
+
+
+def test_step_key_tracks_what_a_step_depends_on():
+    from dolly.config import load_config
+    from steps import main
+
+    cfg = load_config(None, {})
+    key = lambda name, c, **kw: main.step_key(name, {"config": "configs/tiny.yaml", **kw}, c,
+                                              "abc", "builtin")
+    faster = load_config(None, {"learning_rate": 0.01})
+    more = load_config(None, {"builtin_records": 500})
+    assert key("data_prep", cfg) == key("data_prep", faster)  # training settings: data reused
+    assert key("data_prep", cfg) != key("data_prep", more)
+    assert key("train", cfg) != key("train", faster)
+    assert key("train", cfg, prepared="runs:/a/prepared") != key("train", cfg,
+                                                                 prepared="runs:/b/prepared")
+    assert main.step_key("data_prep", {}, cfg, "abc", "builtin") != \
+        main.step_key("data_prep", {}, cfg, "abd", "builtin")  # another code version
+    assert main.overrides(faster, "configs/tiny.yaml") == {"learning_rate": "0.01"}
 
 
 @pytest.mark.timeout(300)
