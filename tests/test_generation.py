@@ -86,8 +86,11 @@ def test_too_long_prompt_is_shortened_keeping_template_and_end(tok):
     ids, cut = generation.prompt_ids(tok, long, None, budget=48)
     assert cut and len(ids) <= 48
     text = tok.decode(ids)
-    assert text.startswith(prompts.INTRO_NO_INPUT)
-    assert text.endswith("Repeat the word bada.\n\n" + prompts.RESPONSE_KEY_NL)
+    head = prompts.INTRO_NO_INPUT + "\n\n" + prompts.INSTRUCTION_KEY + "\n"
+    tail = "\n\n" + prompts.RESPONSE_KEY_NL
+    assert text.startswith(head) and text.endswith(tail)
+    kept = text[len(head):-len(tail)]
+    assert kept.strip() and long.endswith(kept)  # the end of the instruction survives
     run = generation.generate(model, tok, [long, "Greet Kalo."], max_new_tokens=32)
     assert run.generations[0].truncated_prompt and not run.generations[1].truncated_prompt
     assert all(g.prompt_tokens + g.new_tokens <= 64 for g in run.generations)
