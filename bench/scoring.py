@@ -1,0 +1,146 @@
+"""Scoring: pyfunc batch predict of the registered model vs Dolly v1's `generate_response`.
+
+One tiny GPT-J (freshly initialised, GPT-J's tokenizer with Dolly's tokens, generation stopping at
+`### End`) is saved as the train step saves it, logged with dolly.registry.log_model into a
+sqlite tracking store and registered. Then the same `--rows` instructions (the first records of
+--data; instruction text only, as both sides use Dolly's no-input prompt) are answered:
+
+- ours: `mlflow.pyfunc.load_model(models:/<name>/1).predict(instructions, params=...)`, one call;
+- Dolly v1: `generate_response(instruction, model=..., tokenizer=...)` (training/generate.py)
+  for one instruction at a time, on the same weights loaded with transformers.
+
+Both greedy, the same max_new_tokens; model loading is timed apart (load_seconds). `agreement`
+is the share of rows whose two answers are the same text (a check that both did the same work).
+`rows_per_second_model_config_batch_size`: the same weights logged by the same log_model call
+with `batch_size` added to its model_config (the pyfunc passes model_config to the transformers
+pipeline, which then generates `--batch-size` left-padded rows at a time): a proposed fix,
+measured side by side; MLflow ignores batch_size given only at load time.
+"""
+from __future__ import annotations
+
+import tempfile
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from common import (add_limit, apply_threads, finish, generate_response, load_records,
+                    log_and_register, parser, prepare, progress, same_text, save_tiny_model,
+                    use_tracking_store)
+
+
+@contextmanager
+def batch_size_in_model_config(batch_size: int):
+    """dolly.registry.log_model exactly, except that model_config also holds batch_size."""
+    import mlflow.transformers
+
+    original = mlflow.transformers.log_model
+
+    def log_model(*a, **kw):
+        kw["model_config"] = {**(kw.get("model_config") or {}), "batch_size": batch_size}
+        return original(*a, **kw)
+
+    mlflow.transformers.log_model = log_model
+    try:
+        yield
+    finally:
+        mlflow.transformers.log_model = original
+
+
+def main() -> None:
+    p = parser(__doc__)
+    add_limit(p, default=1000)
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--tokenizer", default="gpt-j", choices=("gpt-j", "corpus-bpe"))
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=8)
+    p.add_argument("--rotary-dim", type=int, default=16)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="model_config batch_size of the extra measurement (0: skip it).")
+    args = p.parse_args()
+    apply_threads(args)
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    instructions = [r["instruction"] for r in load_records(args.data)][:args.rows]
+    params = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        progress(f"building the tiny model ({args.tokenizer} tokenizer)")
+        cfg, _, tok = prepare(args.data, tmp / "data", args.tokenizer, args.limit,
+                              tiny_n_layer=args.n_layer, tiny_n_embd=args.n_embd,
+                              tiny_n_head=args.n_head, tiny_rotary_dim=args.rotary_dim)
+        folder = save_tiny_model(cfg, tok, tmp / "final", dtype)
+        use_tracking_store(tmp)
+        progress("logging with dolly.registry.log_model and registering")
+        _, registered = log_and_register(folder, cfg, "bench-scoring")
+
+        t = time.perf_counter()
+        # MLflow's transformers flavor puts the pipeline on GPU 0 when there is one; -1 = CPU.
+        os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = "0" if args.device == "cuda" else "-1"
+        pyfunc = mlflow.pyfunc.load_model(registered)
+        load_s = time.perf_counter() - t
+        pyfunc.predict(instructions[:1], params=params)  # warm-up, untimed (both sides)
+        progress(f"ours: pyfunc predict of {len(instructions)} rows in one call")
+        t = time.perf_counter()
+        ours = list(pyfunc.predict(instructions, params=params))
+        ours_s = time.perf_counter() - t
+        progress(f"ours: {len(instructions) / ours_s:.2f} rows/s ({ours_s:.1f}s)")
+        del pyfunc
+
+        t = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+        dtok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+        base_load_s = time.perf_counter() - t
+        with torch.inference_mode():
+            generate_response(instructions[0], model=model, tokenizer=dtok, do_sample=False,
+                              max_new_tokens=args.max_new_tokens)
+            progress(f"Dolly v1: generate_response for {len(instructions)} rows, one at a time")
+            t = time.perf_counter()
+            dolly = []
+            for k, ins in enumerate(instructions, 1):
+                dolly.append(generate_response(ins, model=model, tokenizer=dtok, do_sample=False,
+                                               max_new_tokens=args.max_new_tokens))
+                if k % 64 == 0:
+                    progress(f"Dolly v1: {k} rows")
+            base_s = time.perf_counter() - t
+        progress(f"Dolly v1: {len(instructions) / base_s:.2f} rows/s ({base_s:.1f}s)")
+        del model
+
+        extra = {}
+        if args.batch_size:
+            # The proposed registry fix: the same log_model call with batch_size in model_config.
+            with batch_size_in_model_config(args.batch_size):
+                _, fixed = log_and_register(folder, cfg, "bench-scoring-batched")
+            pyfunc = mlflow.pyfunc.load_model(fixed)
+            pyfunc.predict(instructions[:1], params=params)
+            t = time.perf_counter()
+            batched = list(pyfunc.predict(instructions, params=params))
+            b_s = time.perf_counter() - t
+            progress(f"pyfunc logged with model_config batch_size={args.batch_size}: "
+                     f"{len(instructions) / b_s:.2f} rows/s ({b_s:.1f}s)")
+            extra = {"rows_per_second_model_config_batch_size": round(len(instructions) / b_s, 3),
+                     "speedup_model_config_batch_size": round(base_s / b_s, 3),
+                     "model_config_batch_size": args.batch_size,
+                     "agreement_model_config_batch_size": round(
+                         sum(same_text(a, b) for a, b in zip(batched, dolly)) / len(dolly), 4)}
+    rows = len(instructions)
+    finish({"bench": "scoring", "rows": rows, "max_new_tokens": args.max_new_tokens,
+            "tokenizer": args.tokenizer, "device": args.device, "dtype": args.dtype,
+            "model_shape": {"n_layer": args.n_layer, "n_embd": args.n_embd, "vocab": len(tok)},
+            "rows_per_second": round(rows / ours_s, 3),
+            "baseline_rows_per_second": round(rows / base_s, 3),
+            "speedup": round(base_s / ours_s, 3), "seconds": round(ours_s, 2),
+            "baseline_seconds": round(base_s, 2), "load_seconds": round(load_s, 2),
+            "baseline_load_seconds": round(base_load_s, 2),
+            "agreement": round(sum(same_text(a, b) for a, b in zip(ours, dolly)) / rows, 4),
+            **extra})
+
+
+if __name__ == "__main__":
+    main()

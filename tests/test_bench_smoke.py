@@ -1,0 +1,75 @@
+"""Every benchmark script still runs: each on a tiny input, its last stdout line a JSON object with
+the fields bench/README.md names. No timing is asserted (figures live in bench/README.md)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, ROOT, project_env
+
+DATA = str(FIXTURES / "alpaca_sample.json")  # 16 records
+# A 1-layer, 64-wide GPT-J with the corpus BPE: seconds, not minutes, on 2 cores.
+SMALL = ["--tokenizer", "corpus-bpe", "--n-layer", "1", "--n-embd", "64", "--n-head", "4",
+         "--rotary-dim", "16", "--threads", "1"]
+
+CASES = {
+    "data_prep": (["--copies", "1", "--repeats", "1"],
+                  ["records", "seconds", "tokenizer_only_seconds", "baseline_seconds",
+                   "overhead_vs_tokenizer", "speedup"]),
+    "padding": (["--worlds", "1,2"],
+                ["padding_efficiency", "baseline_padding_efficiency"]),
+    "train_throughput": (["--steps", "2", "--warmup-steps", "1", "--batch-size", "2", *SMALL],
+                         ["tokens_per_second", "baseline_tokens_per_second", "speedup"]),
+    "scoring": (["--rows", "4", "--max-new-tokens", "2", "--batch-size", "2", *SMALL],
+                ["rows", "rows_per_second", "baseline_rows_per_second", "speedup"]),
+    "serving": (["--requests", "4", "--concurrency", "2", "--max-new-tokens", "2", *SMALL],
+                ["requests", "concurrency", "p50_ms", "p99_ms", "errors"]),
+    "register_memory": (["--n-layer", "1", "--n-embd", "64", "--n-head", "4", "--rotary-dim", "16",
+                         "--min-params", "0", "--no-baseline"],
+                        ["model_bytes", "peak_rss_bytes", "peak_rss_over_model_bytes"]),
+}
+
+
+
+
+def _run(name: str, tmp: Path) -> subprocess.CompletedProcess:
+    args, _ = CASES[name]
+    # From the project root, as bench/README.md runs them; stores and artifacts go to tmp dirs.
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--data", DATA, *args],
+        cwd=ROOT, env=project_env(f"sqlite:///{tmp}/mlflow.db", TMPDIR=str(tmp)),
+        capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """All scripts, 3 at a time: much of their time is imports, server start-up and waiting."""
+    pool = ThreadPoolExecutor(max_workers=3)
+    futures = {n: pool.submit(_run, n, tmp_path_factory.mktemp(n)) for n in CASES}
+    yield futures
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("name", list(CASES))
+def test_bench_script_ends_with_its_json(name, runs):
+    proc = runs[name].result()
+    _, fields = CASES[name]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert isinstance(result, dict)
+    missing = [f for f in fields if f not in result]
+    assert not missing, f"{name}: missing {missing} in {last}"
+    assert result.get("bench", name) == name
+    for f in fields:
+        assert isinstance(result[f], (int, float)), (f, result[f])
+    if name == "serving":
+        assert result["errors"] == 0 and result["requests"] == 4
+    if name == "scoring":
+        assert result["rows"] == 4
