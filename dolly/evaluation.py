@@ -201,8 +201,14 @@ def logged_run_id(local: Path) -> str | None:
 
 # Fields that decide what the base model is: taken from the train run, so that evaluating a
 # model always compares it with the base *it* was trained from (even if run with other settings).
-BASE_FIELDS = ("base_model", "tiny_n_layer", "tiny_n_embd", "tiny_n_head", "tiny_rotary_dim",
-               "tiny_n_positions", "seed", "trust_remote_code")
+def _base_fields() -> tuple[str, ...]:
+    from dolly.config import FIELDS
+
+    return ("base_model", "seed", "trust_remote_code",
+            *(name for name in FIELDS if name.startswith("tiny_")))
+
+
+BASE_FIELDS = _base_fields()  # every tiny_* field shapes the tiny base
 
 
 def base_config(cfg, train_params: dict[str, str]):
