@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -25,10 +26,12 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from dolly.config import Config
 from dolly.errors import ConfigError, DollyError
@@ -184,6 +187,28 @@ def plan(cfg: Config, prepared: Path) -> Plan:
     return Plan(resolved, gpu, procs, world, resumed_from, notes)
 
 
+@contextmanager
+def exclusive(cfg: Config) -> Iterator[None]:
+    """Hold output_dir for the whole step: a second train on the same folder (e.g. the default
+    outputs/train of another `mlflow run` in the same project) fails at once instead of
+    deleting or mixing the first one's checkpoints. Released when the process ends."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.node_rank != 0:  # nodes started one by one may share output_dir: node 0 holds it
+        yield
+        return
+    with open(out / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DollyError(f"output_dir '{out}' is in use by another train run; wait for it "
+                             "or pass -P output_dir=<another folder>") from None
+        yield
+
+
+_DEFAULTS = Config().to_dict()
+
+
 def _encode(obj: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode()
 
@@ -191,7 +216,8 @@ def _encode(obj: Any) -> str:
 def launch_command(p: Plan, prepared: Path, prepared_uri: str) -> list[str]:
     """The DeepSpeed launcher command that starts this node's ranks of `dolly.training`."""
     cfg = p.cfg
-    worker = ["--module", "dolly.training", "--config_b64", _encode(cfg.to_dict()),
+    changed = {k: v for k, v in cfg.to_dict().items() if v != _DEFAULTS[k]}  # a short argv
+    worker = ["--module", "dolly.training", "--config_b64", _encode(changed),
               "--prepared", str(Path(prepared).resolve()), "--prepared_uri", prepared_uri]
     py = [sys.executable, "-u", "-m"]
     if cfg.hostfile:  # the runner reaches the other nodes (pdsh by default) from this one
@@ -312,7 +338,7 @@ def training_arguments(cfg: Config, gpu: bool):
         adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2,
         max_grad_norm=cfg.max_grad_norm,
-        optim="adamw_torch_fused" if gpu else "adamw_torch",
+        optim="adamw_torch",  # multi-tensor (foreach) on GPU; no compiled op needed
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -331,6 +357,7 @@ def training_arguments(cfg: Config, gpu: bool):
         ddp_timeout=cfg.rank_timeout_s,
         remove_unused_columns=False,  # the collator needs response_start
         dataloader_num_workers=0,
+        dataloader_pin_memory=gpu,
         report_to="none",  # MLflow is logged by RankZeroMlflow, from rank 0 only
         **extra,
     )
@@ -382,6 +409,7 @@ def _make_trainer_class():
             self.dolly_cfg = dolly_cfg
             self.flops = flops
             self.counter = throughput.TokenCounter()
+            self.started = False
             self.totals = [0.0, 0.0, 0.0, 0.0]  # real, computed, sequences, seconds (all ranks)
 
         def _get_train_sampler(self, train_dataset=None):
@@ -393,6 +421,9 @@ def _make_trainer_class():
                                         seed=self.dolly_cfg.seed)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if not self.started:  # the first interval starts here, not at engine set-up
+                self.counter.take()
+                self.started = True
             mask = inputs["attention_mask"]
             self.counter.add(mask.sum(), mask.numel(), mask.shape[0])  # a tensor: no sync here
             return super().training_step(model, inputs, num_items_in_batch)
@@ -527,8 +558,10 @@ def _flops_inputs(model, precision: str, world: int, gpu: bool) -> dict[str, Any
 
     from dolly import throughput
 
-    total = sum(_param_numel(p) for p in model.parameters())
-    embed = _param_numel(model.get_input_embeddings().weight)
+    total = sum(_param_numel(p) for p in model.parameters())  # a tied weight counts once
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    # the input embedding is a lookup, not a matmul, unless the LM head shares its weight
+    embed = 0 if out is not None and out.weight is inp.weight else _param_numel(inp.weight)
     device = torch.cuda.get_device_name() if gpu else "cpu"
     return {"matmul_params": total - embed, "n_layer": int(model.config.num_hidden_layers),
             "width": int(model.config.hidden_size),
@@ -557,6 +590,9 @@ def train(cfg: Config, prepared: Path, run_id: str = "") -> dict[str, Any] | Non
     from dolly.tokenizer import load_tokenizer, special_ids
 
     rank, world = _rank()
+    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per call site
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated",
+                            category=FutureWarning)
     gpu = os.environ.get("DS_ACCELERATOR") != "cpu" and torch.cuda.is_available()
     if not gpu:
         _cpu_deepspeed_state(cfg.rank_timeout_s)
@@ -586,8 +622,7 @@ def train(cfg: Config, prepared: Path, run_id: str = "") -> dict[str, Any] | Non
     flops = _flops_inputs(model, cfg.precision, world, gpu)
     params = {"zero_stage": 3, "world_size": world, "effective_batch_size":
               cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world,
-              "param_count": flops["matmul_params"] + _param_numel(
-                  model.get_input_embeddings().weight),
+              "param_count": sum(_param_numel(p) for p in model.parameters()),
               "resumed_from_step": resumed_step, "device": "gpu" if gpu else "cpu"}
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=train_ds,
@@ -598,7 +633,8 @@ def train(cfg: Config, prepared: Path, run_id: str = "") -> dict[str, Any] | Non
     t0 = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resumed_from)
     step = trainer.state.global_step
-    if cfg.eval_steps and step % cfg.eval_steps:
+    evaluated = any("eval_loss" in h and h.get("step") == step for h in trainer.state.log_history)
+    if cfg.eval_steps and not evaluated:
         trainer.evaluate()  # a last eval_loss for the final weights
 
     final = Path(cfg.output_dir) / FINAL_DIR
@@ -611,6 +647,7 @@ def train(cfg: Config, prepared: Path, run_id: str = "") -> dict[str, Any] | Non
     probe = probe_loss(trainer.model_wrapped, collator, Records(test_df.sort_index()), args.device)
     if rank != 0:
         return None
+    (final / "training_args.bin").unlink(missing_ok=True)  # a pickle the model does not need
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = {
         "global_step": step, "max_steps": trainer.state.max_steps,
@@ -628,7 +665,8 @@ def train(cfg: Config, prepared: Path, run_id: str = "") -> dict[str, Any] | Non
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m dolly.training",
                                  description="One rank of the train step (started by the launcher).")
-    ap.add_argument("--config_b64", required=True, help="the resolved config, JSON in base64")
+    ap.add_argument("--config_b64", required=True,
+                    help="the resolved config's non-default fields, JSON in base64")
     ap.add_argument("--prepared", required=True, help="local prepared/ folder")
     ap.add_argument("--prepared_uri", default="", help="fetched on nodes that lack --prepared")
     a = ap.parse_args(argv)

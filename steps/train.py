@@ -25,7 +25,7 @@ def _log_model(final_dir, cfg) -> str | None:
 
 def main(argv: list[str]) -> None:
     cfg, inputs = cli.parse(argv, {"prepared": None})
-    with mlflow.start_run() as run:
+    with mlflow.start_run() as run, training.exclusive(cfg):
         prepared = tracking.local_path(inputs["prepared"], "prepared data")
         plan = training.plan(cfg, prepared)
         for note in plan.notes:
