@@ -79,11 +79,14 @@ def run_side(name, cfg, tok, records, order, warm, collate, args):
             progress(f"{name}: step {k}/{args.steps}, loss {loss.item():.3f}")
     sync(args.device)
     secs = time.perf_counter() - t0
-    params = sum(p.numel() for p in model.parameters())
-    embed = model.get_input_embeddings().weight.numel()
+    params = sum(p.numel() for p in model.parameters())  # a tied weight counts once
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    # the input embedding is a lookup, not a matmul, unless the LM head shares its weight
+    tied = outp is not None and outp.weight is inp.weight
+    embed = 0 if tied else inp.weight.numel()
     del model, opt
     return {"real": real, "computed": computed, "seqs": seqs, "seconds": secs,
-            "params": params, "matmul_params": params - embed}
+            "params": params, "matmul_params": params - embed, "tied": tied}
 
 
 def trainer_path(cfg, prepared_train, timed, tmp: Path, args) -> dict:
@@ -204,6 +207,7 @@ def main() -> None:
     out = {"bench": "train_throughput", "tokenizer": args.tokenizer, "device": args.device,
            "dtype": args.dtype, "steps": args.steps, "batch_size": args.batch_size,
            "repeats": args.repeats, "params": ours["params"],
+           "tied_embeddings": ours["tied"],
            "model_shape": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                            "vocab": len(tok)},
            "gradient_checkpointing": args.gradient_checkpointing,
