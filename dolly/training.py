@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,6 +102,21 @@ def _hostfile_world_size(cfg: Config) -> int:
     return sum(min(s, cfg.num_gpus) if cfg.num_gpus > 0 else s for s in hosts)
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def fingerprint(cfg: Config, data_hash: str, world_size: int, precision: str) -> dict[str, Any]:
     fields = {k: getattr(cfg, k) for k in RESUME_FIELDS}
     fields.update(data_hash=data_hash, world_size=world_size, precision=precision)
@@ -145,6 +161,10 @@ def plan(cfg: Config, prepared: Path) -> Plan:
         if cfg.offload_optimizer or cfg.offload_params:
             notes.append("offload settings ignored: training already runs on CPU")
     precision = resolve_precision(cfg, gpu)
+    port = cfg.master_port
+    if cfg.num_nodes == 1 and not cfg.hostfile and not _port_free(port):
+        port = _free_port()  # another run on this machine holds it; one node needs no fixed port
+        notes.append(f"master_port {cfg.master_port} is in use on this machine: using {port}")
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +203,8 @@ def plan(cfg: Config, prepared: Path) -> Plan:
         elif leftover.exists():
             leftover.unlink(missing_ok=True)
     fp_file.write_text(json.dumps(fp, indent=2, sort_keys=True))
-    resolved = dataclasses.replace(cfg, precision=precision, resume=resumed_from or "never")
+    resolved = dataclasses.replace(cfg, precision=precision, resume=resumed_from or "never",
+                                   master_port=port)
     return Plan(resolved, gpu, procs, world, resumed_from, notes)
 
 

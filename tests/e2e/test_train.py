@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, TINY_OVERRIDES, mlflow_run, project_env, tracking_to
+from conftest import ROOT, TINY_OVERRIDES, mlflow_run, project_env, tracking_to
+from dolly import training
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -23,6 +25,9 @@ STEPS_A, STEPS_B = 4, 8
 TRAIN = {k: v for k, v in TINY_OVERRIDES.items() if k != "builtin_records"}
 TRAIN.update(per_device_batch_size=8, logging_steps=1, save_steps=4, eval_steps=4,
              warmup_steps=0, learning_rate=3e-3, rank_timeout_s=60)
+
+# not 29500: other test sessions on this machine may train at the same time
+TRAIN["master_port"] = training._free_port()
 
 
 @dataclass
@@ -228,7 +233,6 @@ def _checkpoint(out: Path, step: int, complete: bool = True) -> Path:
 
 @pytest.mark.timeout(60)
 def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_path, monkeypatch):
-    from dolly import training
     from dolly.config import load_config
 
     monkeypatch.chdir(ROOT)
@@ -236,6 +240,13 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     cfg = load_config(None, {"output_dir": out, "num_gpus": 0})
     first = training.plan(cfg, fake_prepared)
     assert first.resumed_from is None and first.cfg.resume == "never"
+    with socket.socket() as busy:  # a port another run holds: one node picks a free one
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        moved = training.plan(load_config(None, {"output_dir": tmp_path / "p", "num_gpus": 0,
+                                                 "master_port": port}), fake_prepared)
+    assert moved.cfg.master_port != port and any("in use" in n for n in moved.notes)
     assert (first.world_size, first.cfg.precision) == (2, "fp32")
     _checkpoint(out, 4)
     _checkpoint(out, 8, complete=False)  # killed while saving
@@ -262,7 +273,6 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
 def test_launch_commands_single_and_multi_node(fake_prepared, tmp_path, monkeypatch):
     import base64
 
-    from dolly import training
     from dolly.config import load_config
 
     monkeypatch.chdir(ROOT)
