@@ -108,7 +108,7 @@ class Config:
         "auto",
         "'auto' (continue from the newest checkpoint in output_dir), 'never', or a checkpoint path.",
     )
-    epochs: float = _f(12.0, "Training epochs (ignored when max_steps > 0).")
+    epochs: float = _f(6.0, "Training epochs (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Optimizer steps to train; -1 = derived from epochs.")
     per_device_batch_size: int = _f(16, "Micro-batch size per rank.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")

@@ -49,6 +49,8 @@ def load_base_model(cfg: Config, tokenizer, dtype: torch.dtype | None = None) ->
     except Exception as e:  # offline, missing folder, no safetensors: say which model
         raise DollyError(f"cannot load base model '{cfg.base_model}': {str(e).splitlines()[0]}") from None
     # GPT-J pads its embedding to 50,400 rows, which already holds Dolly's 3 extra tokens.
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    weight = model.get_input_embeddings().weight
+    # Under ZeRO-3 a loaded weight is an empty placeholder; ds_shape is its real shape.
+    if getattr(weight, "ds_shape", weight.shape)[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model
