@@ -154,7 +154,7 @@ class Config:
 
     # --- training (added by the train step) ------------------------------------------------
     length_group_batches: int = _f(
-        8,
+        64,
         "length_grouped batching: optimizer steps per megabatch that is sorted by length "
         "(larger pads less, smaller keeps batches more mixed).",
     )

@@ -49,7 +49,9 @@ def log_model(model_dir: str | Path, cfg: Config, name: str = "model") -> str:
         name=name,
         task="text-generation",
         prompt_template=prompts.PROMPT_TEMPLATE,
-        model_config={"return_full_text": False},
+        # batch_size: without it the pipeline generates one row at a time (measured: 1.3x
+        # Dolly's loop unbatched, 3.7x at 8); MLflow only accepts it at logging time.
+        model_config={"return_full_text": False, "batch_size": cfg.eval_batch_size},
         signature=signature(),
         pip_requirements=pip_requirements(),
         metadata={"base_model": cfg.base_model, "dataset": cfg.dataset,
