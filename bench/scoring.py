@@ -11,10 +11,10 @@ sqlite tracking store and registered. Then the same `--rows` instructions (the f
 
 Both greedy, the same max_new_tokens; model loading is timed apart (load_seconds). `agreement`
 is the share of rows whose two answers are the same text (a check that both did the same work).
-`rows_per_second_model_config_batch_size`: the same weights logged by the same log_model call
-with `batch_size` added to its model_config (the pyfunc passes model_config to the transformers
-pipeline, which then generates `--batch-size` left-padded rows at a time): a proposed fix,
-measured side by side; MLflow ignores batch_size given only at load time.
+The pyfunc batches as the logged model_config's `batch_size` says (log_model sets it to
+cfg.eval_batch_size; the JSON's `logged_batch_size`). `--batch-size N` also measures the same
+weights logged by the same log_model call with batch_size N instead
+(`rows_per_second_model_config_batch_size`); MLflow ignores a batch_size given only at load time.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from common import (add_limit, apply_threads, finish, generate_response, load_re
 
 @contextmanager
 def batch_size_in_model_config(batch_size: int):
-    """dolly.registry.log_model exactly, except that model_config also holds batch_size."""
+    """dolly.registry.log_model exactly, except for the batch_size in its model_config."""
     import mlflow.transformers
 
     original = mlflow.transformers.log_model
@@ -58,8 +58,8 @@ def main() -> None:
     p.add_argument("--n-head", type=int, default=8)
     p.add_argument("--rotary-dim", type=int, default=16)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="model_config batch_size of the extra measurement (0: skip it).")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="Also measure the model logged with this model_config batch_size.")
     args = p.parse_args()
     apply_threads(args)
     import mlflow
@@ -85,6 +85,7 @@ def main() -> None:
         os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = "0" if args.device == "cuda" else "-1"
         pyfunc = mlflow.pyfunc.load_model(registered)
         load_s = time.perf_counter() - t
+        logged_batch_size = pyfunc.model_config.get("batch_size")
         pyfunc.predict(instructions[:1], params=params)  # warm-up, untimed (both sides)
         progress(f"ours: pyfunc predict of {len(instructions)} rows in one call")
         t = time.perf_counter()
@@ -114,7 +115,7 @@ def main() -> None:
 
         extra = {}
         if args.batch_size:
-            # The proposed registry fix: the same log_model call with batch_size in model_config.
+            # The same log_model call, with another batch_size in model_config.
             with batch_size_in_model_config(args.batch_size):
                 _, fixed = log_and_register(folder, cfg, "bench-scoring-batched")
             pyfunc = mlflow.pyfunc.load_model(fixed)
@@ -132,6 +133,7 @@ def main() -> None:
     rows = len(instructions)
     finish({"bench": "scoring", "rows": rows, "max_new_tokens": args.max_new_tokens,
             "tokenizer": args.tokenizer, "device": args.device, "dtype": args.dtype,
+            "logged_batch_size": logged_batch_size,
             "model_shape": {"n_layer": args.n_layer, "n_embd": args.n_embd, "vocab": len(tok)},
             "rows_per_second": round(rows / ours_s, 3),
             "baseline_rows_per_second": round(rows / base_s, 3),
