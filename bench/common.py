@@ -254,3 +254,12 @@ def same_text(a: str | None, b: str | None) -> bool:
         return " ".join(s.split())
 
     return norm(a) == norm(b)
+
+
+def add_model_args(p) -> None:
+    """The tiny GPT-J's tokenizer and shape, the same defaults in every model benchmark."""
+    p.add_argument("--tokenizer", default="gpt-j", choices=("gpt-j", "corpus-bpe"))
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=8)
+    p.add_argument("--rotary-dim", type=int, default=16)

@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import (add_limit, apply_threads, finish, generate_response, load_records,
+from common import (add_model_args, add_limit, apply_threads, finish, generate_response, load_records,
                     log_and_register, parser, prepare, progress, same_text, save_tiny_model,
                     use_tracking_store)
 
@@ -52,11 +52,7 @@ def main() -> None:
     add_limit(p, default=1000)
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--tokenizer", default="gpt-j", choices=("gpt-j", "corpus-bpe"))
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--rotary-dim", type=int, default=16)
+    add_model_args(p)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--batch-size", type=int, default=0,
                    help="Also measure the model logged with this model_config batch_size.")

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import (add_limit, apply_threads, finish, free_port, load_records, log_and_register,
+from common import (add_model_args, add_limit, apply_threads, finish, free_port, load_records, log_and_register,
                     parser, percentile, prepare, progress, save_tiny_model, use_tracking_store)
 
 
@@ -58,11 +58,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--tokenizer", default="gpt-j", choices=("gpt-j", "corpus-bpe"))
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--rotary-dim", type=int, default=16)
+    add_model_args(p)
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (MLflow's default 1).")
     p.add_argument("--start-timeout", type=float, default=300)
     args = p.parse_args()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (ROOT, DollyV1Collator, add_limit, apply_threads, batches, finish, free_port,
+from common import (add_model_args, ROOT, DollyV1Collator, add_limit, apply_threads, batches, finish, free_port,
                     parser, prepare, progress, random_order, sync)
 
 from dolly import throughput
@@ -153,11 +153,7 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1, help="Alternating repeats; best per side.")
-    p.add_argument("--tokenizer", default="gpt-j", choices=("gpt-j", "corpus-bpe"))
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--rotary-dim", type=int, default=16)
+    add_model_args(p)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--trainer", action="store_true",
