@@ -151,6 +151,12 @@ class Config:
     model_name: str = _f("dolly", "Registered model name.")
     champion_alias: str = _f("champion", "Alias that points at the best version.")
     spark_master: str = _f("local[*]", "Spark master for batch scoring (any Spark URL).")
+    serve_max_rows: int = _f(
+        256, "Most instructions one request to `mlflow models serve` may carry (more: HTTP 400). "
+        "Spark and in-process pyfunc calls are not limited.")
+    serve_max_chars: int = _f(
+        2_000_000, "Most characters of instructions one serving request may carry (more: HTTP "
+        "400). A single instruction longer than the context is shortened, not rejected.")
 
     # --- training (added by the train step) ------------------------------------------------
     length_group_batches: int = _f(
@@ -178,7 +184,8 @@ class Config:
         for name in ("tiny_n_layer", "tiny_n_embd", "tiny_n_head", "tiny_n_positions",
                      "cpu_ranks", "num_nodes", "per_device_batch_size",
                      "gradient_accumulation_steps", "logging_steps", "save_total_limit",
-                     "eval_batch_size", "eval_max_new_tokens", "rank_timeout_s"):
+                     "eval_batch_size", "eval_max_new_tokens", "rank_timeout_s",
+                     "serve_max_rows", "serve_max_chars"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         _require(self.tiny_n_embd % self.tiny_n_head == 0, "tiny_n_head", self.tiny_n_head,
                  f"must divide tiny_n_embd ({self.tiny_n_embd})")

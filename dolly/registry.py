@@ -40,13 +40,19 @@ def signature():
 def log_model(model_dir: str | Path, cfg: Config, name: str = "model") -> str:
     """Log the saved model folder (weights + tokenizer) to the active run; returns its model URI.
 
-    The folder is logged as is, without loading the weights: the low-memory way for a 6B model.
+    A transformers-flavor model whose pyfunc is dolly.serving's wrapper of MLflow's (it shortens
+    too-long instructions and checks requests). The folder is logged as is, without loading the
+    weights: the low-memory way for a 6B model.
     """
-    import mlflow
+    from mlflow.models import Model
 
-    info = mlflow.transformers.log_model(
-        transformers_model=str(model_dir),
+    from dolly import serving
+
+    info = Model.log(
+        artifact_path=None,  # MLflow 3: `name` names a logged model
         name=name,
+        flavor=serving,
+        transformers_model=str(model_dir),
         task="text-generation",
         prompt_template=prompts.PROMPT_TEMPLATE,
         # batch_size: without it the pipeline generates one row at a time (measured: 1.3x
@@ -54,6 +60,11 @@ def log_model(model_dir: str | Path, cfg: Config, name: str = "model") -> str:
         model_config={"return_full_text": False, "batch_size": cfg.eval_batch_size},
         signature=signature(),
         pip_requirements=pip_requirements(),
+        # As mlflow.transformers.log_model does for a folder: checking a serving example would
+        # load the whole model into memory.
+        validate_serving_input=False,
+        serving_limits={"serve_max_rows": cfg.serve_max_rows,
+                        "serve_max_chars": cfg.serve_max_chars},
         metadata={"base_model": cfg.base_model, "dataset": cfg.dataset,
                   "prompt_format": "dolly-v1", "end_key": prompts.END_KEY},
     )

@@ -19,14 +19,17 @@ def test_spark_udf_scores_a_dataframe(tiny_model, champion):
         try:
             udf = mlflow.pyfunc.spark_udf(spark, "models:/dolly@champion", result_type="string",
                                           env_manager="local", params={"max_new_tokens": 4})
+            # Row 5 is ~40x the tiny model's 256-token context: shortened, not a failed batch.
             df = spark.createDataFrame(pd.DataFrame({
                 "instruction": ["Repeat the word bada.", "Greet Kalo.", "Say hello to Mo.",
-                                "Count the words in the input."], "id": [1, 2, 3, 4]}))
+                                "Count the words in the input.", "Count the words: " +
+                                "lapo " * 10_000, "   "], "id": [1, 2, 3, 4, 5, 6]}))
             out = df.withColumn("response", udf("instruction")).toPandas()
         finally:
             spark.stop()
-    assert list(out["id"]) == [1, 2, 3, 4]  # every row scored, not only the first
+    assert list(out["id"]) == [1, 2, 3, 4, 5, 6]  # every row scored, not only the first
     assert out["response"].map(lambda r: isinstance(r, str)).all()
+    assert out["response"].iloc[5] == ""  # a blank instruction: an empty answer
     assert not any(bit in r for r in out["response"] for bit in TEMPLATE_BITS)
 
 
