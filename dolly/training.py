@@ -338,6 +338,12 @@ def deepspeed_config(cfg: Config, gpu: bool) -> dict[str, Any]:
             "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
     if gpu and cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if not gpu:
+        # gloo on CPU is latency-bound and has no streams to overlap with: one gradient bucket
+        # and one prefetch bucket per step instead of ~50 hidden^2-sized ones ("auto") took the
+        # tiny profile from 1.36 to 1.16 s/step (2 ranks, 2 cores), with the same loss.
+        zero.update(overlap_comm=False, reduce_bucket_size=500_000_000,
+                    stage3_prefetch_bucket_size=500_000_000)
     return ds
 
 
