@@ -99,11 +99,26 @@ def input_fingerprint(cfg: Config) -> str:
     return f"hub:{ds}[{cfg.dataset_split}]"
 
 
+# Config fields a step does not read, so changing one does not redo that step: a new eval_limit
+# re-evaluates without retraining, a new model_name only registers again. (data_prep reads only
+# dolly.data.DATA_FIELDS.) eval_batch_size stays with train: the logged model batches by it.
+_EVAL_ONLY = ("eval_max_new_tokens", "eval_limit")
+_REGISTER_ONLY = ("primary_metric", "model_name", "champion_alias")
+_SCORING_ONLY = ("spark_master",)
+_NOT_READ_BY = {"train": _EVAL_ONLY + _REGISTER_ONLY + _SCORING_ONLY,
+                "evaluate": _REGISTER_ONLY[1:] + _SCORING_ONLY,
+                "register": _SCORING_ONLY}
+
+
 def step_key(name: str, params: dict[str, str], cfg: Config, code: str, fingerprint: str) -> str:
-    """What a step's result depends on. data_prep depends on the data fields only, so changing a
-    training setting reuses the prepared data; the other steps depend on the whole config."""
-    fields = data.DATA_FIELDS if name == "data_prep" else tuple(cfg.to_dict())
-    blob = {"entry_point": name, "params": params, "code": code,
+    """What a step's result depends on: its inputs (URIs of earlier steps), the code, the data
+    and the config fields it reads. Overrides count through the resolved config, not as text."""
+    if name == "data_prep":
+        fields = data.DATA_FIELDS
+    else:
+        fields = tuple(k for k in cfg.to_dict() if k not in _NOT_READ_BY.get(name, ()))
+    inputs = {k: v for k, v in params.items() if k != "config" and k not in cfg.to_dict()}
+    blob = {"entry_point": name, "inputs": inputs, "code": code,
             "config": {k: str(getattr(cfg, k)) for k in fields},
             "input": fingerprint if name == "data_prep" else ""}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()

@@ -1,5 +1,7 @@
 """evaluate and register through `mlflow run`, the promotion gate, and the champion's pyfunc."""
 import json
+import os
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -138,7 +140,8 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     params = {**MAIN_PARAMS, "output_dir": tmp_path / "train", "master_port": port}
-    proc = mlflow_run("main", params, tracking_uri, timeout=1100)
+    proc = mlflow_run("main", params, tracking_uri, timeout=1100, HF_TOKEN=FAKE_TOKEN,
+                      HUGGING_FACE_HUB_TOKEN=FAKE_TOKEN)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -180,6 +183,86 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     assert parents[0].data.tags["steps_reused"] == "data_prep,train,evaluate,register"
     assert len(client.search_model_versions("name='dolly'")) == 1
 
+    # A token in the environment is never logged: not in the store (params, tags, model
+    # versions, descriptions) nor in any artifact (configs, tables, the model's files).
+    db = Path(tracking_uri[len("sqlite:///"):])
+    assert FAKE_TOKEN.encode() not in db.read_bytes()
+    artifacts = Path(client.get_experiment(parent.info.experiment_id).artifact_location
+                     .removeprefix("file://"))
+    files = [p for p in artifacts.rglob("*") if p.is_file()]
+    assert len(files) > 10 and any(p.name == "MLmodel" for p in files)
+    assert not [p for p in files if FAKE_TOKEN.encode() in p.read_bytes()]
+
+    # evaluate dies (killed, as by the OOM killer) in a run with a new eval_limit: main fails
+    # with one line naming the step, nothing is registered, the champion stays.
+    failing = {**params, "eval_limit": 12}
+    broken = _main_with_evaluate_killed(failing, tracking_uri)
+    assert broken.returncode != 0
+    assert "main: train: reusing finished run" in broken.stdout  # eval_limit does not retrain
+    errors = [ln for ln in broken.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors and "step 'evaluate' failed" in errors[-1], broken.stderr[-2000:]
+    assert len(client.search_model_versions("name='dolly'")) == 1
+    assert client.get_model_version_by_alias("dolly", "champion").version == \
+        t["registered_version"]
+    # the cause gone, the same command reuses what had finished and completes
+    fixed = mlflow_run("main", failing, tracking_uri, timeout=900)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    for step in ("data_prep", "train"):
+        assert f"main: {step}: reusing finished run {children[step].info.run_id}" in fixed.stdout
+    assert "main: evaluate: starting" in fixed.stdout
+    assert len(client.search_model_versions("name='dolly'")) == 2
+
+
+FAKE_TOKEN = "hf_FakeTokenForTheSecretScan0123456789"
+
+
+def _main_with_evaluate_killed(params, tracking_uri):
+    """`mlflow run . -e main`, with the evaluate step's process SIGKILLed once it runs."""
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    from conftest import BIN, ROOT, project_env
+
+    cmd = [str(BIN / "mlflow"), "run", str(ROOT), "-e", "main", "--env-manager", "local"]
+    cmd += [a for k, v in params.items() for a in ("-P", f"{k}={v}")]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        # files, not pipes: a full pipe would stall main while this loop polls
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=project_env(tracking_uri), text=True,
+                                stdout=out, stderr=err)
+        deadline = time.monotonic() + 600
+        victim = None
+        while victim is None and proc.poll() is None and time.monotonic() < deadline:
+            victim = _find_evaluate(proc.pid)
+            time.sleep(0.2)
+        assert victim, "the evaluate step never started"
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=300)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def _find_evaluate(root_pid: int) -> int | None:
+    """The pid of a `python -m steps.evaluate` process under root_pid, if one runs."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" ", 1)
+            ppid = int(rest.rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append((int(pid), cmdline))
+    todo = [root_pid]
+    while todo:
+        for pid, cmdline in children.get(todo.pop(), []):
+            if b"steps.evaluate" in cmdline:
+                return pid
+            todo.append(pid)
+    return None
+
 
 def test_step_key_tracks_what_a_step_depends_on():
     from dolly.config import load_config
@@ -198,6 +281,15 @@ def test_step_key_tracks_what_a_step_depends_on():
     assert main.step_key("data_prep", {}, cfg, "abc", "builtin") != \
         main.step_key("data_prep", {}, cfg, "abd", "builtin")  # another code version
     assert main.overrides(faster, "configs/tiny.yaml") == {"learning_rate": "0.01"}
+    # evaluation and registry settings do not retrain; each redoes its own step and later ones
+    fewer = load_config(None, {"eval_limit": 5})
+    renamed = load_config(None, {"model_name": "other"})
+    assert key("train", cfg) == key("train", fewer) == key("train", renamed)
+    assert key("evaluate", cfg) != key("evaluate", fewer)
+    assert key("evaluate", cfg) == key("evaluate", renamed)
+    assert key("register", cfg) != key("register", renamed)
+    # an override counts by its value, however it was given
+    assert key("train", faster) == key("train", faster, learning_rate="0.01")
 
 
 @pytest.mark.timeout(300)
