@@ -9,18 +9,8 @@ from pathlib import Path
 
 import mlflow
 
-from dolly import cli, tracking, training
+from dolly import cli, registry, tracking, training
 from dolly.errors import DollyError
-
-
-def _log_model(final_dir, cfg) -> str | None:
-    try:  # dolly.registry is written in another issue; the signature is agreed
-        from dolly.registry import log_model
-    except ImportError:
-        print("warning: dolly.registry.log_model is not available: the model was saved to "
-              f"{final_dir} but not logged to MLflow", flush=True)
-        return None
-    return log_model(final_dir, cfg)
 
 
 def main(argv: list[str]) -> None:
@@ -44,9 +34,8 @@ def main(argv: list[str]) -> None:
             return
         result = training.read_result(plan.cfg)
         mlflow.log_metric("resumed_from_step", result["resumed_from_step"])
-        model_uri = _log_model(Path(result["final_dir"]), plan.cfg)
-        if model_uri:
-            mlflow.set_tag("model_uri", model_uri)
+        model_uri = registry.log_model(Path(result["final_dir"]), plan.cfg)
+        mlflow.set_tag("model_uri", model_uri)
         print(f"train: {result['global_step']} steps (resumed from step "
               f"{result['resumed_from_step']}), final loss {result['final_loss']:.4f}, "
               f"{result['seconds']:.0f} s; model_uri = {model_uri}", flush=True)

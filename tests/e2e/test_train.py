@@ -179,23 +179,26 @@ def test_mlflow_run_logs_params_metrics_and_a_loadable_model(runs):
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("### End")
 
 
-def test_a_dying_rank_ends_the_step_quickly_with_its_error(runs, tmp_path):
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "steps.train", "--prepared", str(runs.prepared),
-           "--output_dir", str(out), "--max_steps", "1000", "--eval_steps", "0",
-           "--save_steps", "0"] + [a for k, v in TRAIN.items()
-                                   if k not in ("save_steps", "eval_steps")
-                                   for a in (f"--{k}", str(v))]
+def _train_cmd(prepared: Path, out: Path, **settings) -> list[str]:
+    """`python -m steps.train` (what `mlflow run . -e train` runs) with TRAIN plus `settings`."""
+    merged = {**TRAIN, **settings}
+    return [sys.executable, "-m", "steps.train", "--prepared", str(prepared),
+            "--output_dir", str(out)] + [a for k, v in merged.items() for a in (f"--{k}", str(v))]
+
+
+def test_a_dying_rank_ends_the_step_quickly_and_a_rerun_resumes(runs, tmp_path):
+    out, total = tmp_path / "out", 60
+    cmd = _train_cmd(runs.prepared, out, max_steps=total, eval_steps=0, save_steps=4)
+    env = project_env(f"sqlite:///{tmp_path}/mlflow.db")
     log = tmp_path / "log.txt"
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                env=project_env(f"sqlite:///{tmp_path}/mlflow.db"))
-        rec = out / "zero3_rank1.json"
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 400
-        while not rec.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert rec.exists(), log.read_text()[-3000:]
-        time.sleep(0.5)
+        while (not (out / "checkpoint-4" / "trainer_state.json").exists()
+               and proc.poll() is None and time.time() < deadline):
+            time.sleep(0.1)
+        rec = out / "zero3_rank1.json"
+        assert rec.exists() and proc.poll() is None, log.read_text()[-3000:]
         os.kill(json.loads(rec.read_text())["pid"], signal.SIGINT)  # rank 1 dies mid-training
         t0 = time.time()
         code = proc.wait(timeout=120)
@@ -206,6 +209,62 @@ def test_a_dying_rank_ends_the_step_quickly_with_its_error(runs, tmp_path):
     assert "rank 1 failed: KeyboardInterrupt" in text
     assert "error: training failed: the launcher exited with code" in text
     assert not (out / "train_result.json").exists()
+    last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+               if (p / "trainer_state.json").exists())
+    print(f"\nrank 1 killed after checkpoint-{last}: the step failed {elapsed:.1f} s later")
+
+    # the same command again (resume=auto): continues from the last checkpoint to the end
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["resumed_from_step"] == last >= 4
+    assert result["global_step"] == result["max_steps"] == total
+    print(f"rerun resumed from step {last}, finished at step {result['global_step']}")
+
+
+def test_two_nodes_of_one_rank_train_the_same_weights_as_one_node_of_two(runs, tmp_path):
+    """ZeRO-3 over 2 "machines" (two train steps, node_rank 0 and 1, on loopback, each with its
+    own output folder) ends with the weights 1 node x 2 ranks gets from the same data and seed."""
+    from safetensors.torch import load_file
+
+    common = dict(max_steps=6, eval_steps=0, save_steps=0)
+    env = project_env(f"sqlite:///{tmp_path}/mlflow.db")
+    one = subprocess.run(_train_cmd(runs.prepared, tmp_path / "one", **common), cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+
+    port = training._free_port()
+    nodes = []
+    for rank in (0, 1):
+        log = (tmp_path / f"node{rank}.log").open("w")
+        nodes.append((subprocess.Popen(
+            _train_cmd(runs.prepared, tmp_path / f"node{rank}", **common, num_nodes=2,
+                       cpu_ranks=1, node_rank=rank, master_addr="127.0.0.1", master_port=port),
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    for proc, log in nodes:
+        code = proc.wait(timeout=600)
+        log.close()
+        assert code == 0, Path(log.name).read_text()[-3000:]
+    assert "node 0 logs the model" in (tmp_path / "node1.log").read_text()
+    assert not (tmp_path / "node1" / "final").exists()  # global rank 0 (node 0) saves
+
+    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "node0" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    # both trained: far from the (deterministic) initial weights, compared to their difference
+    from dolly.config import load_config
+    from dolly.modeling import build_tiny
+    from dolly.tokenizer import load_tokenizer
+
+    initial = build_tiny(load_config(None, TRAIN), load_tokenizer(str(runs.prepared / "tokenizer")))
+    key = "transformer.h.0.mlp.fc_in.weight"
+    moved = (a[key].float() - initial.state_dict()[key].float()).abs().max().item()
+    print(f"\nmax |w(1x2) - w(2x1)| over {len(a)} tensors: {diff:.3g} "
+          f"(training moved {key} by up to {moved:.3g})")
+    assert diff < 1e-5 and moved > 1e-3, (diff, moved)
+    result = json.loads((tmp_path / "node0" / "train_result.json").read_text())
+    assert result["global_step"] == 6
 
 
 # --- the parent's decisions, without launching ---------------------------------------------------
