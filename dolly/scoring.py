@@ -3,7 +3,7 @@
 Scales with Spark itself: `spark_master` local[*] on one machine, or any cluster URL / the
 standard spark-submit configuration. Every input row comes out, in input order, with one more
 column: the response. Rows whose instruction is null, empty or whitespace are not sent to the model
-(the pyfunc rejects None) and keep a null response.
+and keep a null response, so "no instruction" stays distinguishable from an empty answer.
 """
 from __future__ import annotations
 
