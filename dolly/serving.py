@@ -101,7 +101,7 @@ def _reject_unknown_params() -> None:
     MLflow drops params outside the signature with a warning before the model sees them, and has
     no option to refuse them, so this wraps its (private) check; models of other flavors are not
     affected. If a future MLflow renames the check, unknown params are dropped again, as MLflow
-    does, and tests/e2e/test_serving.py fails.
+    does, and tests/e2e/test_model_server.py fails.
     """
     import mlflow.pyfunc as pyfunc
 
@@ -155,7 +155,8 @@ class DollyPyfunc:
     def fit(self, instruction: str, budget: int) -> tuple[str, bool]:
         """(instruction, shortened?): the end of `instruction` such that the whole prompt is at
         most `budget` tokens; the template around it is always kept whole."""
-        keep = budget - self._frame
+        # 2 tokens of slack: where the template meets the instruction BPE may merge differently
+        keep = budget - self._frame - 2
         if keep < 1:
             raise bad_input(f"no room for an instruction: the prompt template alone takes "
                             f"{self._frame} of the {budget} tokens left after the answer")

@@ -40,8 +40,13 @@ def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str,
 
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
-    """A fresh sqlite tracking store and registry for one test."""
-    return f"sqlite:///{tmp_path}/mlflow.db"
+    """A fresh sqlite tracking store and registry for one test, its artifacts under tmp_path
+    (created here: else the Default experiment's artifacts would land in ./mlruns of the repo)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    SqlAlchemyStore(uri, str(tmp_path / "artifacts")).engine.dispose()
+    return uri
 
 
 @pytest.fixture
