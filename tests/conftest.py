@@ -38,15 +38,20 @@ def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str,
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def tracking_uri(tmp_path) -> str:
-    """A fresh sqlite tracking store and registry for one test, its artifacts under tmp_path
-    (created here: else the Default experiment's artifacts would land in ./mlruns of the repo)."""
+def fresh_store(folder: Path) -> str:
+    """A new sqlite tracking store and registry in `folder`, its artifacts there too: created
+    here, as otherwise the Default experiment would keep its artifacts in ./mlruns of the repo."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    SqlAlchemyStore(uri, str(tmp_path / "artifacts")).engine.dispose()
+    uri = f"sqlite:///{folder}/mlflow.db"
+    SqlAlchemyStore(uri, str(folder / "artifacts")).engine.dispose()
     return uri
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    """A fresh sqlite tracking store and registry for one test."""
+    return fresh_store(tmp_path)
 
 
 @pytest.fixture

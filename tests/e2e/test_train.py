@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_OVERRIDES, mlflow_run, project_env, tracking_to
+from conftest import ROOT, TINY_OVERRIDES, fresh_store, mlflow_run, project_env, tracking_to
 from dolly import training
 
 pytestmark = pytest.mark.timeout(900)
@@ -189,7 +189,7 @@ def _train_cmd(prepared: Path, out: Path, **settings) -> list[str]:
 def test_a_dying_rank_ends_the_step_quickly_and_a_rerun_resumes(runs, tmp_path):
     out, total = tmp_path / "out", 60
     cmd = _train_cmd(runs.prepared, out, max_steps=total, eval_steps=0, save_steps=4)
-    env = project_env(f"sqlite:///{tmp_path}/mlflow.db")
+    env = project_env(fresh_store(tmp_path))
     log = tmp_path / "log.txt"
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -228,7 +228,7 @@ def test_two_nodes_of_one_rank_train_the_same_weights_as_one_node_of_two(runs, t
     from safetensors.torch import load_file
 
     common = dict(max_steps=6, eval_steps=0, save_steps=0)
-    env = project_env(f"sqlite:///{tmp_path}/mlflow.db")
+    env = project_env(fresh_store(tmp_path))
     one = subprocess.run(_train_cmd(runs.prepared, tmp_path / "one", **common), cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
