@@ -216,6 +216,21 @@ def log_and_register(folder: str | Path, cfg, name: str) -> tuple[str, str]:
     return uri, f"models:/{name}/{mv.version}"
 
 
+def tiny_registered_model(args, tmp: Path, name: str, dtype=None):
+    """The tiny model scoring and serving measure, as the train step leaves it: built from
+    `args` (add_model_args), saved under `tmp`, logged with dolly.registry.log_model into a
+    fresh store there and registered as `name`. Returns (cfg, tokenizer, folder, models:/ URI)."""
+    progress(f"building the tiny model ({args.tokenizer} tokenizer)")
+    cfg, _, tok = prepare(args.data, tmp / "data", args.tokenizer, args.limit,
+                          tiny_n_layer=args.n_layer, tiny_n_embd=args.n_embd,
+                          tiny_n_head=args.n_head, tiny_rotary_dim=args.rotary_dim)
+    folder = save_tiny_model(cfg, tok, tmp / "final", dtype)
+    use_tracking_store(tmp)
+    progress("logging with dolly.registry.log_model and registering")
+    _, registered = log_and_register(folder, cfg, name)
+    return cfg, tok, folder, registered
+
+
 def generate_response(instruction: str, *, model, tokenizer, do_sample: bool = True,
                       max_new_tokens: int = 256, top_p: float = 0.92, top_k: int = 0,
                       **kwargs) -> str | None:

@@ -25,8 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from common import (add_model_args, add_limit, apply_threads, finish, generate_response, load_records,
-                    log_and_register, parser, prepare, progress, same_text, save_tiny_model,
-                    use_tracking_store)
+                    log_and_register, parser, progress, same_text, tiny_registered_model)
 
 
 @contextmanager
@@ -67,14 +66,7 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        progress(f"building the tiny model ({args.tokenizer} tokenizer)")
-        cfg, _, tok = prepare(args.data, tmp / "data", args.tokenizer, args.limit,
-                              tiny_n_layer=args.n_layer, tiny_n_embd=args.n_embd,
-                              tiny_n_head=args.n_head, tiny_rotary_dim=args.rotary_dim)
-        folder = save_tiny_model(cfg, tok, tmp / "final", dtype)
-        use_tracking_store(tmp)
-        progress("logging with dolly.registry.log_model and registering")
-        _, registered = log_and_register(folder, cfg, "bench-scoring")
+        cfg, tok, folder, registered = tiny_registered_model(args, tmp, "bench-scoring", dtype)
 
         t = time.perf_counter()
         # MLflow's transformers flavor puts the pipeline on GPU 0 when there is one; -1 = CPU.

@@ -19,8 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from common import (add_model_args, add_limit, apply_threads, finish, free_port, load_records, log_and_register,
-                    parser, percentile, prepare, progress, save_tiny_model, use_tracking_store)
+from common import (add_model_args, add_limit, apply_threads, finish, free_port, load_records, parser,
+                    percentile, progress, tiny_registered_model)
 
 
 def wait_ready(proc, url: str, log: Path, timeout: float) -> float:
@@ -69,13 +69,7 @@ def main() -> None:
     params = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        progress(f"building the tiny model ({args.tokenizer} tokenizer)")
-        cfg, _, tok = prepare(args.data, tmp / "data", args.tokenizer, args.limit,
-                              tiny_n_layer=args.n_layer, tiny_n_embd=args.n_embd,
-                              tiny_n_head=args.n_head, tiny_rotary_dim=args.rotary_dim)
-        folder = save_tiny_model(cfg, tok, tmp / "final")
-        use_tracking_store(tmp)
-        _, registered = log_and_register(folder, cfg, "bench-serving")
+        _, _, _, registered = tiny_registered_model(args, tmp, "bench-serving")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = tmp / "serve.log"
