@@ -141,13 +141,10 @@ class DollyPyfunc:
         self.max_rows = int(limits.get("serve_max_rows") or 0)
         self.max_chars = int(limits.get("serve_max_chars") or 0)
 
-    # MLflow's own wrapper exposes these; keep them reachable for users who relied on them.
     @property
     def pipeline(self):
+        """The transformers pipeline, as MLflow's own wrapper exposes it."""
         return self._inner.pipeline
-
-    def unwrap_python_model(self):
-        return self
 
     def _ids(self, text: str) -> list[int]:
         return self._tokenizer(text, add_special_tokens=False)["input_ids"]
