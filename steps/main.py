@@ -103,10 +103,10 @@ def input_fingerprint(cfg: Config) -> str:
 # re-evaluates without retraining, a new model_name only registers again. (data_prep reads only
 # dolly.data.DATA_FIELDS.) eval_batch_size stays with train: the logged model batches by it.
 _EVAL_ONLY = ("eval_max_new_tokens", "eval_limit")
-_REGISTER_ONLY = ("primary_metric", "model_name", "champion_alias")
+_NAMING = ("model_name", "champion_alias")  # register only
 _SCORING_ONLY = ("spark_master",)
-_NOT_READ_BY = {"train": _EVAL_ONLY + _REGISTER_ONLY + _SCORING_ONLY,
-                "evaluate": _REGISTER_ONLY[1:] + _SCORING_ONLY,
+_NOT_READ_BY = {"train": _EVAL_ONLY + ("primary_metric",) + _NAMING + _SCORING_ONLY,
+                "evaluate": _NAMING + _SCORING_ONLY,  # primary_metric: _usable checks it
                 "register": _SCORING_ONLY}
 
 
