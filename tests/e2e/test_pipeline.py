@@ -247,21 +247,18 @@ def _main_with_evaluate_killed(params, tracking_uri):
 
 def _find_evaluate(root_pid: int) -> int | None:
     """The pid of a `python -m steps.evaluate` process under root_pid, if one runs."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    import psutil
+
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    for child in children:
         try:
-            pid, rest = stat.read_text().split(" ", 1)
-            ppid = int(rest.rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
+            if "steps.evaluate" in child.cmdline():
+                return child.pid
+        except psutil.Error:  # ended meanwhile
             continue
-        children.setdefault(ppid, []).append((int(pid), cmdline))
-    todo = [root_pid]
-    while todo:
-        for pid, cmdline in children.get(todo.pop(), []):
-            if b"steps.evaluate" in cmdline:
-                return pid
-            todo.append(pid)
     return None
 
 
