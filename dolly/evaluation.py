@@ -199,30 +199,20 @@ def logged_run_id(local: Path) -> str | None:
     return (yaml.safe_load(mlmodel.read_text()) or {}).get("run_id") or None
 
 
-# Fields that decide what the base model is: taken from the train run, so that evaluating a
-# model always compares it with the base *it* was trained from (even if run with other settings).
-def _base_fields() -> tuple[str, ...]:
-    from dolly.config import FIELDS
-
-    return ("base_model", "seed", "trust_remote_code",
-            *(name for name in FIELDS if name.startswith("tiny_")))
-
-
-BASE_FIELDS = _base_fields()  # every tiny_* field shapes the tiny base
-
-
 def base_config(cfg, train_params: dict[str, str]):
-    """`cfg` with the base-model fields the train run logged; (config, fields that differed)."""
+    """`cfg` with the base-model fields (Config fields declared `base=True`) that the train run
+    logged: evaluating a model always compares it with the base *it* was trained from, even when
+    evaluate runs with other settings. Returns (config, {field: value that differed})."""
     import dataclasses
 
-    from dolly.config import _coerce
+    from dolly.config import fields_where, parse_value
     from dolly.errors import ConfigError
 
     changes = {}
-    for name in BASE_FIELDS:
+    for name in fields_where(base=True):
         if name in train_params:
             try:
-                value = _coerce(name, train_params[name])
+                value = parse_value(name, train_params[name])
             except ConfigError:
                 continue
             if value != getattr(cfg, name):

@@ -23,7 +23,7 @@ def log_config(cfg: Config, prefix: str = "") -> None:
     """The resolved config as params and as config.yaml on the active run."""
     import mlflow
 
-    params = {f"{prefix}{k}": str(v)[:_MAX_PARAM] for k, v in cfg.to_dict().items()}
+    params = {f"{prefix}{k}": v[:_MAX_PARAM] for k, v in cfg.to_strings().items()}
     run = mlflow.active_run()
     # `mlflow run` already logged the user's -P values verbatim ("1" for test_size 1.0); MLflow
     # forbids changing a param, so those keep the user's spelling and config.yaml has all.

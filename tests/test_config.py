@@ -72,3 +72,84 @@ def test_conda_env_matches_requirements():
     reqs = [ln.strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()
             if ln.strip() and not ln.startswith("#")]
     assert sorted(pip) == sorted(reqs)
+
+
+def test_every_field_is_classified():
+    """Each field declares the steps that read it; a new field cannot be left out of reuse."""
+    from dolly.config import FIELDS, STEPS
+
+    for name, f in FIELDS.items():
+        assert set(f.metadata["steps"]) <= set(STEPS), name
+        assert isinstance(f.metadata["checkpoint"], bool) and isinstance(f.metadata["base"], bool)
+        assert f.metadata["help"].strip(), name
+
+
+def test_derived_field_lists():
+    from dolly.config import fields_where
+
+    assert fields_where(step="data_prep") == (
+        "dataset", "dataset_split", "columns", "builtin_records", "max_length", "too_long",
+        "test_size", "seed", "base_model", "tokenizer", "tokenizer_vocab_size")
+    assert fields_where(checkpoint=True) == (
+        "seed", "base_model", "tokenizer", "tiny_n_layer", "tiny_n_embd", "tiny_n_head",
+        "tiny_rotary_dim", "tiny_n_positions", "tiny_tie_embeddings", "per_device_batch_size",
+        "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
+        "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "batching",
+        "length_group_batches")
+    assert fields_where(base=True) == (
+        "seed", "base_model", "tiny_n_layer", "tiny_n_embd", "tiny_n_head", "tiny_rotary_dim",
+        "tiny_n_positions", "tiny_tie_embeddings", "trust_remote_code")
+    assert fields_where(step="register") == tuple(
+        n for n in fields_where() if n not in ("profile", "spark_master"))
+    assert "eval_limit" not in fields_where(step="train")
+    assert fields_where(step="batch_score") == ("model_name", "champion_alias", "spark_master")
+
+
+def test_strings_round_trip_every_value():
+    cfg = load_config(None, {"learning_rate": "1e-3", "test_size": "0.1", "epochs": 1 / 3,
+                             "gradient_checkpointing": "yes", "columns": "instruction=q",
+                             "seed": "7"})
+    text = cfg.to_strings()
+    assert all(isinstance(v, str) for v in text.values())
+    assert Config.from_strings(text) == cfg
+    changed = cfg.to_strings(changed_from=Config())
+    assert changed == {"columns": "instruction=q", "seed": "7",
+                       "epochs": repr(1 / 3), "gradient_checkpointing": "True"}
+    assert Config.from_strings(changed) == cfg
+
+
+@pytest.mark.parametrize("value", ["flase", "", "2", "None", "truee"])
+def test_unparseable_bool_is_an_error(value):
+    from dolly.config import parse_bool
+
+    with pytest.raises(ConfigError, match=f"config key 'reuse': {value!r} is not a valid bool"):
+        parse_bool(value, "reuse")
+
+
+@pytest.mark.parametrize("value, expected", [("TRUE", True), (" on", True), ("0", False),
+                                             ("No", False), (True, True)])
+def test_bool_spellings(value, expected):
+    from dolly.config import parse_bool
+
+    assert parse_bool(value, "reuse") is expected
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError) as e:
+        cli.parse(["--learning_rat", "1"], {})
+    assert str(e.value).startswith("unknown config key 'learning_rat'; did you mean 'learning_rate'?")
+    with pytest.raises(ConfigError) as e:
+        cli.parse(["--modle_uri", "x"], {"model_uri": ""})
+    assert "did you mean 'model_uri'?" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        cli.parse(["--zzz", "1"], {})
+    assert "did you mean" not in str(e.value)
+
+
+def test_parse_args_keeps_profile_and_raw_overrides():
+    args = cli.parse_args(["--config", str(ROOT / "configs/tiny.yaml"), "--learning-rate", "1e-3",
+                           "--reuse", "false"], {"reuse": "true"})
+    assert args.profile == str(ROOT / "configs/tiny.yaml")
+    assert args.overrides == {"learning_rate": "1e-3"}
+    assert args.inputs == {"reuse": "false"}
+    assert args.cfg.learning_rate == 1e-3

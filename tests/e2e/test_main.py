@@ -262,34 +262,6 @@ def _find_evaluate(root_pid: int) -> int | None:
     return None
 
 
-def test_step_key_tracks_what_a_step_depends_on():
-    from dolly.config import load_config
-    from steps import main
-
-    cfg = load_config(None, {})
-    key = lambda name, c, **kw: main.step_key(name, {"config": "configs/tiny.yaml", **kw}, c,
-                                              "abc", "builtin")
-    faster = load_config(None, {"learning_rate": 0.01})
-    more = load_config(None, {"builtin_records": 500})
-    assert key("data_prep", cfg) == key("data_prep", faster)  # training settings: data reused
-    assert key("data_prep", cfg) != key("data_prep", more)
-    assert key("train", cfg) != key("train", faster)
-    assert key("train", cfg, prepared="runs:/a/prepared") != key("train", cfg,
-                                                                 prepared="runs:/b/prepared")
-    assert main.step_key("data_prep", {}, cfg, "abc", "builtin") != \
-        main.step_key("data_prep", {}, cfg, "abd", "builtin")  # another code version
-    assert main.overrides(faster, "configs/tiny.yaml") == {"learning_rate": "0.01"}
-    # evaluation and registry settings do not retrain; each redoes its own step and later ones
-    fewer = load_config(None, {"eval_limit": 5})
-    renamed = load_config(None, {"model_name": "other"})
-    assert key("train", cfg) == key("train", fewer) == key("train", renamed)
-    assert key("evaluate", cfg) != key("evaluate", fewer)
-    assert key("evaluate", cfg) == key("evaluate", renamed)
-    assert key("register", cfg) != key("register", renamed)
-    # an override counts by its value, however it was given
-    assert key("train", faster) == key("train", faster, learning_rate="0.01")
-
-
 @pytest.mark.timeout(300)
 def test_failing_step_fails_main_with_one_line(tracking_uri, tmp_path):
     from conftest import mlflow_run

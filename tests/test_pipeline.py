@@ -1,0 +1,80 @@
+"""dolly.pipeline: what a step's reuse key depends on, and the summary of a finished pipeline."""
+from types import SimpleNamespace
+
+from dolly import pipeline
+from dolly.config import load_config
+
+
+def _key(name, cfg, **inputs):
+    return pipeline.step_key(name, {"config": "configs/tiny.yaml", **inputs}, cfg, "abc", "builtin")
+
+
+def test_step_key_tracks_what_a_step_depends_on():
+    cfg = load_config(None, {})
+    faster = load_config(None, {"learning_rate": 0.01})
+    more = load_config(None, {"builtin_records": 500})
+    assert _key("data_prep", cfg) == _key("data_prep", faster)  # training settings: data reused
+    assert _key("data_prep", cfg) != _key("data_prep", more)
+    assert _key("train", cfg) != _key("train", faster)
+    assert _key("train", cfg, prepared="runs:/a/prepared") != _key("train", cfg,
+                                                                   prepared="runs:/b/prepared")
+    assert pipeline.step_key("data_prep", {}, cfg, "abc", "builtin") != \
+        pipeline.step_key("data_prep", {}, cfg, "abd", "builtin")  # another code version
+    assert pipeline.step_key("data_prep", {}, cfg, "abc", "builtin") != \
+        pipeline.step_key("data_prep", {}, cfg, "abc", "files:0f")  # another dataset
+    assert pipeline.step_key("train", {}, cfg, "abc", "builtin") == \
+        pipeline.step_key("train", {}, cfg, "abc", "files:0f")  # train reads data via its URI
+    # evaluation and registry settings do not retrain; each redoes its own step and later ones
+    fewer = load_config(None, {"eval_limit": 5})
+    renamed = load_config(None, {"model_name": "other"})
+    assert _key("train", cfg) == _key("train", fewer) == _key("train", renamed)
+    assert _key("evaluate", cfg) != _key("evaluate", fewer)
+    assert _key("evaluate", cfg) == _key("evaluate", renamed)
+    assert _key("register", cfg) != _key("register", renamed)
+    # batch scoring's Spark master does not touch any pipeline step
+    spark = load_config(None, {"spark_master": "local[2]"})
+    assert [_key(s, cfg) for s in pipeline.STEPS] == [_key(s, spark) for s in pipeline.STEPS]
+    # an override counts by its value, however it was given; the profile's name not at all
+    assert _key("train", faster) == _key("train", faster, learning_rate="0.01")
+    renamed_profile = load_config(None, {"profile": "mine"})
+    assert _key("train", cfg) == _key("train", renamed_profile)
+
+
+def test_input_fingerprint_hashes_file_names_and_bytes(tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"instruction": "x", "output": "y"}\n')
+    first = pipeline.input_fingerprint(load_config(None, {"dataset": str(a)}))
+    assert first.startswith("files:") and len(first) == len("files:") + 64
+    a.write_text('{"instruction": "x", "output": "z"}\n')
+    assert pipeline.input_fingerprint(load_config(None, {"dataset": str(a)})) != first
+    assert pipeline.input_fingerprint(load_config(None, {})) == "builtin"
+    hub = load_config(None, {"dataset": "tatsu-lab/alpaca", "dataset_split": "train[:10]"})
+    assert pipeline.input_fingerprint(hub) == "hub:tatsu-lab/alpaca[train[:10]]"
+
+
+def _run(run_id, metrics=None, tags=None):
+    return SimpleNamespace(info=SimpleNamespace(run_id=run_id),
+                           data=SimpleNamespace(metrics=metrics or {}, tags=tags or {}))
+
+
+def test_summary_lists_metrics_verdict_and_reuse():
+    runs = {"data_prep": _run("d1", tags={"data_hash": "h"}), "train": _run("t1"),
+            "evaluate": _run("e1", {"base/exact_match": 0.0, "tuned/exact_match": 0.5,
+                                    "base/rouge_l": 0.1, "tuned/rouge_l": 0.6}),
+            "register": _run("r1", tags={"registered_model": "dolly", "registered_version": "3",
+                                         "promoted": "true", "gate_reason": "better"})}
+    reused = {"data_prep": True, "train": True, "evaluate": False, "register": False}
+    metrics, tags, lines = pipeline.summary(load_config(None, {}), runs, reused, "models:/m-1")
+    assert metrics == {"base/exact_match": 0.0, "base/rouge_l": 0.1, "tuned/exact_match": 0.5,
+                       "tuned/rouge_l": 0.6, "registered_version": 3.0, "promoted": 1.0,
+                       "steps_reused": 2.0}
+    assert tags["steps_reused"] == "data_prep,train" and tags["data_hash"] == "h"
+    assert lines == [
+        "main: summary",
+        "  data_prep  run d1  (reused)",
+        "  train      run t1  (reused)",
+        "  evaluate   run e1",
+        "  register   run r1",
+        "  exact_match 0 -> 0.5, rouge_l 0.1 -> 0.6  (base -> tuned)",
+        "  registered dolly v3: promoted to @champion; gate on exact_match",
+    ]
