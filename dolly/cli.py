@@ -10,7 +10,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
-from dolly.config import DEFAULT_PROFILE, FIELDS, Config, load_config, unknown_key
+from dolly.config import DEFAULT_PROFILE, FIELDS, Config, load_config, unknown_key  # noqa: F401
 from dolly.errors import ConfigError, DollyError
 
 

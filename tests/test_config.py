@@ -153,3 +153,14 @@ def test_parse_args_keeps_profile_and_raw_overrides():
     assert args.overrides == {"learning_rate": "1e-3"}
     assert args.inputs == {"reuse": "false"}
     assert args.cfg.learning_rate == 1e-3
+
+
+def test_readme_lists_every_key():
+    """README's table is generated from Config (python -m steps.config --format markdown)."""
+    from dolly.config import FIELDS, markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- config-table:start -->\n", "\n<!-- config-table:end -->"
+    table = readme[readme.index(start) + len(start):readme.index(end)]
+    assert table == markdown_table()
+    assert [ln.split("`")[1] for ln in table.splitlines()[2:]] == list(FIELDS)
