@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 from dolly import prompts
+from dolly.compare import EVAL_SET_TAG, WEIGHTS_TAG, logged_model_id, weights_digest
 from dolly.config import Config
 
 # What the model needs at serving time, pinned to what trained it (a logged torch model's
@@ -44,6 +46,7 @@ def log_model(model_dir: str | Path, cfg: Config, name: str = "model") -> str:
     too-long instructions and checks requests). The folder is logged as is, without loading the
     weights: the low-memory way for a 6B model.
     """
+    import mlflow
     from mlflow.models import Model
 
     from dolly import serving
@@ -63,11 +66,14 @@ def log_model(model_dir: str | Path, cfg: Config, name: str = "model") -> str:
         # As mlflow.transformers.log_model does for a folder: checking a serving example would
         # load the whole model into memory.
         validate_serving_input=False,
+        license_text=license_note(cfg.base_model, cfg.dataset),
         serving_limits={"serve_max_rows": cfg.serve_max_rows,
                         "serve_max_chars": cfg.serve_max_chars},
         metadata={"base_model": cfg.base_model, "dataset": cfg.dataset,
                   "prompt_format": "dolly-v1", "end_key": prompts.END_KEY},
     )
+    # The weights' fingerprint: register refuses to make a second version of the same weights.
+    mlflow.set_logged_model_tags(info.model_id, {WEIGHTS_TAG: weights_digest(model_dir)})
     return info.model_uri
 
 
@@ -97,6 +103,33 @@ def merge_licences(existing: str | None, new: str) -> str:
     return "; ".join(sorted(parts))
 
 
+def base_licence(base_model: str) -> str:
+    """The base model's licence, where the project knows it."""
+    b = base_model.strip().lower()
+    if b == "tiny-gptj":
+        return "none: a model initialised by this project (no third-party weights)"
+    if "gpt-j" in b or "gptj" in b:
+        return "Apache-2.0 (EleutherAI's GPT-J 6B)"
+    return "unknown: check the base model's own licence"
+
+
+def license_note(base_model: str, dataset: str) -> str:
+    """LICENSE.txt of a logged model: the licences of its base weights and of its training data
+    (the tuned weights carry both; Dolly v1, tuned on Alpaca, was CC BY-NC 4.0)."""
+    return "\n".join([
+        "Licence information for this fine-tuned model",
+        "",
+        f"Base model: {base_model}",
+        f"  licence: {base_licence(base_model)}",
+        f"Training data: {dataset}",
+        f"  licence: {data_licence(dataset)}",
+        "",
+        "Use of the tuned weights must respect both. Where either says 'unknown', check it with",
+        "whoever provided the base model or the data before using or sharing this model.",
+        "",
+    ])
+
+
 _CARD_METRICS = ("exact_match", "rouge_l", "perplexity", "eval_loss", "stop_rate", "empty_rate")
 
 
@@ -112,15 +145,21 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
         fmt = (lambda v: "n/a" if v is None else f"{v:.4g}")
         rows.append(f"| {m}{' (gate)' if m == primary_metric else ''} | {fmt(b)} | {fmt(t)} |")
     n = metrics.get("eval_records")
+    random_base = base_model.strip().lower() == "tiny-gptj"
     return "\n".join([
-        f"# {name} v{version}",
+        f"# Model card: {name}, version {version} (fine-tuned from {base_model})",
         "",
-        f"Instruction-following model fine-tuned from **{base_model}** in Dolly v1's prompt format "
-        "(Alpaca-style instruction template, stops at `### End`). The pyfunc takes instructions "
-        "(a string, a list, or a DataFrame whose first column holds them) and returns only the "
-        "responses; generation params default to Dolly's (do_sample, top_p 0.92, top_k 0, "
+        f"Instruction-following model fine-tuned from **{base_model}** with this project's "
+        "pipeline, in the prompt format of Databricks' Dolly v1 (Alpaca-style instruction "
+        "template, stops at `### End`). It is not Databricks' Dolly model. The pyfunc takes "
+        "instructions (a string, a list, or a DataFrame) and returns only the responses; "
+        "generation params default to Dolly's (do_sample, top_p 0.92, top_k 0, "
         "max_new_tokens 256).",
         "",
+        *(["**The base is a randomly initialised tiny GPT-J** (the offline default): the base "
+           "column shows an untrained model, so the comparison only shows that training "
+           "happened, not that instruction tuning improved a pretrained model.", ""]
+          if random_base else []),
         f"- Base model: {base_model}",
         f"- Training data: {dataset} (data hash {data_hash[:12] or 'unknown'})",
         f"- Licence: {licence}",
@@ -146,6 +185,7 @@ class GateResult:
     promoted: bool
     reason: str
     champion_version: str | None  # the alias's version after the decision
+    duplicate: bool = False       # the weights were already `version`: nothing was registered
 
 
 def gate_decision(primary: str, tuned: float | None, base: float | None,
@@ -197,20 +237,26 @@ def _key(version: str, score: float | None) -> tuple[float, int]:
 
 
 def promote(client, name: str, alias: str, version: str, score: float, primary: str,
-            settle_s: float = 0.5, attempts: int = 6) -> tuple[bool, str | None]:
+            settle_s: float = 0.5, attempts: int = 6,
+            rescored: dict[str, float] | None = None) -> tuple[bool, str | None]:
     """Point `alias` at `version`, safely against a concurrent register of the same model.
 
     The registry has no compare-and-set, so: read the alias, give way to a better holder, else
     set it, wait a moment and read it back twice. Both sides of a race use the same total order,
     (score, version number), so they agree on one champion: the loser stops, the winner sets the
-    alias again if a worse version overwrote it. Returns (holds the alias, the alias's version).
+    alias again if a worse version overwrote it. `rescored`: versions whose score was measured
+    again on this candidate's evaluation set (used instead of their tags). Returns (holds the
+    alias, the alias's version).
     """
     from mlflow.exceptions import MlflowException
 
     mine = _key(version, score)
+    rescored = rescored or {}
     current = None
     for _ in range(attempts):
         current = champion(client, name, alias, primary)
+        if current is not None and current[0] in rescored:
+            current = (current[0], rescored[current[0]])
         if current is not None and current[0] != version and _key(*current) > mine:
             return False, current[0]
         if current is None or current[0] != version:
@@ -233,44 +279,131 @@ def promote(client, name: str, alias: str, version: str, score: float, primary: 
     return False, current[0] if current else None
 
 
+def same_weights(client, name: str, model_uri: str) -> tuple[str | None, str | None]:
+    """(weights digest of the logged model at `model_uri` or None, the lowest version of `name`
+    that already holds those weights or None)."""
+    from mlflow.exceptions import MlflowException
+
+    model_id = logged_model_id(model_uri)
+    if not model_id:
+        return None, None
+    try:
+        digest = client.get_logged_model(model_id).tags.get(WEIGHTS_TAG)
+    except MlflowException:
+        return None, None
+    if not digest:
+        return None, None
+    try:
+        found = client.search_model_versions(
+            f"name = '{name}' and tags.{WEIGHTS_TAG} = '{digest}'")
+    except MlflowException:
+        return digest, None
+    versions = sorted(int(v.version) for v in found)
+    return digest, (str(versions[0]) if versions else None)
+
+
+def _champion_eval_set(client, name: str, version: str) -> str:
+    return (client.get_model_version(name, version).tags or {}).get(EVAL_SET_TAG, "")
+
+
 def register(model_uri: str, cfg: Config, *, eval_metrics: dict[str, float], eval_run: str,
-             data_hash: str, train_run: str | None, base_model: str, dataset: str) -> GateResult:
-    """Register `model_uri` (no copy) as a new version of cfg.model_name and apply the gate."""
+             data_hash: str, train_run: str | None, base_model: str, dataset: str,
+             eval_set: str = "",
+             score_champion: Callable[[str], float | None] | None = None) -> GateResult:
+    """Register `model_uri` (no copy) as a new version of cfg.model_name and apply the gate.
+
+    Weights that are already a version (same `weights_sha256`) are not registered again: the
+    result names that version and the alias is left alone. The candidate is compared with the
+    champion only on one evaluation set: when the champion's `eval_set` differs from
+    `eval_set`, `score_champion(version)` re-scores it on the candidate's set (None: it could
+    not, and the alias does not move). The version carries at most 8 tags."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
-    primary = cfg.primary_metric
+    name, primary = cfg.model_name, cfg.primary_metric
+    digest, existing = same_weights(client, name, model_uri)
+    if existing:
+        current = champion(client, name, cfg.champion_alias, primary)
+        return GateResult(name, existing, False,
+                          f"identical weights are already v{existing}: not registered again, "
+                          f"@{cfg.champion_alias} left alone", current[0] if current else None,
+                          duplicate=True)
     licence = data_licence(dataset)
-    tags = {f"{k}": f"{v:.6g}" for k, v in eval_metrics.items()
-            if k.startswith(("base/", "tuned/")) or k == "eval_records"}
-    tags.update({"data_hash": data_hash, "train_run_id": train_run or "", "eval_run_id": eval_run,
-                 "base_model": base_model, "dataset": dataset, "license": licence,
-                 "primary_metric": primary, "model_uri": model_uri})
-    mv = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
+    tuned, base = eval_metrics.get(f"tuned/{primary}"), eval_metrics.get(f"base/{primary}")
+    tags = {"data_hash": data_hash, "train_run_id": train_run or "", "eval_run_id": eval_run,
+            EVAL_SET_TAG: eval_set}
+    if digest:
+        tags[WEIGHTS_TAG] = digest
+    if tuned is not None:
+        tags[f"tuned/{primary}"] = f"{tuned:.6g}"
+    mv = mlflow.register_model(model_uri, name, tags=tags)
     version = str(mv.version)
     train_run = train_run or mv.run_id or ""
-    card = model_card(name=cfg.model_name, version=version, base_model=base_model,
+    card = model_card(name=name, version=version, base_model=base_model,
                       dataset=dataset, data_hash=data_hash, licence=licence,
                       metrics=eval_metrics, train_run=train_run, eval_run=eval_run,
                       primary_metric=primary)
-    client.update_model_version(cfg.model_name, version, description=card)
+    client.update_model_version(name, version, description=card)
     try:
-        existing = client.get_registered_model(cfg.model_name).tags.get("license")
+        existing_licence = client.get_registered_model(name).tags.get("license")
     except MlflowException:
-        existing = None
-    client.set_registered_model_tag(cfg.model_name, "license", merge_licences(existing, licence))
+        existing_licence = None
+    client.set_registered_model_tag(name, "license", merge_licences(existing_licence, licence))
+    client.update_registered_model(name, description=registered_model_description(name, cfg))
 
-    tuned, base = eval_metrics.get(f"tuned/{primary}"), eval_metrics.get(f"base/{primary}")
-    current = champion(client, cfg.model_name, cfg.champion_alias, primary)
+    current = champion(client, name, cfg.champion_alias, primary)
+    note, remeasured = "", {}
+    if current is not None and current[0] != version and tuned is not None:
+        theirs = _champion_eval_set(client, name, current[0])
+        if not eval_set or theirs != eval_set:
+            score = score_champion(current[0]) if score_champion else None
+            if score is None:
+                reason = (f"champion v{current[0]} was evaluated on another set "
+                          f"({theirs or 'unknown'}, this one {eval_set or 'unknown'}) and could "
+                          f"not be re-evaluated on this one: not compared, alias not moved")
+                return _finish(client, GateResult(name, version, False, reason, current[0]))
+            note = (f" (champion v{current[0]} re-evaluated on this set: {primary} "
+                    f"{score:.4g}, was {current[1] if current[1] is None else f'{current[1]:.4g}'}"
+                    f" on set {theirs or 'unknown'})")
+            remeasured[current[0]] = score
+            current = (current[0], score)
     ok, reason = gate_decision(primary, tuned, base, current)
+    reason += note
     holder = current[0] if current else None
     if ok:
-        promoted, holder = promote(client, cfg.model_name, cfg.champion_alias, version,
-                                   float(tuned), primary)
+        promoted, holder = promote(client, name, cfg.champion_alias, version, float(tuned),
+                                   primary, rescored=remeasured)
         if not promoted:
             ok, reason = False, (f"a concurrent register made v{holder} {cfg.champion_alias} "
                                  f"(not worse on {primary}); " + reason)
-    client.set_model_version_tag(cfg.model_name, version, "promoted", str(ok).lower())
-    client.set_model_version_tag(cfg.model_name, version, "gate_reason", reason[:5000])
-    return GateResult(cfg.model_name, version, ok, reason, holder)
+    return _finish(client, GateResult(name, version, ok, reason, holder))
+
+
+def _finish(client, result: GateResult) -> GateResult:
+    client.set_model_version_tag(result.name, result.version, "promoted",
+                                 str(result.promoted).lower())
+    client.set_model_version_tag(result.name, result.version, "gate_reason", result.reason[:5000])
+    return result
+
+
+def registered_model_description(name: str, cfg: Config) -> str:
+    """What the registered model is and how to call it (the registry's model page)."""
+    return "\n".join([
+        f"# {name}: an instruction-following model fine-tuned with the dolly pipeline",
+        "",
+        "Each version is a causal language model fine-tuned on instruction records in the prompt "
+        "format of Databricks' Dolly v1 (this project reproduces that recipe; it is not "
+        "Databricks' model). Its version description is a model card with the evaluation of "
+        f"that version against its base model; `@{cfg.champion_alias}` is the version that "
+        "passed the promotion gate.",
+        "",
+        "```python",
+        "import mlflow, pandas as pd",
+        f"model = mlflow.pyfunc.load_model('models:/{name}@{cfg.champion_alias}')",
+        "model.predict(pd.DataFrame({'instruction': ['Name a primary color.']}))",
+        "```",
+        "",
+        f"Served: `mlflow models serve -m models:/{name}@{cfg.champion_alias} --env-manager local "
+        "-h 127.0.0.1 -p 5001`, then POST `{\"inputs\": [\"...\"]}` to /invocations.",
+    ])

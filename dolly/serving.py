@@ -30,11 +30,14 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 # --- saving: the transformers flavor, with this module as the pyfunc loader ---------------------
 
-def save_model(path, mlflow_model=None, serving_limits: dict[str, int] | None = None, **kwargs):
+def save_model(path, mlflow_model=None, serving_limits: dict[str, int] | None = None,
+               license_text: str | None = None, **kwargs):
     """`mlflow.transformers.save_model`, then point the pyfunc flavor at this module.
 
     Used as the `flavor` of `mlflow.models.Model.log`. The dolly package goes with the model
-    (code_paths), so the loader imports wherever the model is served.
+    (code_paths), so the loader imports wherever the model is served. `license_text` replaces
+    the LICENSE.txt MLflow writes for a model folder (a link to a Hub page named after the
+    folder, which does not exist).
     """
     import mlflow
     from mlflow.models import Model
@@ -48,6 +51,8 @@ def save_model(path, mlflow_model=None, serving_limits: dict[str, int] | None = 
     mlflow_model.metadata = {**(mlflow_model.metadata or {}),
                              METADATA_KEY: dict(serving_limits or {})}
     mlflow_model.save(os.path.join(path, "MLmodel"))
+    if license_text is not None:
+        Path(path, "LICENSE.txt").write_text(license_text, encoding="utf-8")
 
 
 def _load_pyfunc(path, model_config: dict[str, Any] | None = None):

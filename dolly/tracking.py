@@ -62,3 +62,20 @@ def dataset_source(cfg: Config):
     if p.exists():
         return HTTPDatasetSource(p.resolve().as_uri())  # a file:// URL: no resolver needed
     return HuggingFaceDatasetSource(path=ds, split=cfg.dataset_split)
+
+
+def log_split(cfg: Config, df, split: str, data_hash: str, context: str | None = None) -> str:
+    """Log one prepared split (a DataFrame of prepared records) as a dataset input of the active
+    run, named `<dataset>-<split>`; its digest is the split's own (data hash + its records), so
+    the train and test splits differ. `context` defaults to the split's name. Returns the
+    mlflow Dataset (to link metrics to it)."""
+    import mlflow
+
+    from dolly.compare import eval_set_digest
+
+    digest = eval_set_digest(data_hash, df)[:8]
+    cols = [c for c in ("instruction", "input", "response", "text", "length") if c in df.columns]
+    ds = mlflow.data.from_pandas(df[cols], source=dataset_source(cfg),
+                                 name=f"{cfg.dataset}-{split}", digest=digest)
+    mlflow.log_input(ds, context=context or split)
+    return ds

@@ -18,12 +18,8 @@ def main(argv: list[str]) -> None:
             mlflow.log_metric(f"tokens_{k}", float(v))
         mlflow.set_tag("data_hash", result.data_hash)
         mlflow.log_artifacts(str(result.out_dir), "prepared")
-        source = tracking.dataset_source(cfg)
         for split, df in (("train", result.train), ("test", result.test)):
-            ds = mlflow.data.from_pandas(
-                df[["instruction", "input", "response", "text", "length"]],
-                source=source, name=f"{cfg.dataset}-{split}", digest=result.data_hash[:8])
-            mlflow.log_input(ds, context=split)
+            tracking.log_split(cfg, df, split, result.data_hash)
         c = result.counts
         print(f"data_prep: read {c['records_read']}, kept {c['records_kept']} "
               f"(train {c['records_train']}, test {c['records_test']}), rejected "

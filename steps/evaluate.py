@@ -13,7 +13,7 @@ import time
 import mlflow
 import pandas as pd
 
-from dolly import cli, data, evaluation, modeling, tracking
+from dolly import cli, compare, data, evaluation, modeling, tracking
 from dolly.errors import DollyError
 from dolly.tokenizer import load_tokenizer
 
@@ -40,9 +40,17 @@ def _free(model) -> None:
         pass
 
 
+def comparison(metrics: dict[str, float]) -> pd.DataFrame:
+    """One row per metric with the base and tuned values side by side (the MLflow UI shows a
+    logged table as a table; base/ and tuned/ metrics land in separate chart sections)."""
+    names = [k[len("tuned/"):] for k in metrics if k.startswith("tuned/")]
+    rows = [{"metric": n, "base": metrics.get(f"base/{n}"), "tuned": metrics[f"tuned/{n}"]}
+            for n in names]
+    return pd.DataFrame(rows, columns=["metric", "base", "tuned"])
+
+
 def main(argv: list[str]) -> None:
     cfg, inp = cli.parse(argv, {"model_uri": None, "prepared": None})
-    from transformers import AutoModelForCausalLM
 
     with mlflow.start_run():
         tracking.log_config(cfg)
@@ -52,14 +60,17 @@ def main(argv: list[str]) -> None:
         if len(test) == 0:
             raise DollyError(f"{inp['prepared']}: the test split is empty")
         model_local = tracking.local_path(inp["model_uri"], "model")
-        weights, tok_dir = evaluation.model_folder(model_local)
+        evaluation.model_folder(model_local)  # not a transformers model: fail before the base
         train_run = evaluation.logged_run_id(model_local)
         train_params, train_tags = _train_params(train_run)
         base_cfg, changed = evaluation.base_config(cfg, train_params)
         if changed:
             print(f"evaluate: base model settings from train run {train_run}: {changed}", flush=True)
         data_hash = summary.get("data_hash", "")
+        eval_set = compare.eval_set_digest(data_hash, test)
+        test_ds = tracking.log_split(cfg, test, "test", data_hash, context="evaluation")
         mlflow.set_tags({"data_hash": data_hash, "model_uri": inp["model_uri"],
+                         compare.EVAL_SET_TAG: eval_set,
                          "prepared": inp["prepared"], "train_run_id": train_run or "",
                          "base_model": base_cfg.base_model, "eval_records": str(len(test))})
         if train_tags.get("data_hash") and train_tags["data_hash"] != data_hash:
@@ -79,17 +90,11 @@ def main(argv: list[str]) -> None:
         print(f"evaluate: base done in {time.perf_counter() - t0:.1f}s", flush=True)
 
         t0 = time.perf_counter()
-        tuned_tok = load_tokenizer(str(tok_dir))
+        tuned, tuned_tok, _ = compare.load_saved_model(inp["model_uri"], cfg, dev, dtype,
+                                                         model_local)
         if tuned_tok.get_vocab() != base_tok.get_vocab():
             raise DollyError(f"the model's tokenizer differs from {inp['prepared']}/tokenizer: "
                              "evaluate a model on the prepared data it was trained on")
-        try:
-            tuned = AutoModelForCausalLM.from_pretrained(
-                str(weights), dtype=dtype, use_safetensors=True,
-                trust_remote_code=cfg.trust_remote_code).to(dev)
-        except OSError as e:
-            raise DollyError(f"cannot load the model of '{inp['model_uri']}': "
-                             f"{str(e).splitlines()[0]}") from None
         results["tuned"] = evaluation.evaluate_model(tuned, tuned_tok, test, **kw)
         tuned_cats = evaluation.category_metrics(test, results["tuned"].examples)
         base_cats = evaluation.category_metrics(test, results["base"].examples)
@@ -103,6 +108,11 @@ def main(argv: list[str]) -> None:
         metrics.update({f"base/{k}": v for k, v in base_cats.items()})
         metrics["eval_records"] = float(len(test))
         mlflow.log_metrics(metrics)
+        model_id = compare.logged_model_id(inp["model_uri"])
+        if model_id:  # MLflow 3 shows a logged model's metrics on its page and in Models tables
+            mlflow.log_metrics({k: float(v) for k, v in results["tuned"].metrics.items()},
+                               model_id=model_id, dataset=test_ds)
+        mlflow.log_table(data=comparison(metrics), artifact_file="base_vs_tuned.json")
 
         b, t = results["base"].examples, results["tuned"].examples
         table = pd.DataFrame({

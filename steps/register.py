@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from dolly import cli, registry, tracking
+from dolly import cli, compare, registry, tracking
 from dolly.errors import DollyError
 
 
@@ -40,12 +40,27 @@ def main(argv: list[str]) -> None:
     dataset = train_params.get("dataset", cfg.dataset)
     base_model = ev.data.tags.get("base_model") or train_params.get("base_model", cfg.base_model)
 
+    def score_champion(version: str) -> float | None:
+        """The champion's primary metric on this candidate's evaluation set (None: cannot)."""
+        try:
+            test = compare.evaluation_set(ev, cfg)
+        except DollyError as e:
+            print(f"register: cannot rebuild the evaluation set of run {ev.info.run_id}: {e}",
+                  flush=True)
+            return None
+        print(f"register: champion v{version} was evaluated on another set: evaluating it on "
+              f"this one ({len(test)} records)", flush=True)
+        metrics = compare.evaluate_on(f"models:/{cfg.model_name}/{version}", test, cfg,
+                                      ev.data.tags.get("prepared", ""))
+        return None if metrics is None else metrics.get(cfg.primary_metric)
+
     with mlflow.start_run():
         tracking.log_config(cfg)
         result = registry.register(
             inp["model_uri"], cfg, eval_metrics=dict(ev.data.metrics), eval_run=inp["eval_run"],
             data_hash=ev.data.tags.get("data_hash", ""), train_run=train_run,
-            base_model=base_model, dataset=dataset)
+            base_model=base_model, dataset=dataset,
+            eval_set=ev.data.tags.get(compare.EVAL_SET_TAG, ""), score_champion=score_champion)
         mlflow.set_tags({"registered_model": result.name,
                          "registered_version": result.version,
                          "promoted": str(result.promoted).lower(),
@@ -53,11 +68,17 @@ def main(argv: list[str]) -> None:
                          "champion_version": result.champion_version or "",
                          "model_uri": inp["model_uri"], "eval_run": inp["eval_run"]})
         mlflow.log_metrics({"registered_version": float(result.version),
-                            "promoted": float(result.promoted)})
+                            "promoted": float(result.promoted),
+                            "duplicate_weights": float(result.duplicate)})
         verdict = (f"promoted to @{cfg.champion_alias}" if result.promoted
                    else f"not promoted (@{cfg.champion_alias} stays "
                         f"{'v' + result.champion_version if result.champion_version else 'unset'})")
-        print(f"register: {result.name} v{result.version} {verdict}: {result.reason}", flush=True)
+        if result.duplicate:
+            print(f"register: {result.name} v{result.version} already holds these weights: "
+                  f"{result.reason}", flush=True)
+        else:
+            print(f"register: {result.name} v{result.version} {verdict}: {result.reason}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -108,15 +108,19 @@ class TinyModel:
         return mlflow.MlflowClient(self.tracking_uri)
 
     def fake_eval_run(self, tuned: float, base: float, metric: str = "exact_match",
-                      model_uri: str | None = None) -> str:
-        """A FINISHED evaluate-like run with the given primary metric (to drive the gate)."""
+                      model_uri: str | None = None, eval_set: str = "fixture-set",
+                      eval_limit: int = 0) -> str:
+        """A FINISHED evaluate-like run with the given primary metric (to drive the gate), as if
+        it evaluated `model_uri` on evaluation set `eval_set` (the first `eval_limit` records of
+        the fixture's prepared test split)."""
         client = self.client()
         exp = client.get_experiment_by_name(self.experiment).experiment_id
         run = client.create_run(exp, tags={
             "mlflow.project.entryPoint": "evaluate", "model_uri": model_uri or self.model_uri,
             "train_run_id": self.train_run, "data_hash": self.data_hash,
-            "base_model": "tiny-gptj"})
+            "base_model": "tiny-gptj", "prepared": str(self.prepared), "eval_set": eval_set})
         rid = run.info.run_id
+        client.log_param(rid, "eval_limit", str(eval_limit))
         for k, v in {f"tuned/{metric}": tuned, f"base/{metric}": base, "eval_records": 20}.items():
             client.log_metric(rid, k, v)
         client.set_terminated(rid, "FINISHED")
@@ -158,6 +162,34 @@ def tiny_model(tmp_path_factory) -> TinyModel:
                              "mlflow.project.entryPoint": "train"})
     return TinyModel(root, uri, E2E_EXPERIMENT, root / "prepared", model_uri,
                      run.info.run_id, prepared.data_hash)
+
+
+@pytest.fixture(scope="session")
+def other_model(tiny_model) -> str:
+    """A second logged model on tiny_model's data and tokenizer with other weights (seed 7):
+    what a retrain gives. Returns its model URI."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from dolly import registry
+    from dolly.config import load_config
+    from dolly.modeling import build_tiny
+    from dolly.tokenizer import add_dolly_tokens, special_ids
+
+    cfg = load_config(None, {**TINY_OVERRIDES, "seed": 7})
+    tok = add_dolly_tokens(AutoTokenizer.from_pretrained(tiny_model.prepared / "tokenizer",
+                                                         padding_side="left"))
+    model = build_tiny(cfg, tok)
+    model.generation_config.eos_token_id = special_ids(tok)[1]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    final = tiny_model.root / "final_seed7"
+    model.save_pretrained(final)
+    tok.save_pretrained(final)
+    client = tiny_model.client()
+    exp = client.get_experiment_by_name(tiny_model.experiment).experiment_id
+    with tracking_to(tiny_model.tracking_uri), mlflow.start_run(experiment_id=exp,
+                                                                run_name="train (seed 7)"):
+        return registry.log_model(final, cfg)
 
 
 @pytest.fixture(scope="session")

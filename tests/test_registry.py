@@ -45,9 +45,25 @@ def test_model_card():
         primary_metric="exact_match",
         metrics={"base/exact_match": 0.01, "tuned/exact_match": 0.6, "base/rouge_l": 0.1,
                  "tuned/rouge_l": 0.7, "eval_records": 200})
-    for text in ("# dolly v4", "EleutherAI/gpt-j-6b", "tatsu-lab/alpaca", "CC BY-NC 4.0",
+    assert card.splitlines()[0] == "# Model card: dolly, version 4 (fine-tuned from EleutherAI/gpt-j-6b)"
+    assert "not Databricks' Dolly model" in card and "randomly initialised" not in card
+    for text in ("EleutherAI/gpt-j-6b", "tatsu-lab/alpaca", "CC BY-NC 4.0",
                  "abcdef012345", "| exact_match (gate) | 0.01 | 0.6 |", "200 records", "t1", "e1"):
         assert text in card
+
+
+def test_model_card_says_when_the_base_is_random():
+    card = registry.model_card(
+        name="dolly", version="1", base_model="tiny-gptj", dataset="builtin", data_hash="ab",
+        licence=registry.PROJECT_DATA, train_run="t", eval_run="e", primary_metric="exact_match",
+        metrics={"base/exact_match": 0.0, "tuned/exact_match": 0.6})
+    assert "**The base is a randomly initialised tiny GPT-J**" in card
+
+
+def test_license_note_names_both_licences_and_no_link():
+    note = registry.license_note("EleutherAI/gpt-j-6b", "tatsu-lab/alpaca")
+    assert "Apache-2.0 (EleutherAI's GPT-J 6B)" in note and "CC BY-NC 4.0" in note
+    assert "http" not in registry.license_note("outputs/train/final", "my.jsonl")
 
 
 @pytest.fixture(scope="module")

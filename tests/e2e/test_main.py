@@ -49,7 +49,7 @@ def test_evaluate_entry_point(tiny_model):
 
 
 @pytest.mark.timeout(420)
-def test_register_entry_point_and_gate(tiny_model):
+def test_register_entry_point_and_gate(tiny_model, other_model):
     name = "dolly_gate"
     good = tiny_model.fake_eval_run(tuned=0.8, base=0.0)
     proc = tiny_model.mlflow_run("register", {"model_uri": tiny_model.model_uri,
@@ -63,7 +63,7 @@ def test_register_entry_point_and_gate(tiny_model):
     assert mv.tags["promoted"] == "true" and mv.tags["tuned/exact_match"] == "0.8"
     assert mv.tags["data_hash"] == tiny_model.data_hash
     assert mv.tags["train_run_id"] == tiny_model.train_run and mv.tags["eval_run_id"] == good
-    assert "# dolly_gate v" in mv.description and "tiny-gptj" in mv.description
+    assert mv.description.startswith("# Model card: dolly_gate, version 1 (fine-tuned from tiny-gptj)")
     lic = client.get_registered_model(name).tags["license"]
     assert "project-generated" in lic
     reg_run = _runs(tiny_model, "register")[0]
@@ -71,8 +71,8 @@ def test_register_entry_point_and_gate(tiny_model):
     assert reg_run.data.tags["promoted"] == "true"
 
     # A worse model (beats its base, but below the champion) is registered, not promoted.
-    worse = tiny_model.fake_eval_run(tuned=0.5, base=0.0)
-    proc = tiny_model.mlflow_run("register", {"model_uri": tiny_model.model_uri,
+    worse = tiny_model.fake_eval_run(tuned=0.5, base=0.0, model_uri=other_model)
+    proc = tiny_model.mlflow_run("register", {"model_uri": other_model,
                                               "eval_run": worse, "model_name": name})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(client.get_model_version_by_alias(name, "champion").version) == first
@@ -211,7 +211,17 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     for step in ("data_prep", "train"):
         assert f"main: {step}: reusing finished run {children[step].info.run_id}" in fixed.stdout
     assert "main: evaluate: starting" in fixed.stdout
-    assert len(client.search_model_versions("name='dolly'")) == 2
+    # Issue 12's case: the same weights, evaluated on fewer records, are not a new version and
+    # do not move the alias; the register run says which version they already are.
+    assert len(client.search_model_versions("name='dolly'")) == 1
+    assert str(client.get_model_version_by_alias("dolly", "champion").version) == "1"
+    last = client.search_runs([parent.info.experiment_id],
+                              "tags.`mlflow.project.entryPoint` = 'register'",
+                              order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert last.data.tags["registered_version"] == "1" and last.data.tags["promoted"] == "false"
+    assert last.data.tags["gate_reason"] == ("identical weights are already v1: not registered "
+                                             "again, @champion left alone")
+    assert "register: dolly v1 already holds these weights" in fixed.stdout
 
 
 FAKE_TOKEN = "hf_FakeTokenForTheSecretScan0123456789"
