@@ -206,6 +206,9 @@ class Config:
     )
 
     # --- registry and scoring ---------------------------------------------------------------
+    experiment_name: str = _f(
+        "dolly", "MLflow experiment of `main`'s runs when none is chosen (MLFLOW_EXPERIMENT_NAME, "
+        "MLFLOW_EXPERIMENT_ID or --experiment-name win).", steps=())
     model_name: str = _f("dolly", "Registered model name.", steps=REGISTER+SCORE)
     champion_alias: str = _f("champion", "Alias that points at the best version.",
         steps=REGISTER+SCORE)

@@ -79,6 +79,38 @@ def input_fingerprint(cfg: Config) -> str:
     return f"hub:{ds}[{cfg.dataset_split}]"
 
 
+def target_experiment(client, cfg: Config, launched_in: str) -> str | None:
+    """The experiment id `main` should run in when it differs from the one `mlflow run` put its
+    run in: `cfg.experiment_name` (created if needed), unless the user chose one
+    (MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID, or a run outside the Default experiment).
+
+    A new experiment keeps its artifacts beside the Default experiment's (same artifact root),
+    not in the working directory."""
+    import os
+
+    if os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return None
+    if launched_in != "0" or not cfg.experiment_name.strip():
+        return None
+    found = client.get_experiment_by_name(cfg.experiment_name)
+    if found is not None:
+        return None if found.experiment_id == launched_in else found.experiment_id
+    root = client.get_experiment("0").artifact_location.rstrip("/").rsplit("/", 1)[0]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.experiment_name)
+    try:
+        return client.create_experiment(cfg.experiment_name, artifact_location=f"{root}/{safe}")
+    except Exception:  # created meanwhile by a concurrent main
+        found = client.get_experiment_by_name(cfg.experiment_name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def run_name(step: str, cfg: Config) -> str:
+    """A run's name: its step and the model it is about ('train gpt-j-6b', 'main tiny-gptj')."""
+    return f"{step} {cfg.base_model.rstrip('/').rsplit('/', 1)[-1]}"
+
+
 def step_key(name: str, params: dict[str, str], cfg: Config, code: str, fingerprint: str) -> str:
     """sha256 of what a step's result depends on: its inputs (URIs of earlier steps), the code,
     the dataset fingerprint (data_prep only) and the config fields declared as read by it.
@@ -166,7 +198,7 @@ class Pipeline:
             try:
                 submitted = mlflow.projects.run(uri=str(ROOT), entry_point=name, parameters=params,
                                                 env_manager="local", experiment_id=exp,
-                                                synchronous=True, run_name=name)
+                                                synchronous=True, run_name=run_name(name, self.cfg))
             except ExecutionException:
                 rid = _failed_run(self.client, exp, self.parent.info.run_id, name)
                 mlflow.set_tags({"failed_step": name, "failed_run": rid})
@@ -191,6 +223,15 @@ class Pipeline:
         ev = self.step("evaluate", model_uri=model_uri, prepared=prepared)
         self.step("register", model_uri=model_uri, eval_run=ev.info.run_id)
         return model_uri
+
+
+def description(lines: list[str], runs: dict[str, Any], reused: dict[str, bool]) -> str:
+    """The parent run's description (Markdown): the summary, and a link to every step's run,
+    reused ones included (links relative to the MLflow UI's page)."""
+    links = [f"- {n}: [{runs[n].info.run_name or runs[n].info.run_id}]"
+             f"(#/experiments/{runs[n].info.experiment_id}/runs/{runs[n].info.run_id})"
+             f"{' (reused)' if reused[n] else ''}" for n in STEPS if n in runs]
+    return "\n".join(["```", *lines, "```", "", "Step runs:", *links])
 
 
 def summary(cfg: Config, runs: dict[str, Any], reused: dict[str, bool],

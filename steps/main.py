@@ -20,21 +20,46 @@ def main(argv: list[str]) -> None:
     reuse = parse_bool(args.inputs["reuse"], "reuse")
     code = pipeline.code_version()
     fingerprint = pipeline.input_fingerprint(cfg)
-    with mlflow.start_run() as parent:
-        tracking.log_config(cfg)
-        mlflow.set_tags({pipeline.CODE_TAG: code, "dolly.input_fingerprint": fingerprint})
-        if code == "unknown":
-            print("main: no git checkout: steps are not reused", flush=True)
-            reuse = False
-        run = pipeline.Pipeline(mlflow.MlflowClient(), parent, cfg,
-                                {"config": args.profile, **args.overrides}, code, fingerprint,
-                                reuse)
-        model_uri = run.run_all()
-        metrics, tags, lines = pipeline.summary(cfg, run.runs, run.reused, model_uri)
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags(tags)
-        print("\n".join(lines), flush=True)
+    client = mlflow.MlflowClient()
+    with mlflow.start_run() as launched:
+        target = pipeline.target_experiment(client, cfg, launched.info.experiment_id)
+        if target is None:
+            run_pipeline(client, args, reuse, code, fingerprint)
+            return
+        # `mlflow run` put this run in the Default experiment before any code of ours ran, and
+        # MLflow cannot move runs: the pipeline runs in cfg.experiment_name; this run points there.
+        mlflow.set_tags({"dolly.pipeline_experiment": cfg.experiment_name})
+    with mlflow.start_run(experiment_id=target, run_name=pipeline.run_name("main", cfg),
+                          tags={"mlflow.project.entryPoint": "main",
+                                "dolly.launched_by": launched.info.run_id}) as parent:
+        note = (f"This launch ran the pipeline as run {parent.info.run_id} in experiment "
+                f"'{cfg.experiment_name}' ([open it](#/experiments/{target}/runs/"
+                f"{parent.info.run_id})).")
+        client.set_tag(launched.info.run_id, "mlflow.note.content", note)
+        client.set_tag(launched.info.run_id, "dolly.pipeline_run", parent.info.run_id)
+        print(f"main: runs go to experiment '{cfg.experiment_name}' (id {target}); "
+              f"this launch's run {launched.info.run_id} points there", flush=True)
+        run_pipeline(client, args, reuse, code, fingerprint)
 
+
+def run_pipeline(client, args: cli.Args, reuse: bool, code: str, fingerprint: str) -> None:
+    """The four steps as children of the active run, then the summary (metrics, tags, the
+    run's description, printed)."""
+    cfg = args.cfg
+    parent = mlflow.active_run()
+    tracking.log_config(cfg)
+    mlflow.set_tags({pipeline.CODE_TAG: code, "dolly.input_fingerprint": fingerprint})
+    if code == "unknown":
+        print("main: no git checkout: steps are not reused", flush=True)
+        reuse = False
+    run = pipeline.Pipeline(client, client.get_run(parent.info.run_id), cfg,
+                            {"config": args.profile, **args.overrides}, code, fingerprint, reuse)
+    model_uri = run.run_all()
+    metrics, tags, lines = pipeline.summary(cfg, run.runs, run.reused, model_uri)
+    mlflow.log_metrics(metrics)
+    mlflow.set_tags({**tags, "mlflow.note.content": pipeline.description(lines, run.runs,
+                                                                        run.reused)})
+    print("\n".join(lines), flush=True)
 
 if __name__ == "__main__":
     cli.run(main)

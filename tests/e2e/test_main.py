@@ -145,10 +145,28 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    parent = next(r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "main")
+    # `mlflow run` put its run in Default; the pipeline ran in the `dolly` experiment
+    launcher = next(r for r in runs if r.info.experiment_id == "0")
+    parent = client.get_run(launcher.data.tags["dolly.pipeline_run"])
+    assert client.get_experiment(parent.info.experiment_id).name == "dolly"
+    assert parent.data.tags["dolly.launched_by"] == launcher.info.run_id
+    assert parent.info.run_name == "main tiny-gptj"
+    assert parent.info.run_id in launcher.data.tags["mlflow.note.content"]
     children = {r.data.tags["mlflow.project.entryPoint"]: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"data_prep", "train", "evaluate", "register"}
+    assert {r.info.run_name for r in children.values()} == {
+        "data_prep tiny-gptj", "train tiny-gptj", "evaluate tiny-gptj", "register tiny-gptj"}
+    assert {r.info.experiment_id for r in children.values()} == {parent.info.experiment_id}
+    # lineage: the parent's description is the summary with a link to every child; evaluate
+    # lists its test split as a dataset input, with the split's own digest
+    note = parent.data.tags["mlflow.note.content"]
+    assert "main: summary" in note and "(base -> tuned)" in note
+    for r in children.values():
+        assert f"runs/{r.info.run_id})" in note
+    inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset
+              for r in (children["data_prep"], children["evaluate"]) for i in r.inputs.dataset_inputs}
+    assert inputs["evaluation"].digest == inputs["test"].digest != inputs["train"].digest
     assert all(r.info.status == "FINISHED" for r in children.values())
     # only URIs pass between steps
     prepared = f"runs:/{children['data_prep'].info.run_id}/prepared"
@@ -181,6 +199,8 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     for step in ("data_prep", "train", "evaluate", "register"):
         assert f"main: {step}: reusing finished run {children[step].info.run_id}" in again.stdout
     assert parents[0].data.tags["steps_reused"] == "data_prep,train,evaluate,register"
+    for r in children.values():  # the rerun's parent links the runs it reused
+        assert f"runs/{r.info.run_id}) (reused)" in parents[0].data.tags["mlflow.note.content"]
     assert len(client.search_model_versions("name='dolly'")) == 1
 
     # A token in the environment is never logged: not in the store (params, tags, model
@@ -282,6 +302,8 @@ def test_failing_step_fails_main_with_one_line(tracking_uri, tmp_path):
     assert errors and "step 'data_prep' failed" in errors[-1]
     client = mlflow.MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    parent = next(r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "main")
+    parent = next(r for r in runs if "dolly.launched_by" in r.data.tags)
     assert parent.info.status == "FAILED" and parent.data.tags["failed_step"] == "data_prep"
+    launcher = client.get_run(parent.data.tags["dolly.launched_by"])
+    assert launcher.info.status == "FAILED" and launcher.info.experiment_id == "0"
     assert {r.data.tags.get("mlflow.project.entryPoint") for r in runs} == {"main", "data_prep"}
