@@ -296,7 +296,7 @@ class Config:
         the texts back to equal values (floats use repr, which round-trips exactly).
         """
         old = changed_from.to_dict() if changed_from is not None else None
-        return {k: _to_text(v) for k, v in self.to_dict().items()
+        return {k: to_text(v) for k, v in self.to_dict().items()
                 if old is None or v != old[k]}
 
     @classmethod
@@ -335,12 +335,14 @@ def fields_where(*, step: str | None = None, checkpoint: bool | None = None,
                  and (base is None or f.metadata["base"] == base))
 
 
-def _kind(name: str) -> str:
+def field_type(name: str) -> str:
+    """The field's type as a name: 'str', 'int', 'float' or 'bool'."""
     kind = FIELDS[name].type
     return kind if isinstance(kind, str) else kind.__name__
 
 
-def _to_text(value: Any) -> str:
+def to_text(value: Any) -> str:
+    """A field value as the text `parse_value` reads back to an equal value."""
     return repr(value) if isinstance(value, float) else str(value)
 
 
@@ -374,7 +376,7 @@ def parse_value(name: str, value: Any) -> Any:
     one-line ConfigError."""
     if name not in FIELDS:
         raise unknown_key(name)
-    kind = _kind(name)
+    kind = field_type(name)
     if kind == "bool":
         return parse_bool(value, name)
     try:
@@ -412,34 +414,6 @@ def read_profile(profile: str | Path | None = None) -> dict[str, Any]:
     values = {str(k): parse_value(str(k), v) for k, v in loaded.items()}
     values.setdefault("profile", profile.stem)
     return values
-
-
-def describe() -> list[dict[str, str]]:
-    """One row per field, in declaration order: key, type, default, choices, the steps that
-    read it, whether it shapes a checkpoint, and its help text."""
-    rows = []
-    for name, f in FIELDS.items():
-        m = f.metadata
-        rows.append({"key": name, "type": _kind(name), "default": _to_text(f.default),
-                     "choices": ", ".join(m.get("choices", ())),
-                     "steps": ", ".join(m["steps"]) or "-",
-                     "checkpoint": "yes" if m["checkpoint"] else "", "help": m["help"]})
-    return rows
-
-
-def markdown_table() -> str:
-    """The README's table of config keys (tests keep the README equal to this)."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| key | type | default | read by | meaning |", "|---|---|---|---|---|"]
-    for r in describe():
-        choices = f" One of: {r['choices']}." if r["choices"] else ""
-        shapes = " Part of the checkpoint fingerprint." if r["checkpoint"] else ""
-        default = f"`{r['default']}`" if r["default"] != "" else "''"
-        lines.append(f"| `{r['key']}` | {r['type']} | {cell(default)} | {r['steps']} | "
-                     f"{cell(r['help'] + choices + shapes)} |")
-    return "\n".join(lines)
 
 
 def load_config(profile: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:

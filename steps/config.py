@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 
 from dolly import cli
-from dolly.config import describe, markdown_table
+from dolly.config_docs import describe, markdown_table
 from dolly.errors import ConfigError
 
 

@@ -157,7 +157,8 @@ def test_parse_args_keeps_profile_and_raw_overrides():
 
 def test_readme_lists_every_key():
     """README's table is generated from Config (python -m steps.config --format markdown)."""
-    from dolly.config import FIELDS, markdown_table
+    from dolly.config import FIELDS
+    from dolly.config_docs import markdown_table
 
     readme = (ROOT / "README.md").read_text()
     start, end = "<!-- config-table:start -->\n", "\n<!-- config-table:end -->"

@@ -1,0 +1,32 @@
+"""The config keys as documentation: `mlflow run . -e config` and the README's table."""
+from __future__ import annotations
+
+from dolly.config import FIELDS, field_type, to_text
+
+
+def describe() -> list[dict[str, str]]:
+    """One row per field, in declaration order: key, type, default, choices, the steps that
+    read it, whether it shapes a checkpoint, and its help text."""
+    rows = []
+    for name, f in FIELDS.items():
+        m = f.metadata
+        rows.append({"key": name, "type": field_type(name), "default": to_text(f.default),
+                     "choices": ", ".join(m.get("choices", ())),
+                     "steps": ", ".join(m["steps"]) or "-",
+                     "checkpoint": "yes" if m["checkpoint"] else "", "help": m["help"]})
+    return rows
+
+
+def markdown_table() -> str:
+    """The README's table of config keys (tests keep the README equal to this)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| key | type | default | read by | meaning |", "|---|---|---|---|---|"]
+    for r in describe():
+        choices = f" One of: {r['choices']}." if r["choices"] else ""
+        shapes = " Part of the checkpoint fingerprint." if r["checkpoint"] else ""
+        default = f"`{r['default']}`" if r["default"] != "" else "''"
+        lines.append(f"| `{r['key']}` | {r['type']} | {cell(default)} | {r['steps']} | "
+                     f"{cell(r['help'] + choices + shapes)} |")
+    return "\n".join(lines)
