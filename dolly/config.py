@@ -207,8 +207,9 @@ class Config:
 
     # --- registry and scoring ---------------------------------------------------------------
     experiment_name: str = _f(
-        "dolly", "MLflow experiment of `main`'s runs when none is chosen (MLFLOW_EXPERIMENT_NAME, "
-        "MLFLOW_EXPERIMENT_ID or --experiment-name win).", steps=())
+        "dolly", "MLflow experiment of `main`'s runs when `mlflow run` put it in the Default "
+        "experiment (MLFLOW_EXPERIMENT_NAME or --experiment-name win; '' = stay in Default).",
+        steps=())
     model_name: str = _f("dolly", "Registered model name.", steps=REGISTER+SCORE)
     champion_alias: str = _f("champion", "Alias that points at the best version.",
         steps=REGISTER+SCORE)

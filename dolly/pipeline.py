@@ -81,14 +81,16 @@ def input_fingerprint(cfg: Config) -> str:
 
 def target_experiment(client, cfg: Config, launched_in: str) -> str | None:
     """The experiment id `main` should run in when it differs from the one `mlflow run` put its
-    run in: `cfg.experiment_name` (created if needed), unless the user chose one
-    (MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID, or a run outside the Default experiment).
+    run in: `cfg.experiment_name` (created if needed) when the run is in the Default experiment
+    and the user chose none (MLFLOW_EXPERIMENT_NAME unset; `mlflow run` sets
+    MLFLOW_EXPERIMENT_ID for every project command, so that one says nothing). An empty
+    experiment_name keeps the run where it is.
 
     A new experiment keeps its artifacts beside the Default experiment's (same artifact root),
     not in the working directory."""
     import os
 
-    if os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+    if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         return None
     if launched_in != "0" or not cfg.experiment_name.strip():
         return None
