@@ -63,6 +63,7 @@ def project_copy(dest: Path) -> Path:
     `dest` and committed there as a repository of its own: a project whose code version
     (steps/main.py's git commit + uncommitted changes) cannot change while a test runs, even
     when someone edits this working tree meanwhile."""
+    dest.mkdir(parents=True, exist_ok=True)
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             cwd=ROOT, capture_output=True, check=True).stdout
     for name in filter(None, listed.decode().split("\0")):
