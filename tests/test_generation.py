@@ -77,9 +77,9 @@ def test_new_tokens_capped_to_context(tok):
     word = tok.convert_tokens_to_ids(tok.tokenize("ba")[0])
     model = force_token(tiny(tok, n_positions=64), word)
     run = generation.generate(model, tok, INSTRUCTIONS[:1], max_new_tokens=256)
-    g = run.generations[0]
-    assert g.prompt_tokens + g.new_tokens <= 64
-    assert g.new_tokens > 0
+    (g,) = run.generations
+    # never stops on its own: it runs until the 64-token context is full, not past it
+    assert g.new_tokens > 0 and g.prompt_tokens + g.new_tokens == 64
 
 
 def test_too_long_prompt_is_shortened_keeping_template_and_end(tok):
