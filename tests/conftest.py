@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -13,6 +15,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 BIN = Path(sys.executable).parent
+
+# Pieces of Dolly's prompt template: none may appear in an answer the served model returns.
+TEMPLATE_BITS = ("Below is an instruction", "### Instruction", "### Response", "### End")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a rendezvous or a server: 29500 or 5000 may be held
+    by another test session on this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:
@@ -28,14 +41,41 @@ def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str,
-               timeout: int = 600, **env_extra: str) -> subprocess.CompletedProcess:
-    """`mlflow run . -e <entry_point> --env-manager local -P k=v ...` from the project root."""
-    cmd = [str(BIN / "mlflow"), "run", str(ROOT), "-e", entry_point, "--env-manager", "local"]
+def mlflow_run_cmd(entry_point: str, params: dict, project: Path = ROOT) -> list[str]:
+    """The command line `mlflow run <project> -e <entry_point> --env-manager local -P k=v ...`."""
+    cmd = [str(BIN / "mlflow"), "run", str(project), "-e", entry_point, "--env-manager", "local"]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
-    return subprocess.run(cmd, cwd=ROOT, env=project_env(tracking_uri, **env_extra),
-                          capture_output=True, text=True, timeout=timeout)
+    return cmd
+
+
+def mlflow_run(entry_point: str, params: dict, tracking_uri: str, timeout: int = 600,
+               project: Path = ROOT, **env_extra: str) -> subprocess.CompletedProcess:
+    """`mlflow run <project> -e <entry_point> --env-manager local -P k=v ...`, run from the
+    project folder (the repository root unless `project` names a copy)."""
+    return subprocess.run(mlflow_run_cmd(entry_point, params, project), cwd=project,
+                          env=project_env(tracking_uri, **env_extra), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def project_copy(dest: Path) -> Path:
+    """The working tree as it is now (tracked and untracked files git does not ignore) copied to
+    `dest` and committed there as a repository of its own: a project whose code version
+    (steps/main.py's git commit + uncommitted changes) cannot change while a test runs, even
+    when someone edits this working tree meanwhile."""
+    dest.mkdir(parents=True, exist_ok=True)
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        src = ROOT / name
+        if src.is_file():  # a tracked file deleted in the working tree is left out
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    git = ["git", "-c", "user.name=dolly-tests", "-c", "user.email=tests@localhost",
+           "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "snapshot for a test"]):
+        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
+    return dest
 
 
 def fresh_store(folder: Path) -> str:
@@ -57,6 +97,25 @@ def tracking_uri(tmp_path) -> str:
 @pytest.fixture
 def alpaca_sample() -> Path:
     return FIXTURES / "alpaca_sample.json"
+
+
+def prepared_run(root: Path, overrides: dict, experiment: str) -> tuple[str, str, Path]:
+    """prepared/ for `overrides` (dolly.data.prepare, as the data_prep step runs it) logged as a
+    data_prep-like run's artifact in a fresh sqlite store under `root`, in a new experiment.
+    Returns (tracking URI, `runs:/<id>/prepared`, the local prepared/ folder)."""
+    import mlflow
+
+    from dolly import data
+    from dolly.config import load_config
+
+    uri = fresh_store(root)
+    local = root / "prepared"
+    data.prepare(load_config(None, overrides), local, progress=False)
+    with tracking_to(uri):
+        exp = mlflow.create_experiment(experiment, artifact_location=str(root / "artifacts"))
+        with mlflow.start_run(experiment_id=exp, run_name="data_prep (fixture)") as run:
+            mlflow.log_artifacts(str(local), "prepared")
+    return uri, f"runs:/{run.info.run_id}/prepared", local
 
 
 # --- evaluate / register / serving / Spark e2e: one tiny logged model per session -------------

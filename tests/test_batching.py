@@ -60,7 +60,12 @@ def test_every_rank_gets_little_padding(lengths):
 
 
 def test_short_last_step_stays_last():
+    # 10 records, steps of 2 x 2: two full steps and one of 2 records. Record i has length i + 1.
     s = LengthGroupedSampler(list(range(1, 11)), batch_size=2, world_size=2, group_batches=1, seed=0)
     order = list(s)
     assert sorted(order) == list(range(10))
-    assert len(order[8:]) == 2  # the 2 leftover records form the tail, not a middle step
+    # The 2 leftover records (the last megabatch of the seed-0 permutation, longest first) form
+    # the tail. Shuffled with the full steps, this seed would put them in the middle
+    # ([7, 6, 4, 2, 8, 1, 9, 5, 3, 0]).
+    assert order[8:] == [8, 1]
+    assert order == [7, 6, 4, 2, 9, 5, 3, 0, 8, 1]

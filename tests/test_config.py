@@ -1,12 +1,17 @@
-from pathlib import Path
-
 import pytest
 
+from conftest import ROOT
 from dolly import cli
 from dolly.config import Config, load_config
 from dolly.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+PROFILES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_profiles_are_all_there():
+    # the parametrized test below would pass with no profile at all
+    assert {"gpt-j-6b-a10", "gpt-j-6b-a100", "gpt-j-6b-h100", "gpt-j-6b-v100",
+            "tiny"} <= {p.stem for p in PROFILES}
 
 
 def test_default_profile_is_the_dataclass_defaults():
@@ -14,7 +19,7 @@ def test_default_profile_is_the_dataclass_defaults():
     assert cfg.to_dict() == {**Config().to_dict(), "profile": "tiny"}
 
 
-@pytest.mark.parametrize("profile", sorted((ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_loads(profile):
     cfg = load_config(profile)
     assert cfg.profile == profile.stem

@@ -80,6 +80,7 @@ def test_every_kept_record_has_its_response_key(tmp_path):
     result = prepare(tmp_path, write_jsonl(tmp_path / "g.jsonl", GOOD))
     tok = build_tokenizer(load_config(None, {"tokenizer": "gpt-j"}))
     resp, end = special_ids(tok)
+    assert (len(result.train), len(result.test)) == (3, 1)
     for df in (result.train, result.test):
         for ids, start, text in zip(df.input_ids, df.response_start, df.text):
             assert list(ids).count(resp) == 1 and ids[start - 1] == resp and ids[-1] == end

@@ -7,10 +7,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import TINY_OVERRIDES, tracking_to
+from conftest import (TEMPLATE_BITS, TINY_OVERRIDES, free_port, mlflow_run, mlflow_run_cmd,
+                      project_copy, project_env, tracking_to)
 from dolly.errors import DollyError
-
-TEMPLATE_BITS = ("Below is an instruction", "### Instruction", "### Response", "### End")
 
 
 def _runs(tiny, entry_point):
@@ -132,16 +131,14 @@ MAIN_PARAMS = {"builtin_records": 200, "max_steps": 10, "eval_limit": 16,
 
 @pytest.mark.timeout(1200)
 def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
-    from conftest import mlflow_run
-
-    import socket
-
-    with socket.socket() as s:  # a free rendezvous port: another training may hold 29500
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    params = {**MAIN_PARAMS, "output_dir": tmp_path / "train", "master_port": port}
-    proc = mlflow_run("main", params, tracking_uri, timeout=1100, HF_TOKEN=FAKE_TOKEN,
-                      HUGGING_FACE_HUB_TOKEN=FAKE_TOKEN)
+    # The project runs from a private committed copy of this working tree: its code version
+    # stays the same for the whole test even if someone edits the working tree meanwhile, so
+    # the reuse checks below always hold and every later check always runs.
+    project = project_copy(tmp_path / "project")
+    # a free rendezvous port: another training may hold 29500
+    params = {**MAIN_PARAMS, "output_dir": tmp_path / "train", "master_port": free_port()}
+    proc = mlflow_run("main", params, tracking_uri, timeout=1100, project=project,
+                      HF_TOKEN=FAKE_TOKEN, HUGGING_FACE_HUB_TOKEN=FAKE_TOKEN)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -179,7 +176,13 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     # the summary
     t, m = parent.data.tags, parent.data.metrics
     assert t["registered_model"] == "dolly" and t["registered_version"] == "1"
-    assert t["promoted"] in ("true", "false") and t["gate_reason"]
+    # the summary's verdict is the register step's (the old `in ("true", "false")` check was
+    # true of any summary: main writes one of the two whatever the step said)
+    reg = children["register"].data.tags
+    assert reg["promoted"] in ("true", "false") and reg["gate_reason"]
+    assert (t["promoted"], t["gate_reason"]) == (reg["promoted"], reg["gate_reason"])
+    assert m["promoted"] == (1.0 if reg["promoted"] == "true" else 0.0)
+    assert client.get_model_version("dolly", "1").tags["promoted"] == reg["promoted"]
     assert {"base/exact_match", "tuned/exact_match", "tuned/perplexity", "registered_version",
             "promoted"} <= set(m)
     assert m["tuned/perplexity"] < m["base/perplexity"]  # 10 steps already lower the loss
@@ -187,15 +190,14 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     assert "main: summary" in proc.stdout
 
     # The same inputs again: every step is reused, nothing is recomputed or registered twice.
-    again = mlflow_run("main", params, tracking_uri, timeout=900)
+    again = mlflow_run("main", params, tracking_uri, timeout=900, project=project)
     assert again.returncode == 0, again.stderr[-3000:]
     parents = client.search_runs([parent.info.experiment_id],
                                  "tags.`mlflow.project.entryPoint` = 'main'",
                                  order_by=["attributes.start_time DESC"])
-    if parents[0].data.tags["dolly.code_version"] != parent.data.tags["dolly.code_version"]:
-        # Someone edited the code in this working tree meanwhile: then nothing may be reused.
-        assert "reusing" not in again.stdout
-        return
+    code = parent.data.tags["dolly.code_version"]
+    assert code == parents[0].data.tags["dolly.code_version"] != "unknown"
+    assert "+" not in code  # the copy is committed: a clean commit, no local changes
     for step in ("data_prep", "train", "evaluate", "register"):
         assert f"main: {step}: reusing finished run {children[step].info.run_id}" in again.stdout
     assert parents[0].data.tags["steps_reused"] == "data_prep,train,evaluate,register"
@@ -218,7 +220,7 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     failing = {**params, "eval_limit": 12}
     # 10 steps rarely beat the base, so v1 may not hold the alias: make it the champion to guard
     client.set_registered_model_alias("dolly", "champion", "1")
-    broken = _main_with_evaluate_killed(failing, tracking_uri)
+    broken = _main_with_evaluate_killed(failing, tracking_uri, project)
     assert broken.returncode != 0
     assert "main: train: reusing finished run" in broken.stdout  # eval_limit does not retrain
     errors = [ln for ln in broken.stderr.splitlines() if ln.startswith("error: ")]
@@ -226,7 +228,7 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     assert len(client.search_model_versions("name='dolly'")) == 1
     assert str(client.get_model_version_by_alias("dolly", "champion").version) == "1"
     # the cause gone, the same command reuses what had finished and completes
-    fixed = mlflow_run("main", failing, tracking_uri, timeout=900)
+    fixed = mlflow_run("main", failing, tracking_uri, timeout=900, project=project)
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     for step in ("data_prep", "train"):
         assert f"main: {step}: reusing finished run {children[step].info.run_id}" in fixed.stdout
@@ -247,20 +249,17 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
 FAKE_TOKEN = "hf_FakeTokenForTheSecretScan0123456789"
 
 
-def _main_with_evaluate_killed(params, tracking_uri):
-    """`mlflow run . -e main`, with the evaluate step's process SIGKILLed once it runs."""
+def _main_with_evaluate_killed(params, tracking_uri, project: Path):
+    """`mlflow run <project> -e main`, with the evaluate step's process SIGKILLed once it runs."""
     import signal
     import subprocess
     import tempfile
     import time
 
-    from conftest import BIN, ROOT, project_env
-
-    cmd = [str(BIN / "mlflow"), "run", str(ROOT), "-e", "main", "--env-manager", "local"]
-    cmd += [a for k, v in params.items() for a in ("-P", f"{k}={v}")]
+    cmd = mlflow_run_cmd("main", params, project)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         # files, not pipes: a full pipe would stall main while this loop polls
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=project_env(tracking_uri), text=True,
+        proc = subprocess.Popen(cmd, cwd=project, env=project_env(tracking_uri), text=True,
                                 stdout=out, stderr=err)
         deadline = time.monotonic() + 600
         victim = None
@@ -294,8 +293,6 @@ def _find_evaluate(root_pid: int) -> int | None:
 
 @pytest.mark.timeout(300)
 def test_failing_step_fails_main_with_one_line(tracking_uri, tmp_path):
-    from conftest import mlflow_run
-
     proc = mlflow_run("main", {"dataset": tmp_path / "missing.jsonl"}, tracking_uri, timeout=280)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
