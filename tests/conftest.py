@@ -61,7 +61,7 @@ def mlflow_run(entry_point: str, params: dict, tracking_uri: str, timeout: int =
 def project_copy(dest: Path) -> Path:
     """The working tree as it is now (tracked and untracked files git does not ignore) copied to
     `dest` and committed there as a repository of its own: a project whose code version
-    (steps/main.py's git commit + uncommitted changes) cannot change while a test runs, even
+    (dolly.pipeline.code_version: the git commit + uncommitted changes) cannot change while a test runs, even
     when someone edits this working tree meanwhile."""
     dest.mkdir(parents=True, exist_ok=True)
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
