@@ -155,15 +155,16 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     assert {r.info.run_name for r in children.values()} == {
         "data_prep tiny-gptj", "train tiny-gptj", "evaluate tiny-gptj", "register tiny-gptj"}
     assert {r.info.experiment_id for r in children.values()} == {parent.info.experiment_id}
-    # lineage: the parent's description is the summary with a link to every child; evaluate
-    # lists its test split as a dataset input, with the split's own digest
+    # lineage: the parent's description is the summary with a link to every child; each split
+    # is a dataset input with its own digest (evaluate's: the eval_limit records it evaluated)
     note = parent.data.tags["mlflow.note.content"]
     assert "main: summary" in note and "(base -> tuned)" in note
     for r in children.values():
         assert f"runs/{r.info.run_id})" in note
     inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset
               for r in (children["data_prep"], children["evaluate"]) for i in r.inputs.dataset_inputs}
-    assert inputs["evaluation"].digest == inputs["test"].digest != inputs["train"].digest
+    assert len({inputs["train"].digest, inputs["test"].digest, inputs["evaluation"].digest}) == 3
+    assert children["evaluate"].data.tags["eval_set"].startswith(inputs["evaluation"].digest)
     assert all(r.info.status == "FINISHED" for r in children.values())
     # only URIs pass between steps
     prepared = f"runs:/{children['data_prep'].info.run_id}/prepared"
