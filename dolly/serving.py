@@ -296,6 +296,10 @@ class DollyPyfunc:
         """The transformers pipeline, as MLflow's own wrapper exposes it."""
         return self._inner.pipeline
 
+    def get_raw_model(self):
+        """The transformers pipeline (what `PyFuncModel.get_raw_model()` returns)."""
+        return self._inner.pipeline
+
     def _ids(self, text: str) -> list[int]:
         return self._tokenizer(text, add_special_tokens=False)["input_ids"]
 
