@@ -184,8 +184,9 @@ def check_output(output: str | Path, input: str | Path, mode: str = "error") -> 
         raise DollyError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
     out, src = Path(output).resolve(), Path(input).resolve()
     if out == src or out in src.parents or src in out.parents:
-        raise DollyError(f"output {output} {'is' if out == src else 'holds' if out in src.parents else 'is inside'} "
-                         f"the input {input}: choose an output folder outside it")
+        how = "is" if out == src else "holds" if out in src.parents else "is inside"
+        raise DollyError(f"output {output} {how} the input {input}: choose an output folder "
+                         "outside it")
     if out.exists() and not out.is_dir():
         raise DollyError(f"output {output} is a file: give a folder")
     present = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
@@ -260,7 +261,8 @@ def _as_text(df, name: str):
     if not isinstance(df.schema[name].dataType, T.VariantType):
         return df
     t = F.expr(f"schema_of_variant(`{name}`)")
-    return df.withColumn(name, F.when(t == "STRING", F.expr(f"variant_get(`{name}`, '$', 'string')"))
+    as_string = F.expr(f"variant_get(`{name}`, '$', 'string')")
+    return df.withColumn(name, F.when(t == "STRING", as_string)
                          .when(t != "VOID", F.to_json(F.col(name))))
 
 

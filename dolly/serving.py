@@ -150,7 +150,8 @@ def records_of(data) -> tuple[list, list]:
         values = data.tolist() if data.ndim else [data.item()]
         return values, [None] * len(values)
     if isinstance(data, dict):
-        if INSTRUCTION not in data and len(data) == 1 and str(next(iter(data))) not in INPUT_ALIASES:
+        only = str(next(iter(data))) if len(data) == 1 else None
+        if INSTRUCTION not in data and only is not None and only not in INPUT_ALIASES:
             # {"anything": [instructions]}
             return records_of(pd.Series(_as_list(next(iter(data.values())))))
         try:

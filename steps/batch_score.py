@@ -7,8 +7,8 @@ Inputs: -P input=<file or folder of .jsonl/.json/.csv/.parquet> -P output=<folde
 Spark runs at cfg.spark_master (local[*] by default; any Spark URL). The output holds every input
 row and column plus the response (null where the instruction is null or blank, or not a string)
 and the error (why a row was not scored). The output folder must be new or empty; -P
-mode=overwrite replaces only what an earlier batch_score run wrote there (its _dolly_batch_score.json
-lists the files); anything else stops the step before any work. The model version that scored is
+mode=overwrite replaces only what an earlier batch_score run wrote there (listed in its
+_dolly_batch_score.json); anything else stops the step before any work. The model version that scored is
 pinned before scoring (an alias is resolved once) and recorded as this run's tags model_name /
 model_version / scored_model_uri and in <output>/_scored_by.json.
 Metrics: rows_read = rows_scored + rows_empty + rows_errored, rows_written.

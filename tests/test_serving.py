@@ -193,3 +193,57 @@ def test_predict_rejects_what_it_cannot_answer(wrapped, data, params, message):
     with pytest.raises(MlflowException, match=message) as e:
         wrapped.predict(data, params)
     assert e.value.get_http_status_code() == 400
+
+
+# --- dolly.serving_http: the scoring server's request handling for this model -----------------
+
+class _Meta:
+    flavors = {"python_function": {"loader_module": "dolly.serving"}}
+
+
+class _Model:
+    """Stands for the PyFuncModel the server holds (its predict: DollyPyfunc's checks only)."""
+
+    metadata = _Meta()
+
+    def predict(self, data, params=None):
+        frame = as_frame(data)
+        check_params(params)
+        return [f"{i}|{n}" for i, n in zip(frame["instruction"], frame["input"])]
+
+
+def _invoke(body, content_type="application/json"):
+    import json
+
+    from dolly.serving_http import dolly_invocations
+
+    def mlflow_invocations(data, content_type, model, input_schema):
+        raise AssertionError("JSON for this model is parsed by dolly.serving_http")
+
+    resp = dolly_invocations(mlflow_invocations)(body, content_type, _Model(), None)
+    return resp.status, json.loads(resp.response)
+
+
+def test_json_values_reach_the_model_as_sent():
+    assert _invoke(b'{"inputs": [null, "a"]}') == (200, {"predictions": ["|", "a|"]})
+    assert _invoke(b'{"dataframe_split": {"columns": ["context", "instruction"], '
+                   b'"data": [["x", "a"]]}}') == (200, {"predictions": ["a|x"]})
+    status, body = _invoke(b'{"inputs": [1, 2]}')
+    assert (status, body["message"]) == (
+        400, "row 0: instruction is a int, expected a string (or null for no answer)")
+
+
+def test_a_missing_content_type_is_a_415_not_a_500():
+    assert _invoke(b'{"inputs": ["a"]}', None) == (415, {
+        "error_code": "BAD_REQUEST", "message": "no Content-Type header: send application/json, "
+        "text/csv, application/vnd.apache.parquet"})
+
+
+def test_error_messages_are_one_short_line_without_paths():
+    from dolly.serving_http import short_message
+
+    assert short_message("failed in /usr/lib/python3.11/site-packages/x.py\n  line 3") == \
+        "failed in <path> line 3"
+    assert len(short_message("x" * 10_000)) == 300
+    status, body = _invoke(b'{"inputs": ["' + b"a" * 100 + b'"')
+    assert status == 400 and body["message"].startswith("the body is not valid JSON:")
