@@ -195,8 +195,8 @@ RECORDS = [{"category": "open_qa", "context": "ma ko li",
             "instruction": "Count the words in the input.", "response": "three"},
            {"category": "brainstorming", "context": "", "instruction": "Greet Kalo.",
             "response": "Hello, Kalo!"},
-           {"category": "closed_qa", "context": "lapo bada", "instruction": "Repeat the first word.",
-            "response": "lapo"}]
+           {"category": "closed_qa", "context": "lapo bada",
+            "instruction": "Repeat the first word.", "response": "lapo"}]
 
 
 @pytest.fixture(scope="module")
