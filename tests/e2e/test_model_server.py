@@ -278,8 +278,10 @@ def test_two_column_requests_are_answered_by_name(server, in_process):
 
 @pytest.mark.timeout(300)
 def test_null_and_blank_instructions_get_an_empty_answer(server):
-    body = {"inputs": [None, " \t\n", "", "Greet Kalo."], "params": GREEDY}
-    assert _answers(_post(server, body), 4)[:3] == ["", "", ""]
+    body = {"inputs": [None, " \t\n", "", float("nan"), "Greet Kalo."], "params": GREEDY}
+    resp = _post(server, None, data=json.dumps(body),  # json.dumps writes NaN as JSON's NaN
+                 headers={"Content-Type": "application/json"})
+    assert _answers(resp, 5)[:4] == ["", "", "", ""]
     body = {"dataframe_records": [{"instruction": None, "input": None}, {"input": "x",
                                                                        "instruction": "\t"}]}
     assert _answers(_post(server, {**body, "params": GREEDY}), 2) == ["", ""]
@@ -326,7 +328,7 @@ def test_refusals_are_400_with_a_short_one_line_body(server, case):
 
 
 @pytest.mark.timeout(300)
-def test_error_bodies_carry_no_traceback_path_or_echo(server):
+def test_error_bodies_carry_no_traceback_path_or_echo(server, tiny_model):
     bodies = [b'{"inputs": ["Greet Kalo."', b"\xff\xfe", b"[1, 2]",
               json.dumps({"dataframe_split": {"data": [[1]], "columns": ["a", "b"]}}).encode()]
     for data in bodies:
@@ -338,6 +340,9 @@ def test_error_bodies_carry_no_traceback_path_or_echo(server):
     resp = requests.post(f"{server}/invocations", data="instruction\n" + "x" * 100,
                          headers={"Content-Type": "text/csv; charset=latin-1"}, timeout=60)
     assert resp.status_code == 415 and len(resp.content) < 400
+    # the detail goes to the server's log instead
+    log = "".join(p.read_text() for p in tiny_model.root.glob("serve-*.log"))
+    assert "refused a request (INVALID_PARAMETER_VALUE)" in log
 
 
 @pytest.mark.timeout(300)
