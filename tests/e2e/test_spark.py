@@ -106,12 +106,21 @@ def test_batch_score_refuses_a_folder_holding_its_input(tiny_model, champion, tm
     (d2 / "input.jsonl").write_text(json.dumps({"instruction": "Greet Kalo."}) + "\n")
     (d2 / "README.txt").write_text("the user's notes")
     before = _hash_folder(d2)
-    proc = tiny_model.mlflow_run("batch_score", {"input": d2 / "input.jsonl", "output": d2,
-                                                 "mode": "overwrite", "spark_master": "local[1]"})
+    for mode in ({}, {"mode": "overwrite"}):  # as issue 11 ran it, then asking to overwrite
+        proc = tiny_model.mlflow_run("batch_score", {"input": d2 / "input.jsonl", "output": d2,
+                                                     "spark_master": "local[1]", **mode})
+        assert proc.returncode != 0
+        assert f"error: output {d2} holds the input {d2 / 'input.jsonl'}: choose an output " \
+               "folder outside it" in proc.stderr
+        assert "Traceback" not in proc.stderr and "log4j" not in proc.stderr  # no Spark
+        assert _hash_folder(d2) == before
+    other = tmp_path / "in.jsonl"
+    other.write_text(json.dumps({"instruction": "Greet Kalo."}) + "\n")
+    proc = tiny_model.mlflow_run("batch_score", {"input": other, "output": d2,
+                                                 "spark_master": "local[1]"})
     assert proc.returncode != 0
-    assert f"error: output {d2} holds the input {d2 / 'input.jsonl'}: choose an output folder " \
-           "outside it" in proc.stderr
-    assert "Traceback" not in proc.stderr and "log4j" not in proc.stderr  # Spark never started
+    assert f"error: output folder {d2} is not empty (2 files, e.g. README.txt): batch_score " \
+           "writes only into a new or empty folder" in proc.stderr
     assert _hash_folder(d2) == before
 
 
