@@ -24,7 +24,9 @@ import pandas as pd
 import torch
 
 from dolly import generation
+from dolly.collator import IGNORE_INDEX, CompletionCollator
 from dolly.errors import DollyError
+from dolly.tokenizer import special_ids
 
 METRICS = ("eval_loss", "perplexity", "exact_match", "rouge_l", "stop_rate", "empty_rate",
            "response_length", "tokens_per_s")
@@ -55,40 +57,38 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(_scorer.score(reference, prediction)["rougeL"].fmeasure)
 
 
-def response_loss(model, test: pd.DataFrame, pad_id: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy per response token (labels masked up to and including the response key).
+def response_loss(model, test: pd.DataFrame, collator: CompletionCollator,
+                  batch_size: int = 8) -> float:
+    """Mean cross-entropy per response token, in nats: the loss training minimises.
 
-    Token-weighted over the whole split, so long and short answers count by their tokens.
+    Batches are padded and masked by training's own collator (dolly.collator: labels -100 up to
+    and including the response key and on padding, padding found by each record's length), so
+    evaluation measures what training learns. `test` needs `input_ids` and `response_start`
+    (as dolly.data.prepare writes them); records are cut to the model's context. Token-weighted
+    over the whole split, so long and short answers count by their tokens. Raises DollyError when
+    no record has a response token.
     """
     device = next(model.parameters()).device
     context = generation.context_length(model)
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
-    rows = [(list(ids)[:context], int(start)) for ids, start in
-            zip(test["input_ids"], test["response_start"])]
-    rows.sort(key=lambda r: len(r[0]))  # similar lengths together: little padding
+    rows = [{"input_ids": list(ids)[:context], "response_start": int(start)}
+            for ids, start in zip(test["input_ids"], test["response_start"])]
+    rows.sort(key=lambda r: len(r["input_ids"]))  # similar lengths together: little padding
     try:
         for b in range(0, len(rows), batch_size):
-            batch = rows[b:b + batch_size]
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, (ids, start) in enumerate(batch):
-                t = torch.tensor(ids, dtype=torch.long)
-                input_ids[j, :len(ids)] = t
-                mask[j, :len(ids)] = 1
-                labels[j, start:len(ids)] = t[start:]
+            batch = collator(rows[b:b + batch_size])
             with torch.inference_mode():
-                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
             shift_logits = logits[:, :-1].float()
-            shift_labels = labels[:, 1:].to(device)
+            shift_labels = batch["labels"][:, 1:].to(device)
             loss = torch.nn.functional.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
+                ignore_index=IGNORE_INDEX, reduction="sum")
             total += float(loss)
-            count += int((shift_labels != -100).sum())
+            count += int((shift_labels != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
     if count == 0:
@@ -108,8 +108,9 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, *, max_new_tokens: int,
                    batch_size: int) -> ModelEval:
     """Every metric of METRICS for one model on `test` (a prepared split)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loss = response_loss(model, test, pad_id, batch_size)
-    inputs = [i if isinstance(i, str) and i else None for i in test["input"]]
+    collator = CompletionCollator(pad_token_id=pad_id, response_key_id=special_ids(tokenizer)[0])
+    loss = response_loss(model, test, collator, batch_size)
+    inputs = [i if isinstance(i, str) else None for i in test["input"]]
     run = generation.generate(model, tokenizer, list(test["instruction"]), inputs,
                               max_new_tokens=max_new_tokens, batch_size=batch_size)
     gens = run.generations

@@ -1,7 +1,7 @@
 """Batched generation in Dolly's format: left-padded prompts, stop at `### End`, parsed answers.
 
-Evaluation uses this module (the registered model's pyfunc uses the transformers pipeline with the
-same prompt template and stop token). Prompts come from dolly.prompts, so the model is asked in
+Evaluation and the registered model's pyfunc (dolly.serving) both generate with this module, so
+evaluation measures what users get. Prompts come from dolly.prompts, so the model is asked in
 exactly the format it was trained on. Generation never runs past the model's context: the token
 budget is capped to the room left after the prompt, and a prompt too long to leave room for an
 answer is shortened, keeping the template and the *end* of the instruction.
@@ -17,7 +17,6 @@ import torch
 from dolly import prompts
 from dolly.tokenizer import special_ids
 
-_SENTINEL = "\u0000DOLLY-INSTRUCTION\u0000"
 
 
 @dataclass
@@ -60,24 +59,51 @@ def answer_room(max_new_tokens: int, context: int) -> int:
     return max(1, min(max_new_tokens, context // 4))
 
 
-def prompt_ids(tokenizer, instruction: str, input: str | None, budget: int) -> tuple[list[int], bool]:
-    """Token ids of Dolly's prompt, at most `budget` long: (ids, whether it was shortened).
+# A BPE token is rarely longer than a few characters: cutting a text to this many characters per
+# token kept makes tokenizing a megabyte-long instruction cheap; the token-level cut is exact.
+_CHARS_PER_TOKEN_BOUND = 64
 
-    A prompt over budget keeps the template around the instruction and the end of the
-    instruction (where the question usually is); if even the template does not fit, the last
-    `budget` tokens (which still end with the response key) are kept.
+
+def shorten_prompt_ids(tokenizer, instruction: str, input: str | None,
+                       budget: int) -> tuple[list[int], bool]:
+    """Token ids of Dolly's prompt for (instruction, input), at most `budget` tokens:
+    (ids: list of int, whether the prompt had to be shortened).
+
+    The one way a too-long prompt is shortened, in evaluation and in the served model
+    (dolly.serving), so evaluation measures what users get. A prompt that fits is tokenized whole
+    (the very ids training saw for that record's prompt). One over budget keeps the template
+    whole and the *end* of the instruction (where the question usually is) and of the input:
+    the instruction first, the input gets what is left (at least one token). If even the
+    template does not fit, the last `budget` tokens (still ending with the response key).
+    Raises ValueError if `budget` < 1.
     """
-    ids = tokenizer(prompts.format_prompt(instruction, input), add_special_tokens=False)["input_ids"]
-    if len(ids) <= budget:
-        return ids, False
-    head, _, tail = prompts.format_prompt(_SENTINEL, input).partition(_SENTINEL)
-    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-    keep = budget - len(head_ids) - len(tail_ids)
-    if keep > 0:
-        body = tokenizer(instruction, add_special_tokens=False)["input_ids"]
-        return head_ids + body[-keep:] + tail_ids, True
-    return ids[-budget:], True
+    if budget < 1:
+        raise ValueError(f"a prompt budget of {budget} tokens leaves no room for a prompt")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    parts = prompts.prompt_parts(instruction, input)
+    user_chars = sum(len(text) for kind, text in parts if kind != "template")
+    if user_chars <= budget * _CHARS_PER_TOKEN_BOUND:
+        ids = encode(prompts.format_prompt(instruction, input))
+        if len(ids) <= budget:
+            return ids, False
+    pieces = [(kind, encode(text) if kind == "template"
+               else encode(text[-budget * _CHARS_PER_TOKEN_BOUND:])) for kind, text in parts]
+    frame = sum(len(piece) for kind, piece in pieces if kind == "template")
+    room = budget - frame
+    users = sum(kind != "template" for kind, _ in pieces)
+    if room < users:
+        return [t for _, piece in pieces for t in piece][-budget:], True
+    lengths = {kind: len(piece) for kind, piece in pieces if kind != "template"}
+    keep = {"instruction": min(lengths["instruction"], room - (users - 1))}
+    if "input" in lengths:
+        keep["input"] = min(lengths["input"], room - keep["instruction"])
+    out: list[int] = []
+    for kind, piece in pieces:
+        out += piece if kind == "template" else (piece[-keep[kind]:] if keep[kind] else [])
+    return out, True
 
 
 def _decode(tokenizer, ids: list[int], end_id: int, stop_ids: set[int]) -> tuple[str, bool, int]:
@@ -130,7 +156,7 @@ def generate(
         stop_ids.add(tokenizer.eos_token_id)  # a base model's own end of text also ends an answer
     context = context_length(model, tokenizer)
     budget = context - answer_room(max_new_tokens, context)
-    encoded = [prompt_ids(tokenizer, ins, inp or None, budget)
+    encoded = [shorten_prompt_ids(tokenizer, ins, inp, budget)
                for ins, inp in zip(instructions, inputs)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     device = next(model.parameters()).device

@@ -1,7 +1,8 @@
 """Dolly v1's prompt format, special tokens and generation defaults: the one source of truth.
 
-Training text, evaluation prompts and the registered model's prompt template all come from here,
-so the model is always asked questions in exactly the format it was trained on.
+Training text, evaluation prompts and the served model's prompts all come from here (one rule,
+`has_input`, picks the template), so the model is always asked in exactly the format it was
+trained on.
 """
 from __future__ import annotations
 
@@ -31,21 +32,39 @@ GENERATION_DEFAULTS = {
     "temperature": 1.0,
 }
 
-_PROMPT_NO_INPUT = INTRO_NO_INPUT + "\n\n" + INSTRUCTION_KEY + "\n{instruction}\n\n" + RESPONSE_KEY_NL
-_PROMPT_WITH_INPUT = (
-    INTRO_WITH_INPUT + "\n\n" + INSTRUCTION_KEY + "\n{instruction}\n\n"
-    + INPUT_KEY + "\n{input}\n\n" + RESPONSE_KEY_NL
-)
-# The registered model's prompt template (MLflow fills `{prompt}` with the user's instruction).
-PROMPT_TEMPLATE = _PROMPT_NO_INPUT.replace("{instruction}", "{prompt}")
+# The no-input prompt as MLflow's transformers flavor records it (`{prompt}` = the instruction):
+# logged with the model for `mlflow.transformers.load_model` users; dolly.serving formats each
+# record itself, with or without input.
+PROMPT_TEMPLATE = (INTRO_NO_INPUT + "\n\n" + INSTRUCTION_KEY + "\n{prompt}\n\n"
+                   + RESPONSE_KEY_NL)
 END_SUFFIX = "\n\n" + END_KEY
 
 
+def has_input(input) -> bool:
+    """Whether a record's input selects the with-input template: a string with a non-space
+    character. None, "" and whitespace (tabs, newlines included) mean "no input". Training,
+    evaluation and the served model all decide with this one rule."""
+    return isinstance(input, str) and bool(input.strip())
+
+
 def format_prompt(instruction: str, input: str | None = None) -> str:
-    """The prompt up to and including the response key: what generation continues from."""
-    if input:
-        return _PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return _PROMPT_NO_INPUT.format(instruction=instruction)
+    """The prompt up to and including the response key: what generation continues from.
+
+    Dolly v1 / Alpaca's with-input template when `has_input(input)`, else the no-input one.
+    """
+    return "".join(text for _, text in prompt_parts(instruction, input))
+
+
+def prompt_parts(instruction: str, input: str | None = None) -> list[tuple[str, str]]:
+    """Dolly's prompt for a record as pieces (kind, text), kind "template", "instruction" or
+    "input"; joined, the texts are `format_prompt(instruction, input)`. Shortening a prompt
+    (dolly.generation.shorten_prompt_ids) needs to know which text is the user's."""
+    if has_input(input):
+        return [("template", INTRO_WITH_INPUT + "\n\n" + INSTRUCTION_KEY + "\n"),
+                ("instruction", instruction), ("template", "\n\n" + INPUT_KEY + "\n"),
+                ("input", input), ("template", "\n\n" + RESPONSE_KEY_NL)]
+    return [("template", INTRO_NO_INPUT + "\n\n" + INSTRUCTION_KEY + "\n"),
+            ("instruction", instruction), ("template", "\n\n" + RESPONSE_KEY_NL)]
 
 
 def format_record(instruction: str, input: str | None, response: str) -> str:

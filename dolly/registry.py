@@ -1,7 +1,8 @@
 """How the tuned model is packaged for MLflow (transformers flavor) and moved through the registry.
 
-The logged model answers like Dolly: the pyfunc wraps each instruction in Dolly's no-input prompt,
-stops at `### End`, and returns only the response. Generation defaults come from dolly.prompts.
+The logged model answers like Dolly: the pyfunc (dolly.serving) takes records by column name
+(`instruction`, optional `input`), wraps each in Dolly's prompt, stops at `### End`, and returns
+only the response. Generation defaults come from dolly.prompts.
 """
 from __future__ import annotations
 
@@ -33,10 +34,18 @@ def pip_requirements() -> list[str]:
 
 
 def signature():
-    """Input: instructions (strings); output: responses; params: Dolly's generation defaults."""
-    from mlflow.models import infer_signature
+    """Input: named columns `instruction` (string, required) and `input` (string, optional;
+    dolly.serving also takes `context` for it); output: one response string per record; params:
+    Dolly's generation defaults (dolly.prompts.GENERATION_DEFAULTS)."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, Schema
 
-    return infer_signature(["instruction"], ["response"], params=dict(prompts.GENERATION_DEFAULTS))
+    from dolly import serving
+
+    params = infer_signature(["x"], params=dict(prompts.GENERATION_DEFAULTS)).params
+    inputs = Schema([ColSpec("string", serving.INSTRUCTION),
+                     ColSpec("string", serving.INPUT, required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]), params=params)
 
 
 def log_model(model_dir: str | Path, cfg: Config, name: str = "model") -> str:
@@ -152,7 +161,8 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
         f"Instruction-following model fine-tuned from **{base_model}** with this project's "
         "pipeline, in the prompt format of Databricks' Dolly v1 (Alpaca-style instruction "
         "template, stops at `### End`). It is not Databricks' Dolly model. The pyfunc takes "
-        "instructions (a string, a list, or a DataFrame) and returns only the responses; "
+        "records with an `instruction` and an optional `input` (or `context`) by column name (a "
+        "string or a list of strings are instructions) and returns only the responses; "
         "generation params default to Dolly's (do_sample, top_p 0.92, top_k 0, "
         "max_new_tokens 256).",
         "",

@@ -1,15 +1,20 @@
 """Batch scoring on Spark with the registered model (mlflow.pyfunc.spark_udf).
 
 Scales with Spark itself: `spark_master` local[*] on one machine, or any cluster URL / the
-standard spark-submit configuration. Every input row comes out, in input order, with one more
-column: the response. Rows whose instruction is null, empty or whitespace are not sent to the model
-and keep a null response, so "no instruction" stays distinguishable from an empty answer.
+standard spark-submit configuration. Every input row comes out, in input order, with two more
+columns: the response and an error. Rows whose instruction is null, empty or whitespace are not
+sent to the model and keep a null response, so "no instruction" stays distinguishable from an
+empty answer; rows whose instruction is not a string get a null response and the reason in the
+error column. The output goes only into a new or empty folder, or replaces what an earlier run of
+the step wrote there (check_output): nothing the step did not write is deleted.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +101,11 @@ def input_files(path: str | Path) -> list[Path]:
     return [root]
 
 
-def read_input(spark, path: str | Path):
+def read_input(spark, path: str | Path, keep_types: tuple[str, ...] = ()):
     """One DataFrame from a file or a folder of jsonl/json/csv/parquet files (columns unioned by
-    name; a column missing from one file is null there)."""
+    name; a column missing from one file is null there). The `keep_types` columns of JSON files
+    are read as VARIANT, so that a number or a list stays one (Spark would turn it into text) and
+    score_to_parquet can refuse it."""
     frames = []
     for f in input_files(path):
         suffix = f.suffix.lower()
@@ -114,17 +121,168 @@ def read_input(spark, path: str | Path):
             df = spark.read.json(p)
         if "_corrupt_record" in df.columns:
             df = df.drop("_corrupt_record")  # malformed lines: kept as rows of nulls, not dropped
+        if suffix == ".json" or suffix == ".jsonl":
+            df = _json_types_kept(spark, df, p, keep_types, multiline=suffix == ".json"
+                                  and _json_is_array(f))
         frames.append(df)
-    out = frames[0]
-    for df in frames[1:]:
-        out = out.unionByName(df, allowMissingColumns=True)
+    return _union(frames)
+
+
+def _json_types_kept(spark, df, path: str, names: tuple[str, ...], multiline: bool):
+    """`df` read again with its `names` columns as VARIANT (each value keeps its JSON type)."""
+    from pyspark.sql import types as T
+
+    if not any(n in df.columns for n in names):
+        return df
+    schema = T.StructType([T.StructField(f.name, T.VariantType() if f.name in names
+                                         else f.dataType, True) for f in df.schema.fields])
+    reader = spark.read.schema(schema)
+    if multiline:
+        reader = reader.option("multiLine", "true")
+    return reader.json(path)
+
+
+def _union(frames):
+    """Union by name; a column that is VARIANT in one frame is made VARIANT in all."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    variant = {f.name for df in frames for f in df.schema.fields
+               if isinstance(f.dataType, T.VariantType)}
+    out = None
+    for df in frames:
+        for f in df.schema.fields:
+            if f.name in variant and isinstance(f.dataType, T.StringType):
+                df = df.withColumn(f.name, F.col(f.name).cast("variant"))
+        out = df if out is None else out.unionByName(df, allowMissingColumns=True)
     return out
 
 
-def score_to_parquet(spark, df, model_uri: str, column: str, output: str,
-                     output_column: str = "response", params: dict | None = None) -> dict[str, int]:
-    """Write `df` plus `output_column` (the answer for each non-blank `column` value) as Parquet
-    in input order; returns rows_read, rows_scored, rows_skipped, rows_written."""
+# --- output: a folder the step owns, never one it would have to empty --------------------------
+
+MARKER = "_dolly_batch_score.json"  # what the step wrote into an output folder (file names)
+MODES = ("error", "overwrite")
+
+
+@dataclass
+class OutputFolder:
+    """Where batch_score writes, checked before any work: `replace` lists the files an earlier
+    batch_score run wrote there (deleted only when the new output is complete)."""
+
+    path: Path
+    replace: list[str]
+
+
+def check_output(output: str | Path, input: str | Path, mode: str = "error") -> OutputFolder:
+    """Refuse an output that would overwrite or delete anything the step did not write.
+
+    A new or empty folder is fine. A non-empty one is refused, unless `mode` is "overwrite" and
+    everything in it was written by an earlier batch_score run (listed in its MARKER file). An
+    output that is, holds or lies inside the input is refused. Raises DollyError (one line).
+    """
+    if mode not in MODES:
+        raise DollyError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+    out, src = Path(output).resolve(), Path(input).resolve()
+    if out == src or out in src.parents or src in out.parents:
+        how = "is" if out == src else "holds" if out in src.parents else "is inside"
+        raise DollyError(f"output {output} {how} the input {input}: choose an output folder "
+                         "outside it")
+    if out.exists() and not out.is_dir():
+        raise DollyError(f"output {output} is a file: give a folder")
+    present = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if not p.is_dir()) if out.exists() else []
+    if not present:
+        return OutputFolder(out, [])
+    if mode != "overwrite":
+        raise DollyError(f"output folder {output} is not empty ({len(present)} files, e.g. "
+                         f"{present[0]}): batch_score writes only into a new or empty folder; "
+                         "give another one, or -P mode=overwrite to replace what an earlier "
+                         "batch_score run wrote there")
+    try:
+        written = set(json.loads((out / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DollyError(f"output folder {output} was not written by batch_score (no valid "
+                         f"{MARKER}): -P mode=overwrite only replaces batch_score's own "
+                         "output; give another folder") from None
+    if foreign := [p for p in present if p not in written and p != MARKER]:
+        raise DollyError(f"output folder {output} holds {len(foreign)} files batch_score did not "
+                         f"write (e.g. {foreign[0]}): move them or give another folder")
+    return OutputFolder(out, sorted(written & set(present)))
+
+
+def _publish(staging: Path, folder: OutputFolder) -> list[str]:
+    """Move a finished Spark output from `staging` into the folder, replacing only the files an
+    earlier batch_score run wrote (folder.replace); returns the files now in it."""
+    folder.path.mkdir(parents=True, exist_ok=True)
+    for name in folder.replace:
+        (folder.path / name).unlink(missing_ok=True)
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    for name in files:
+        (folder.path / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, folder.path / name)
+    shutil.rmtree(staging)
+    return files
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+def _classify(df, name: str, required: bool):
+    """(text, kind) columns for the `name` column: text is the string to send (null when none),
+    kind is null for a usable string, "empty" for a null or blank one, else the reason the row
+    is an error ("instruction is a number, expected a string")."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    col = F.col(name)
+    dtype = df.schema[name].dataType
+    if isinstance(dtype, T.VariantType):
+        t = F.expr(f"schema_of_variant(`{name}`)")
+        kind_of = (F.when(t.startswith("ARRAY"), "a list").when(t.startswith("OBJECT"), "an object")
+                   .when(t == "BOOLEAN", "a boolean").otherwise("a number"))
+        text = F.when(t == "STRING", F.expr(f"variant_get(`{name}`, '$', 'string')"))
+        missing = col.isNull() | (t == "VOID")
+        bad = ~missing & (t != "STRING")
+    elif isinstance(dtype, T.StringType):
+        text, missing, bad, kind_of = col, col.isNull(), F.lit(False), F.lit("")
+    else:
+        text, missing, bad = F.lit(None).cast("string"), col.isNull(), col.isNotNull()
+        kind_of = F.lit(f"a {dtype.simpleString()}")
+    blank = F.coalesce(text.rlike(r"(?U)^\s*$"), F.lit(True))
+    kind = (F.when(bad, F.concat(F.lit(f"{name} is "), kind_of, F.lit(", expected a string")))
+            .when(missing | blank, F.lit("empty" if required else None)))
+    return F.when(~bad & ~blank, text), kind
+
+
+def _as_text(df, name: str):
+    """A VARIANT column as text (a string as itself, anything else as its JSON), for Parquet."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    if not isinstance(df.schema[name].dataType, T.VariantType):
+        return df
+    t = F.expr(f"schema_of_variant(`{name}`)")
+    as_string = F.expr(f"variant_get(`{name}`, '$', 'string')")
+    return df.withColumn(name, F.when(t == "STRING", as_string)
+                         .when(t != "VOID", F.to_json(F.col(name))))
+
+
+def input_column(df) -> str | None:
+    """The column holding each record's input: `input`, or dolly-15k's `context`."""
+    return next((c for c in ("input", "context") if c in df.columns), None)
+
+
+def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolder,
+                     output_column: str = "response", params: dict | None = None,
+                     error_column: str = "error") -> dict[str, int]:
+    """Write every row of `df`, in input order, plus `output_column` (the answer) and
+    `error_column` (why a row was not scored) as Parquet into `folder`; returns the counts
+    rows_read = rows_scored + rows_empty + rows_errored, and rows_written.
+
+    A row whose `column` is null or blank is *empty* (null answer, null error); one whose
+    `column` (or input: `input_column(df)`) is present but not a string (a number, a boolean, a
+    list, an object: JSON types survive read_input) is *errored* (null answer, the reason in
+    `error_column`). Only the other rows reach the model, so one bad row never fails the job.
+    """
     import mlflow
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -132,31 +290,51 @@ def score_to_parquet(spark, df, model_uri: str, column: str, output: str,
     if column not in df.columns:
         raise DataError(f"input has no column '{column}' (columns: {', '.join(df.columns)}); "
                         "pass -P column=<name>")
-    if output_column in df.columns:
-        raise DataError(f"input already has a column '{output_column}'; "
-                        "pass -P output_column=<another name>")
+    for name, flag in ((output_column, "output_column"), (error_column, "error_column")):
+        if name in df.columns:
+            raise DataError(f"input already has a column '{name}'; pass -P {flag}=<another name>")
     predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="string",
                                       env_manager="local", params=params or None)
-    df = df.withColumn(_ROW, F.monotonically_increasing_id())
-    text = F.col(column).cast("string")
-    ok = F.coalesce(text.isNotNull() & (F.length(F.trim(text)) > 0), F.lit(False))
+    text, kind = _classify(df, column, required=True)
+    inp = input_column(df) if column not in ("input", "context") else None
+    if inp:
+        inp_text, inp_kind = _classify(df, inp, required=False)
+        kind = F.coalesce(kind, inp_kind)
+    else:
+        inp_text = F.lit(None).cast("string")
+    df = (df.withColumn(_ROW, F.monotonically_increasing_id())
+          .withColumn("__dolly_text", text).withColumn("__dolly_input", inp_text)
+          .withColumn(error_column, kind))
+    for name in (column, inp):
+        if name:
+            df = _as_text(df, name)
+    ok = F.col(error_column).isNull()
+    record = F.struct(F.col("__dolly_text").alias("instruction"),
+                      F.coalesce(F.col("__dolly_input"), F.lit("")).alias("input"))
     # Persisted: the model runs once per row, although counting and the ordered write both read it
     # (a global sort samples its input first).
-    scored = (df.filter(ok).withColumn(output_column, predict(text))
+    scored = (df.filter(ok).withColumn(output_column, predict(record))
               .persist(StorageLevel.MEMORY_AND_DISK))
+    staging = folder.path.parent / f".{folder.path.name}.dolly-staging-{uuid.uuid4().hex[:8]}"
     try:
         n_scored = scored.count()
-        skipped = df.filter(~ok).withColumn(output_column, F.lit(None).cast("string"))
-        n_skipped = skipped.count()
-        (scored.unionByName(skipped).orderBy(_ROW).drop(_ROW)
-         .write.mode("overwrite").parquet(str(output)))
+        rest = (df.filter(~ok).withColumn(output_column, F.lit(None).cast("string"))
+                .withColumn(error_column, F.when(F.col(error_column) != "empty",
+                                                 F.col(error_column))))
+        n_empty = rest.filter(F.col(error_column).isNull()).count()
+        n_errored = rest.filter(F.col(error_column).isNotNull()).count()
+        (scored.unionByName(rest).orderBy(_ROW).drop(_ROW, "__dolly_text", "__dolly_input")
+         .write.mode("errorifexists").parquet(str(staging)))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # our own staging folder, nothing else
+        raise
     finally:
         scored.unpersist()
-    written = spark.read.parquet(str(output))
-    row = written.select(F.count(F.lit(1)).alias("n"),
-                         F.count(F.col(output_column)).alias("answered")).first()
-    return {"rows_read": n_scored + n_skipped, "rows_scored": n_scored, "rows_skipped": n_skipped,
-            "rows_written": int(row["n"]), "rows_answered": int(row["answered"])}
+    files = _publish(staging, folder)
+    (folder.path / MARKER).write_text(json.dumps({"files": files + ["_scored_by.json"]}, indent=1))
+    written = spark.read.parquet(str(folder.path))
+    return {"rows_read": n_scored + n_empty + n_errored, "rows_scored": n_scored,
+            "rows_empty": n_empty, "rows_errored": n_errored, "rows_written": written.count()}
 
 
 def write_sidecar(output: str | Path, info: dict) -> None:

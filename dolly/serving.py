@@ -1,17 +1,28 @@
-"""The registered model's pyfunc: MLflow's transformers pyfunc, made safe for serving and Spark.
+"""The registered model's pyfunc: named columns in, Dolly's answers out, the same on every path.
 
 The model is saved with MLflow's transformers flavor unchanged (`mlflow.transformers.load_model`
-gives the usual pipeline); only its `python_function` loader points here. The loader wraps
-MLflow's own transformers pyfunc and, before it generates:
+gives the usual pipeline); only its `python_function` loader points here. The loader loads MLflow's
+transformers pyfunc (for its pipeline: weights, tokenizer, device) and answers with
+dolly.generation, the code evaluation measures with. The contract, in-process
+(`mlflow.pyfunc.load_model`), in Spark (`spark_udf`) and served (`mlflow models serve`):
 
-- shortens an instruction too long for the context so that the prompt plus the answer fit,
-  keeping the template and the *end* of the instruction (as dolly.generation does in evaluation);
-- answers empty, whitespace-only and null instructions with "" without running the model;
-- rejects, with a one-line message (HTTP 400 from `mlflow models serve`), what it cannot answer:
-  non-string instructions, an empty batch, a `max_new_tokens` that leaves no room in the context,
-  params the model does not know (MLflow itself only warns and drops them, so a typo such as
-  `max_new_token` would silently generate 256 tokens), and, when serving, a request over
-  `serve_max_rows` instructions or `serve_max_chars` characters.
+- Records have an `instruction` (string) and an optional `input` (`context`, as dolly-15k names
+  it, is its alias), taken *by name* from a DataFrame, records (a list of dicts), a dict of
+  columns or a Spark struct; other columns are ignored. A bare string, a list of strings or one
+  unnamed column are instructions. A record with a non-blank input gets Dolly's with-input prompt
+  (dolly.prompts, byte-identical to training's).
+- Null, NaN, pandas' NA and blank (whitespace only) instructions get "" without running the
+  model; a null or blank input means "no input".
+- A prompt too long for the context is shortened (dolly.generation.shorten_prompt_ids).
+- What it cannot answer is refused with one line (HTTP 400 when served) naming the row or the
+  param: a non-string instruction or input, an empty batch, a param it does not know (MLflow
+  itself would warn and drop it) or outside its range, a `max_new_tokens` that leaves no room in
+  the context, and, when served, more than `serve_max_rows` records or `serve_max_chars`
+  characters in one request.
+
+MLflow would check and convert the input against the signature before the model sees it (and
+turn a null into the text "None"); for models loaded by this module, `_install_input_checks`
+puts this module's checks in its place. dolly.serving_http does the same for the HTTP server.
 """
 from __future__ import annotations
 
@@ -22,9 +33,9 @@ from typing import Any
 from dolly import prompts
 
 METADATA_KEY = "dolly_serving"
-# A BPE token is rarely longer than a few characters; cutting text to this many characters per
-# token kept keeps tokenizing a megabyte-long instruction cheap. The token-level cut is exact.
-_CHARS_PER_TOKEN_BOUND = 64
+INSTRUCTION = "instruction"
+INPUT = "input"
+INPUT_ALIASES = ("input", "context")  # dolly-15k calls a record's input its context
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -60,77 +71,219 @@ def _load_pyfunc(path, model_config: dict[str, Any] | None = None):
     from mlflow.models import Model
     from mlflow.transformers import _load_pyfunc as load_transformers_pyfunc
 
+    from dolly import serving_http
+
     meta = Model.load(os.path.join(path, "MLmodel")).metadata or {}
-    _reject_unknown_params()
+    _install_input_checks()
+    serving_http.contain_scoring_server()
     return DollyPyfunc(load_transformers_pyfunc(path, model_config), meta.get(METADATA_KEY))
 
 
-# --- predicting ---------------------------------------------------------------------------------
+# --- what a request holds: records by column name --------------------------------------------
 
 def bad_input(message: str):
-    """The error a caller sees for input the model cannot answer (HTTP 400 when serving)."""
+    """The error a caller sees for input the model cannot answer (HTTP 400 when serving): one
+    line, at most 300 characters, so that a huge request is never echoed back."""
     from mlflow.exceptions import MlflowException
 
-    return MlflowException.invalid_parameter_value(message)
+    line = " ".join(str(message).split())
+    return MlflowException.invalid_parameter_value(line[:297] + "..." if len(line) > 300 else line)
 
 
-def instructions_of(data) -> list:
-    """The instructions in a pyfunc input: a string, a list, an array, a Series, or a DataFrame
-    (its first column) or dict (its only value); items are left as given (checked later)."""
+def is_missing(x) -> bool:
+    """None, NaN (a null cell of pandas or Spark) or pandas' NA: a value that is not there."""
+    import pandas as pd
+
+    return x is None or x is pd.NA or (isinstance(x, float) and x != x)
+
+
+def _columns_of(frame) -> tuple[list, list | None]:
+    """(instructions, inputs or None) from a DataFrame, by column name."""
+    names = [str(c) for c in frame.columns]
+    if INSTRUCTION in names:
+        ins = frame[frame.columns[names.index(INSTRUCTION)]].tolist()
+    elif len(names) == 1 and names[0] not in INPUT_ALIASES:  # one column: instructions
+        ins = frame.iloc[:, 0].tolist()
+    else:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise bad_input(f"no '{INSTRUCTION}' column among the {len(names)} columns ({shown}); "
+                        f"name the columns '{INSTRUCTION}' and optionally '{INPUT}'")
+    given = [n for n in INPUT_ALIASES if n in names]
+    if len(given) > 1:
+        raise bad_input(f"both '{given[0]}' and '{given[1]}' columns: '{INPUT_ALIASES[1]}' is "
+                        f"another name for '{INPUT}'; send one of them")
+    inputs = frame[frame.columns[names.index(given[0])]].tolist() if given else None
+    return ins, inputs
+
+
+def _record(row: dict, i: int) -> tuple[Any, Any]:
+    keys = [str(k) for k in row]
+    if INSTRUCTION not in keys:
+        raise bad_input(f"record {i} has no '{INSTRUCTION}' field (fields: "
+                        f"{', '.join(keys[:8]) or 'none'})")
+    given = [n for n in INPUT_ALIASES if n in keys]
+    if len(given) > 1:
+        raise bad_input(f"record {i} has both '{given[0]}' and '{given[1]}': send one of them")
+    return row[INSTRUCTION], (row[given[0]] if given else None)
+
+
+def records_of(data) -> tuple[list, list]:
+    """(instructions, inputs) of a pyfunc input, values as given (checked by `as_frame`).
+
+    Named columns from a DataFrame (also what `spark_udf` passes, struct or columns), a dict of
+    columns, or a list of records (dicts); a string, a list of strings, a Series, a 1-D array or
+    a single column: instructions without input. Raises MlflowException (400) on other shapes.
+    """
     import numpy as np
     import pandas as pd
 
     if isinstance(data, str):
-        return [data]
+        return [data], [None]
     if isinstance(data, pd.DataFrame):
         if data.shape[1] == 0:
-            raise bad_input("the input has no columns: send instructions in the first column")
-        return data.iloc[:, 0].tolist()
+            raise bad_input(f"the input has no columns: send an '{INSTRUCTION}' column")
+        ins, inputs = _columns_of(data)
+        return ins, inputs if inputs is not None else [None] * len(ins)
     if isinstance(data, pd.Series):
-        return data.tolist()
+        return data.tolist(), [None] * len(data)
     if isinstance(data, np.ndarray):
-        return (data if data.ndim <= 1 else data[:, 0]).tolist() if data.ndim else [data.item()]
+        if data.ndim == 2 and data.shape[1] == 1:
+            data = data[:, 0]
+        if data.ndim > 1:
+            raise bad_input(f"an array of shape {data.shape}: send named columns "
+                            f"('{INSTRUCTION}', '{INPUT}') or one column of instructions")
+        values = data.tolist() if data.ndim else [data.item()]
+        return values, [None] * len(values)
     if isinstance(data, dict):
-        if len(data) != 1:
-            raise bad_input(f"expected one field of instructions, got {sorted(map(str, data))}")
-        return instructions_of(next(iter(data.values())))
+        only = str(next(iter(data))) if len(data) == 1 else None
+        if INSTRUCTION not in data and only is not None and only not in INPUT_ALIASES:
+            # {"anything": [instructions]}
+            return records_of(pd.Series(_as_list(next(iter(data.values())))))
+        try:
+            frame = pd.DataFrame({k: _as_list(v) for k, v in data.items()}, dtype=object)
+        except ValueError:
+            raise bad_input("the columns of the input differ in length") from None
+        return records_of(frame)
     if isinstance(data, (list, tuple)):
-        return [row[0] if isinstance(row, (list, tuple)) and len(row) == 1 else row
-                for row in data]
-    raise bad_input(f"expected instructions as strings, got {type(data).__name__}")
+        ins, inputs = [], []
+        for i, row in enumerate(data):
+            if isinstance(row, dict):
+                a, b = _record(row, i)
+            else:
+                a, b = (row[0] if isinstance(row, (list, tuple)) and len(row) == 1 else row), None
+            ins.append(a)
+            inputs.append(b)
+        return ins, inputs
+    raise bad_input(f"expected records or instructions, got a {type(data).__name__}")
 
 
-def _reject_unknown_params() -> None:
-    """Make MLflow's pyfunc input check reject unknown params, for models loaded by this module.
+def _as_list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else [v]
 
-    MLflow drops params outside the signature with a warning before the model sees them, and has
-    no option to refuse them, so this wraps its (private) check; models of other flavors are not
-    affected. If a future MLflow renames the check, unknown params are dropped again, as MLflow
-    does, and tests/e2e/test_model_server.py fails.
+
+def as_frame(data):
+    """The checked records of a pyfunc input: a DataFrame with string columns `instruction` and
+    `input` ("" where missing or null), one row per record, in order.
+
+    Raises MlflowException (400) naming the first row whose instruction or input is present but
+    not a string (a number, a boolean, a list, ...).
     """
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame) and list(data.columns) == [INSTRUCTION, INPUT] \
+            and data.attrs.get(METADATA_KEY):
+        return data  # already checked
+    ins, inputs = records_of(data)
+    for name, values in ((INSTRUCTION, ins), (INPUT, inputs)):
+        for i, v in enumerate(values):
+            if is_missing(v):
+                values[i] = ""
+            elif not isinstance(v, str):
+                shown = type(v).__name__
+                raise bad_input(f"row {i}: {name} is a {shown}, expected a string "
+                                f"(or null for {'no input' if name == INPUT else 'no answer'})")
+    frame = pd.DataFrame({INSTRUCTION: [str(v) for v in ins], INPUT: [str(v) for v in inputs]},
+                         dtype=object)
+    frame.attrs[METADATA_KEY] = True
+    return frame
+
+
+# --- generation params --------------------------------------------------------------------------
+
+# name: (type check, range check, the allowed range in words)
+_PARAMS = {
+    "max_new_tokens": (lambda v: isinstance(v, int), lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: isinstance(v, (int, float)), lambda v: 0 <= v < float("inf"),
+                    "a number >= 0 (0 = greedy)"),
+    "top_p": (lambda v: isinstance(v, (int, float)), lambda v: 0 <= v <= 1,
+              "a number from 0 to 1"),
+    "top_k": (lambda v: isinstance(v, int), lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "do_sample": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
+}
+
+
+def check_params(params, known=None) -> dict:
+    """The generation params of a request, checked: unknown names, types and ranges give one
+    line naming the param and its allowed range (MlflowException, 400); null means the default
+    (left out). `known`: the names the model's signature declares (default: all of _PARAMS)."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise bad_input(f"params must be an object of name: value, got a {type(params).__name__}")
+    known = set(known if known is not None else _PARAMS)
+    if unknown := sorted(str(k) for k in params if str(k) not in known):
+        raise bad_input(f"unknown params {unknown}: this model takes {sorted(known)}")
+    out = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        is_type, in_range, allowed = _PARAMS.get(name, (lambda v: True, lambda v: True, ""))
+        if not is_type(value) or (isinstance(value, bool) and name != "do_sample") \
+                or not in_range(value):
+            raise bad_input(f"{name} must be {allowed}, got {_short(value)}")
+        out[name] = value
+    return out
+
+
+def _short(value) -> str:
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _install_input_checks() -> None:
+    """For models loaded by this module, put `as_frame` and `check_params` in place of MLflow's
+    own input check (its private `_validate_prediction_input`): MLflow would convert a null
+    instruction to "None" and numbers to text, drop a `context` column as unknown, and only warn
+    about an unknown param (so a typo such as `max_new_token` would silently generate 256
+    tokens). Models of other flavors are not affected. If a future MLflow renames the check,
+    MLflow's checks apply again, DollyPyfunc.predict still checks, and tests/test_serving.py
+    fails."""
     import mlflow.pyfunc as pyfunc
 
     check = getattr(pyfunc, "_validate_prediction_input", None)
-    if check is None or getattr(check, "dolly_strict", False):
+    if check is None or getattr(check, "dolly_checks", False):
         return
 
-    def strict_check(data, params, input_schema, params_schema, flavor=None):
-        if flavor == __name__ and isinstance(params, dict) and params_schema is not None:
-            known = {p.name for p in params_schema.params}
-            if unknown := sorted(str(k) for k in params if str(k) not in known):
-                raise bad_input(f"unknown params {unknown}: this model takes {sorted(known)}")
-        return check(data, params, input_schema, params_schema, flavor)
+    def dolly_check(data, params, input_schema, params_schema, flavor=None):
+        if flavor != __name__:
+            return check(data, params, input_schema, params_schema, flavor)
+        known = [p.name for p in params_schema.params] if params_schema is not None else None
+        return check(as_frame(data), check_params(params, known), None, params_schema, flavor)
 
-    strict_check.dolly_strict = True
-    pyfunc._validate_prediction_input = strict_check
+    dolly_check.dolly_checks = True
+    pyfunc._validate_prediction_input = dolly_check
 
 
-def _is_missing(x) -> bool:
-    return x is None or (isinstance(x, float) and x != x)  # NaN: a null cell from pandas/Spark
-
+# --- predicting ---------------------------------------------------------------------------------
 
 class DollyPyfunc:
-    """MLflow's transformers pyfunc for Dolly's model, with the checks and shortening above."""
+    """The pyfunc of Dolly's registered model: checks, then dolly.generation on the pipeline's
+    model and tokenizer (loaded by MLflow's transformers flavor)."""
 
     def __init__(self, inner, limits: dict[str, int] | None = None):
         from dolly.generation import context_length
@@ -138,88 +291,63 @@ class DollyPyfunc:
         self._inner = inner
         self._tokenizer = inner.pipeline.tokenizer
         self.context = context_length(inner.pipeline.model, self._tokenizer)
-        template = inner.prompt_template or "{prompt}"
-        head, _, tail = template.partition("{prompt}")
-        self._template = template
-        self._frame = len(self._ids(head)) + len(self._ids(tail))
+        self._frame = len(self._ids(prompts.format_prompt("")))  # the no-input template
         limits = limits or {}
         self.max_rows = int(limits.get("serve_max_rows") or 0)
         self.max_chars = int(limits.get("serve_max_chars") or 0)
+        self.batch_size = int((getattr(inner, "model_config", None) or {}).get("batch_size") or 8)
 
     @property
     def pipeline(self):
         """The transformers pipeline, as MLflow's own wrapper exposes it."""
         return self._inner.pipeline
 
+    def get_raw_model(self):
+        """The transformers pipeline (what `PyFuncModel.get_raw_model()` returns)."""
+        return self._inner.pipeline
+
     def _ids(self, text: str) -> list[int]:
         return self._tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def fit(self, instruction: str, budget: int) -> tuple[str, bool]:
-        """(instruction, shortened?): the end of `instruction` such that the whole prompt is at
-        most `budget` tokens; the template around it is always kept whole."""
-        # 2 tokens of slack: where the template meets the instruction BPE may merge differently
-        keep = budget - self._frame - 2
-        if keep < 1:
-            raise bad_input(f"no room for an instruction: the prompt template alone takes "
-                            f"{self._frame} of the {budget} tokens left after the answer")
-        text = instruction
-        if len(text) > keep * _CHARS_PER_TOKEN_BOUND:
-            text = text[-keep * _CHARS_PER_TOKEN_BOUND:]
-        ids = self._ids(text)
-        if len(ids) <= keep and text is instruction:
-            return instruction, False
-        # Decoding a cut can merge differently when re-encoded: re-check and trim until it fits.
-        for _ in range(8):
-            if len(ids) <= keep:
-                break
-            ids = ids[-keep:]
-            text = self._tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-            ids = self._ids(text)
-            keep -= 1 if len(ids) > keep else 0
-        return text, True
-
-    def _check(self, rows: list, params: dict) -> int:
-        if not rows:
+    def _check(self, frame, params: dict) -> dict:
+        """Request-level checks; returns the generation settings to use."""
+        n = len(frame)
+        if not n:
             raise bad_input("no instructions: send at least one")
         serving = os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").lower() == "true"
-        if serving and self.max_rows and len(rows) > self.max_rows:
-            raise bad_input(f"request too large: {len(rows)} instructions, the server takes at "
-                            f"most {self.max_rows} per request; split it")
-        chars = 0
-        for i, row in enumerate(rows):
-            if not (_is_missing(row) or isinstance(row, str)):
-                raise bad_input(f"instruction {i} is a {type(row).__name__}, expected a string")
-            chars += len(row) if isinstance(row, str) else 0
+        if serving and self.max_rows and n > self.max_rows:
+            raise bad_input(f"request too large: {n} records, the server takes at most "
+                            f"{self.max_rows} per request; split it")
+        chars = int(frame[INSTRUCTION].str.len().sum() + frame[INPUT].str.len().sum())
         if serving and self.max_chars and chars > self.max_chars:
-            raise bad_input(f"request too large: {chars} characters of instructions, the server "
-                            f"takes at most {self.max_chars} per request")
-        max_new = params.get("max_new_tokens", prompts.GENERATION_DEFAULTS["max_new_tokens"])
-        if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
-            raise bad_input(f"max_new_tokens must be a positive integer, got {max_new!r}")
+            raise bad_input(f"request too large: {chars} characters of instructions and inputs, "
+                            f"the server takes at most {self.max_chars} per request")
+        settings = {**prompts.GENERATION_DEFAULTS, **check_params(params)}
+        max_new = settings["max_new_tokens"]
         if max_new + self._frame + 1 > self.context:
-            raise bad_input(f"max_new_tokens {max_new} leaves no room for a prompt in the "
-                            f"model's context of {self.context} tokens")
-        return max_new
+            raise bad_input(f"max_new_tokens must be at most {self.context - self._frame - 1} "
+                            f"for this model (context {self.context} tokens, prompt template "
+                            f"{self._frame}), got {max_new}")
+        if settings["temperature"] == 0:
+            settings["do_sample"] = False  # temperature 0: greedy, as most LLM APIs read it
+        return settings
 
     def predict(self, data, params: dict[str, Any] | None = None) -> list[str]:
-        """One response per instruction, in order; "" for empty, blank or null instructions."""
-        from dolly.generation import answer_room
+        """One response per record, in order; "" for null, empty or blank instructions."""
+        from dolly import generation
 
-        params = dict(params or {})
-        rows = instructions_of(data)
-        max_new = self._check(rows, params)
-        answers = [""] * len(rows)
-        todo = [i for i, r in enumerate(rows) if isinstance(r, str) and r.strip()]
+        frame = as_frame(data)
+        settings = self._check(frame, params or {})
+        answers = [""] * len(frame)
+        todo = [i for i, text in enumerate(frame[INSTRUCTION]) if text.strip()]
         if not todo:
             return answers
-        budget = self.context - answer_room(max_new, self.context)
-        fitted = [self.fit(rows[i], budget)[0] for i in todo]
-        longest = max(len(self._ids(self._template.format(prompt=t))) for t in fitted)
-        # A prompt shortened to leave a quarter of the context gets the rest, not more.
-        params["max_new_tokens"] = min(max_new, self.context - longest)
-        out = self._inner.predict(fitted, params)
-        if isinstance(out, str):
-            out = [out]
-        for i, answer in zip(todo, out):
-            answers[i] = answer
+        run = generation.generate(
+            self._inner.pipeline.model, self._tokenizer,
+            [frame[INSTRUCTION].iat[i] for i in todo], [frame[INPUT].iat[i] for i in todo],
+            max_new_tokens=settings["max_new_tokens"], batch_size=self.batch_size,
+            do_sample=settings["do_sample"], temperature=float(settings["temperature"]),
+            top_p=float(settings["top_p"]), top_k=settings["top_k"])
+        for i, g in zip(todo, run.generations):
+            answers[i] = g.response
         return answers

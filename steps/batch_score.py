@@ -2,12 +2,16 @@
 
 Inputs: -P input=<file or folder of .jsonl/.json/.csv/.parquet> -P output=<folder for Parquet>
         [-P model_uri=models:/<model_name>@<champion_alias>] [-P column=instruction]
-        [-P output_column=response] [-P max_new_tokens=<n>] [-P do_sample=true|false]
+        [-P output_column=response] [-P error_column=error] [-P mode=error|overwrite]
+        [-P max_new_tokens=<n>] [-P do_sample=true|false]
 Spark runs at cfg.spark_master (local[*] by default; any Spark URL). The output holds every input
-row and column plus the response (null where the instruction is null or blank). The model version
-that scored is pinned before scoring (an alias is resolved once) and recorded as this run's tags
-model_name / model_version / scored_model_uri and in <output>/_scored_by.json.
-Metrics: rows_read, rows_scored, rows_skipped.
+row and column plus the response (null where the instruction is null or blank, or not a string)
+and the error (why a row was not scored). The output folder must be new or empty; -P
+mode=overwrite replaces only what an earlier batch_score run wrote there (listed in its
+_dolly_batch_score.json); anything else stops the step before any work. The model version that scored is
+pinned before scoring (an alias is resolved once) and recorded as this run's tags model_name /
+model_version / scored_model_uri and in <output>/_scored_by.json.
+Metrics: rows_read = rows_scored + rows_empty + rows_errored, rows_written.
 """
 from __future__ import annotations
 
@@ -38,11 +42,13 @@ def _params(inp: dict[str, str]) -> dict:
 
 def main(argv: list[str]) -> None:
     cfg, inp = cli.parse(argv, {"input": None, "output": None, "model_uri": "", "column": "instruction",
-                                "output_column": "response", "max_new_tokens": "",
-                                "do_sample": ""})
+                                "output_column": "response", "error_column": "error",
+                                "mode": "error", "max_new_tokens": "", "do_sample": ""})
     requested = inp["model_uri"] or f"models:/{cfg.model_name}@{cfg.champion_alias}"
     params = _params(inp)
-    files = scoring.input_files(inp["input"])  # fail fast, before Spark starts
+    # Fail fast, before a run or Spark starts: the input exists, the output is ours to write.
+    files = scoring.input_files(inp["input"])
+    folder = scoring.check_output(inp["output"], inp["input"], inp["mode"])
     with mlflow.start_run():
         tracking.log_config(cfg)
         model = scoring.resolve_model(requested)
@@ -52,9 +58,10 @@ def main(argv: list[str]) -> None:
         t0 = time.perf_counter()
         spark = scoring.spark_session(cfg.spark_master)
         try:
-            df = scoring.read_input(spark, inp["input"])
-            counts = scoring.score_to_parquet(spark, df, model.uri, inp["column"], inp["output"],
-                                              inp["output_column"], params)
+            df = scoring.read_input(spark, inp["input"],
+                                    keep_types=(inp["column"], "input", "context"))
+            counts = scoring.score_to_parquet(spark, df, model.uri, inp["column"], folder,
+                                              inp["output_column"], params, inp["error_column"])
         finally:
             spark.stop()
         seconds = time.perf_counter() - t0
@@ -64,9 +71,11 @@ def main(argv: list[str]) -> None:
             "input_files": [str(f) for f in files], **counts})
         mlflow.log_metrics({**{k: float(v) for k, v in counts.items()}, "seconds": seconds})
         which = f"{model.name} v{model.version}" if model.version else model.uri
-        print(f"batch_score: {counts['rows_read']} rows read, {counts['rows_scored']} scored, "
-              f"{counts['rows_skipped']} skipped (null/blank {inp['column']}) with {which} "
-              f"in {seconds:.1f}s -> {inp['output']}", flush=True)
+        print(f"batch_score: {counts['rows_read']} rows in, {counts['rows_scored']} scored, "
+              f"{counts['rows_empty']} empty (null/blank {inp['column']}, null response), "
+              f"{counts['rows_errored']} errored (not a string, reason in "
+              f"'{inp['error_column']}') with {which} in {seconds:.1f}s -> {inp['output']}",
+              flush=True)
 
 
 if __name__ == "__main__":

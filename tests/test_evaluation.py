@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dolly import builtin_tasks, evaluation, prompts
+from dolly.collator import CompletionCollator
 from dolly.config import Config
 from dolly.errors import DollyError
 from dolly.modeling import build_tiny
@@ -55,7 +56,8 @@ def test_response_loss_counts_only_response_tokens(tok):
                               tiny_n_positions=256), tok).eval()
     test = split(tok, [("Greet Kalo.", "", "Hello, Kalo!"), ("Count the words in the input.",
                                                              "ma ko", "two")])
-    got = evaluation.response_loss(model, test, tok.pad_token_id, batch_size=2)
+    collator = CompletionCollator(pad_token_id=tok.pad_token_id, response_key_id=special_ids(tok)[0])
+    got = evaluation.response_loss(model, test, collator, batch_size=2)
     total, n = 0.0, 0
     for ids, start in zip(test["input_ids"], test["response_start"]):
         with torch.no_grad():

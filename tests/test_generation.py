@@ -49,7 +49,7 @@ def test_batched_left_padding_equals_one_by_one(tok):
 
 
 def test_prompt_uses_dolly_format_with_input(tok):
-    ids, cut = generation.prompt_ids(tok, "Do it.", "the input", budget=1000)
+    ids, cut = generation.shorten_prompt_ids(tok, "Do it.", "the input", budget=1000)
     assert not cut
     assert tok.decode(ids) == prompts.format_prompt("Do it.", "the input")
     assert ids[-1] == special_ids(tok)[0]  # ends with the response key
@@ -85,7 +85,7 @@ def test_new_tokens_capped_to_context(tok):
 def test_too_long_prompt_is_shortened_keeping_template_and_end(tok):
     model = tiny(tok, n_positions=64)
     long = "word " * 300 + "Repeat the word bada."
-    ids, cut = generation.prompt_ids(tok, long, None, budget=48)
+    ids, cut = generation.shorten_prompt_ids(tok, long, None, budget=48)
     assert cut and len(ids) <= 48
     text = tok.decode(ids)
     head = prompts.INTRO_NO_INPUT + "\n\n" + prompts.INSTRUCTION_KEY + "\n"
@@ -110,3 +110,45 @@ def test_sampling_is_seeded(tok):
     assert responses(a) == responses(b)
     # it really samples: another seed, or no sampling, answers differently
     assert responses(other) != responses(a) and responses(greedy) != responses(a)
+
+
+def test_a_prompt_that_fits_is_tokenized_as_training_tokenized_it(tok):
+    for ins, inp in [("Greet Kalo.", None), ("Count the words in the input.", "ma ko li")]:
+        ids, cut = generation.shorten_prompt_ids(tok, ins, inp, budget=1000)
+        train = tok(prompts.format_record(ins, inp, "two"), add_special_tokens=False)["input_ids"]
+        assert not cut and train[:len(ids)] == ids
+
+
+def test_a_long_input_is_shortened_keeping_instruction_template_and_its_end(tok):
+    long_input = "ko " * 300 + "ma li"
+    short = tok(prompts.format_prompt("Count the words in the input.", "ma li"),
+                add_special_tokens=False)["input_ids"]
+    budget = len(short) + 20
+    ids, cut = generation.shorten_prompt_ids(tok, "Count the words in the input.", long_input,
+                                             budget)
+    assert cut and len(ids) == budget
+    text = tok.decode(ids)
+    head = (prompts.INTRO_WITH_INPUT + "\n\n" + prompts.INSTRUCTION_KEY
+            + "\nCount the words in the input.\n\n" + prompts.INPUT_KEY + "\n")
+    assert text.startswith(head) and text.endswith("ma li\n\n" + prompts.RESPONSE_KEY_NL)
+    kept = text[len(head):-len("\n\n" + prompts.RESPONSE_KEY_NL)]
+    assert kept.strip() and long_input.endswith(kept)
+
+
+def test_a_megabyte_instruction_is_cut_before_it_is_tokenized(tok):
+    calls = []
+
+    class Counting:
+        def __call__(self, text, **kw):
+            calls.append(len(text))
+            return tok(text, **kw)
+
+    ids, cut = generation.shorten_prompt_ids(Counting(), "lapo " * 200_000 + "Greet Kalo.",
+                                             None, budget=48)
+    assert cut and len(ids) <= 48 and tok.decode(ids).endswith("Greet Kalo.\n\n### Response:\n")
+    assert max(calls) <= 48 * 64  # never the whole megabyte
+
+
+def test_no_budget_is_an_error(tok):
+    with pytest.raises(ValueError, match="a prompt budget of 0 tokens"):
+        generation.shorten_prompt_ids(tok, "Greet Kalo.", None, 0)

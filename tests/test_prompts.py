@@ -35,3 +35,21 @@ def test_parse_response_returns_only_the_answer():
     assert prompts.parse_response(generated) == "Blue."
     assert prompts.parse_response("  Red\n\n### End") == "Red"
     assert prompts.parse_response("no end marker ") == "no end marker"
+
+
+def test_one_rule_picks_the_template_blank_input_means_none():
+    for blank in (None, "", " ", "\t", " \n\t "):
+        assert not prompts.has_input(blank)
+        assert prompts.format_prompt("Name a color.", blank) == NO_INPUT[: NO_INPUT.index("Blue.")]
+    assert prompts.has_input(" Hello ")
+    assert prompts.format_prompt("Translate to French.", "Hello") == \
+        WITH_INPUT[: WITH_INPUT.index("Bonjour")]
+
+
+def test_prompt_parts_join_to_the_prompt_and_name_the_users_text():
+    parts = prompts.prompt_parts("Translate to French.", "Hello")
+    assert "".join(t for _, t in parts) == prompts.format_prompt("Translate to French.", "Hello")
+    assert [k for k, _ in parts] == ["template", "instruction", "template", "input", "template"]
+    assert [t for k, t in parts if k != "template"] == ["Translate to French.", "Hello"]
+    parts = prompts.prompt_parts("Name a color.", "  ")
+    assert [t for k, t in parts if k != "template"] == ["Name a color."]

@@ -1,40 +1,92 @@
-"""dolly.serving: what the registered model's pyfunc accepts, and how it shortens a prompt."""
+"""dolly.serving: the records the registered model's pyfunc takes, its checks, and its prompts."""
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.exceptions import MlflowException
 
-from dolly import prompts
-from dolly.serving import DollyPyfunc, instructions_of
+from dolly import generation, prompts
+from dolly.serving import DollyPyfunc, as_frame, check_params
+
+NA = [None, float("nan"), np.nan, pd.NA]
 
 
 @pytest.mark.parametrize("data, expected", [
-    ("Greet Mo.", ["Greet Mo."]),
-    (["a", "b"], ["a", "b"]),
-    ([["a"], ["b"]], ["a", "b"]),  # rows of one column, as JSON "instances" give them
-    (pd.DataFrame({"instruction": ["a", "b"], "id": [1, 2]}), ["a", "b"]),
-    (pd.Series(["a", "b"]), ["a", "b"]),
-    (np.array([["a", "x"], ["b", "y"]]), ["a", "b"]),
-    ({"instruction": ["a", "b"]}, ["a", "b"]),
+    ("Greet Mo.", [("Greet Mo.", "")]),
+    (["a", "b"], [("a", ""), ("b", "")]),
+    ([["a"], ["b"]], [("a", ""), ("b", "")]),  # rows of one column, as JSON "instances" give them
+    (pd.Series(["a", "b"]), [("a", ""), ("b", "")]),
+    (np.array([["a"], ["b"]]), [("a", ""), ("b", "")]),
+    (pd.DataFrame({"text": ["a", "b"]}), [("a", ""), ("b", "")]),  # one unnamed column
+    # dolly-15k's column order: the instruction and its context are taken by name
+    (pd.DataFrame({"category": ["closed_qa"], "context": ["Mo is 3."], "instruction": ["Age?"],
+                   "response": ["3"]}), [("Age?", "Mo is 3.")]),
+    ([{"input": "ma ko", "instruction": "Count."}, {"instruction": "Greet Mo."}],
+     [("Count.", "ma ko"), ("Greet Mo.", "")]),
+    ({"instruction": ["a", "b"], "context": ["x", None]}, [("a", "x"), ("b", "")]),
+    ({"instruction": "a", "input": "x"}, [("a", "x")]),
+    ({"instructions": ["a", "b"]}, [("a", ""), ("b", "")]),  # one field of instructions
+    (pd.DataFrame({"instruction": ["a", *NA, " \t"], "input": [None, "x", *NA[1:], "\t"]}),
+     [("a", ""), ("", "x"), ("", ""), ("", ""), ("", ""), (" \t", "\t")]),
 ])
-def test_instructions_of_each_input_shape(data, expected):
-    assert instructions_of(data) == expected
-
-
-def test_a_null_cell_stays_missing():
-    # pandas 3 stores a null string as NaN; either way the row gets an empty answer later
-    first, second = instructions_of(pd.DataFrame({"instruction": ["a", None]}))
-    assert first == "a" and (second is None or second != second)
+def test_records_are_taken_by_name(data, expected):
+    frame = as_frame(data)
+    assert list(zip(frame["instruction"], frame["input"])) == expected
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"instruction": ["a"], "other": ["b"]}, "expected one field of instructions"),
-    (pd.DataFrame(index=[0, 1]), "no columns"),
-    (3.5, "expected instructions as strings, got float"),
+    (["a", 3], "row 1: instruction is a int, expected a string"),
+    (pd.DataFrame({"instruction": ["a", 2.5]}), "row 1: instruction is a float, expected a string"),
+    ([{"instruction": True}], "row 0: instruction is a bool, expected a string"),
+    ([{"instruction": ["Greet Mo."]}], "row 0: instruction is a list, expected a string"),
+    ({"instruction": [{"text": "a"}]}, "row 0: instruction is a dict, expected a string"),
+    ([{"instruction": "a", "context": 5}], "row 0: input is a int, expected a string"),
+    ([{"input": "x"}], "record 0 has no 'instruction' field (fields: input)"),
+    (pd.DataFrame({"category": ["c"], "response": ["r"]}),
+     "no 'instruction' column among the 2 columns (category, response)"),
+    (pd.DataFrame({"context": ["c"]}), "no 'instruction' column among the 1 columns (context)"),
+    (pd.DataFrame({"instruction": ["a"], "input": ["x"], "context": ["y"]}),
+     "both 'input' and 'context' columns"),
+    (pd.DataFrame(index=[0, 1]), "the input has no columns"),
+    (np.array([["a", "x"], ["b", "y"]]), "an array of shape (2, 2): send named columns"),
+    (3.5, "expected records or instructions, got a float"),
 ])
-def test_instructions_of_rejects_with_one_line(data, message):
-    with pytest.raises(MlflowException, match=message):
-        instructions_of(data)
+def test_bad_records_are_refused_with_one_line(data, message):
+    with pytest.raises(MlflowException) as e:
+        as_frame(data)
+    assert e.value.message.startswith(message), e.value.message
+    assert e.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"temperature": -1}, "temperature must be a number >= 0 (0 = greedy), got -1"),
+    ({"top_p": 1.5}, "top_p must be a number from 0 to 1, got 1.5"),
+    ({"top_p": -0.1}, "top_p must be a number from 0 to 1, got -0.1"),
+    ({"top_k": -1}, "top_k must be an integer >= 0 (0 = off), got -1"),
+    ({"top_k": 2.5}, "top_k must be an integer >= 0 (0 = off), got 2.5"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
+    ({"max_new_tokens": "many"}, 'max_new_tokens must be an integer >= 1, got "many"'),
+    ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1, got true"),
+    ({"do_sample": "yes"}, 'do_sample must be true or false, got "yes"'),
+    ({"max_new_token": 5}, "unknown params ['max_new_token']: this model takes"),
+    ([1], "params must be an object of name: value, got a list"),
+])
+def test_bad_params_are_refused_naming_the_param_and_range(params, message):
+    with pytest.raises(MlflowException) as e:
+        check_params(params)
+    assert e.value.message.startswith(message), e.value.message
+    assert e.value.get_http_status_code() == 400
+
+
+def test_null_params_mean_the_default():
+    assert check_params({"do_sample": None, "top_p": None, "top_k": 3}) == {"top_k": 3}
+    assert check_params(None) == {}
+
+
+def test_a_refusal_never_echoes_a_huge_request():
+    with pytest.raises(MlflowException) as e:
+        check_params({"max_new_tokens": "x" * 1_000_000})
+    assert len(e.value.message) < 300
 
 
 @pytest.fixture(scope="module")
@@ -52,41 +104,146 @@ def wrapped():
                              "tokenizer": "gpt-j"})
     tok = build_tokenizer(cfg, [])
     tok.padding_side = "left"
+    torch.manual_seed(0)
     pipe = transformers.pipeline("text-generation", model=build_tiny(cfg, tok), tokenizer=tok)
-    inner = _TransformersWrapper(pipe, {}, {"return_full_text": False}, prompts.PROMPT_TEMPLATE)
+    inner = _TransformersWrapper(pipe, {}, {"return_full_text": False, "batch_size": 2},
+                                 prompts.PROMPT_TEMPLATE)
     return DollyPyfunc(inner, {})
 
 
-def test_fit_keeps_the_end_of_a_too_long_instruction(wrapped):
-    frame = wrapped._frame  # tokens of the template around the instruction
-    assert 0 < frame < 48
-    short = "Greet Mo."
-    assert wrapped.fit(short, 48) == (short, False)
-    long = "start " + "filler " * 200 + "the question at the end?"
-    text, shortened = wrapped.fit(long, 48)
-    prompt = prompts.PROMPT_TEMPLATE.format(prompt=text)
-    assert shortened and long.endswith(text) and text.endswith("the question at the end?")
-    assert len(wrapped._ids(prompt)) <= 48
-    assert prompt.startswith(prompts.INTRO_NO_INPUT) and prompt.endswith(prompts.RESPONSE_KEY_NL)
+class SeenPrompts:
+    """Records the prompts (left padding removed) the model is asked to continue."""
+
+    def __init__(self, model):
+        self.model, self.prompts, self._generate = model, [], model.generate
+
+    def __enter__(self):
+        def spy(input_ids=None, attention_mask=None, **kw):
+            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+                self.prompts.append([t for t, m in zip(ids, mask) if m])
+            return self._generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        self.model.generate = spy
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.generate  # the instance attribute: the class's method again
+
+
+def test_a_record_with_input_is_asked_in_the_training_format(wrapped):
+    tok = wrapped.pipeline.tokenizer
+    frame = pd.DataFrame({"category": ["c", "c"], "context": ["ma ko li", " \t"],
+                          "instruction": ["Count the words.", "Greet Mo."]})
+    with SeenPrompts(wrapped.pipeline.model) as seen:
+        out = wrapped.predict(frame, {"max_new_tokens": 2, "do_sample": False})
+    assert len(out) == 2
+    # what training tokenized for such records, up to and including the response key
+    train = [tok(prompts.format_record(i, c, "x"), add_special_tokens=False)["input_ids"]
+             for i, c in [("Count the words.", "ma ko li"), ("Greet Mo.", None)]]
+    want = [ids[:ids.index(tok.convert_tokens_to_ids(prompts.RESPONSE_KEY_NL)) + 1]
+            for ids in train]
+    assert sorted(seen.prompts) == sorted(want)
+    assert tok.decode(want[0]) == (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nCount the words.\n\n### Input:\nma ko li\n\n### Response:\n")
+
+
+def test_too_long_records_are_shortened_by_the_function_evaluation_uses(wrapped):
+    tok = wrapped.pipeline.tokenizer
+    long_ins = "start " + "filler " * 2000 + "the question at the end?"
+    long_inp = "begin " + "lapo " * 2000 + "last words"
+    with SeenPrompts(wrapped.pipeline.model) as seen:
+        wrapped.predict([{"instruction": long_ins}, {"instruction": "Q?", "input": long_inp}],
+                        {"max_new_tokens": 4, "do_sample": False})
+    budget = wrapped.context - generation.answer_room(4, wrapped.context)  # 64 - 4
+    want = [generation.shorten_prompt_ids(tok, long_ins, None, budget)[0],
+            generation.shorten_prompt_ids(tok, "Q?", long_inp, budget)[0]]
+    assert sorted(seen.prompts) == sorted(want)
+    assert all(len(p) <= 60 for p in seen.prompts)
+    text = tok.decode(want[1])
+    assert text.startswith(prompts.INTRO_WITH_INPUT) and "\n### Instruction:\nQ?\n\n" in text
+    assert text.endswith("lapo last words\n\n### Response:\n")
 
 
 def test_predict_answers_every_row_in_order(wrapped):
-    long = "Count the words: " + "lapo " * 5000
-    params = {"max_new_tokens": 4, "do_sample": False}
-    out = wrapped.predict(["", "Greet Mo.", None, long, " \t"], params)
-    # each answered row gets the answer it gets when asked alone (greedy), in its own place
-    alone = [wrapped.predict([instruction], params)[0] for instruction in ("Greet Mo.", long)]
-    assert alone[0] != alone[1]  # this tiny model answers the two differently: order shows
-    assert out == ["", alone[0], "", alone[1], ""]
+    rows = ["Greet Mo.", "", "Repeat the word bada.", None, "Count: ma ko li", " \t\n",
+            "Name a colour."]
+    greedy = {"max_new_tokens": 3, "do_sample": False}
+    out = wrapped.predict(rows, greedy)
+    one_by_one = [wrapped.predict([r], greedy)[0] for r in rows]
+    assert out == one_by_one
+    assert out[1] == out[3] == out[5] == ""
+    assert len({out[0], out[2], out[4], out[6]}) > 1  # distinct answers: order is observable
+
+
+def test_temperature_zero_is_greedy(wrapped):
+    rows = ["Greet Mo.", "Repeat the word bada."]
+    assert wrapped.predict(rows, {"max_new_tokens": 3, "temperature": 0}) == \
+        wrapped.predict(rows, {"max_new_tokens": 3, "do_sample": False})
 
 
 @pytest.mark.parametrize("data, params, message", [
-    ([], {}, "no instructions"),
-    (["a", 3], {}, "instruction 1 is a int"),
-    (["a"], {"max_new_tokens": 0}, "positive integer"),
-    (["a"], {"max_new_tokens": 60}, "leaves no room for a prompt"),
+    ([], {}, "no instructions: send at least one"),
+    (["a", 3], {}, "row 1: instruction is a int"),
+    (["a"], {"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
+    (["a"], {"max_new_tokens": 60}, "max_new_tokens must be at most"),
+    (["a"], {"top_p": 2}, "top_p must be a number from 0 to 1, got 2"),
 ])
 def test_predict_rejects_what_it_cannot_answer(wrapped, data, params, message):
     with pytest.raises(MlflowException, match=message) as e:
         wrapped.predict(data, params)
     assert e.value.get_http_status_code() == 400
+
+
+# --- dolly.serving_http: the scoring server's request handling for this model -----------------
+
+class _Meta:
+    flavors = {"python_function": {"loader_module": "dolly.serving"}}
+
+
+class _Model:
+    """Stands for the PyFuncModel the server holds (its predict: DollyPyfunc's checks only)."""
+
+    metadata = _Meta()
+
+    def predict(self, data, params=None):
+        frame = as_frame(data)
+        check_params(params)
+        return [f"{i}|{n}" for i, n in zip(frame["instruction"], frame["input"])]
+
+
+def _invoke(body, content_type="application/json"):
+    import json
+
+    from dolly.serving_http import dolly_invocations
+
+    def mlflow_invocations(data, content_type, model, input_schema):
+        raise AssertionError("JSON for this model is parsed by dolly.serving_http")
+
+    resp = dolly_invocations(mlflow_invocations)(body, content_type, _Model(), None)
+    return resp.status, json.loads(resp.response)
+
+
+def test_json_values_reach_the_model_as_sent():
+    assert _invoke(b'{"inputs": [null, "a"]}') == (200, {"predictions": ["|", "a|"]})
+    assert _invoke(b'{"dataframe_split": {"columns": ["context", "instruction"], '
+                   b'"data": [["x", "a"]]}}') == (200, {"predictions": ["a|x"]})
+    status, body = _invoke(b'{"inputs": [1, 2]}')
+    assert (status, body["message"]) == (
+        400, "row 0: instruction is a int, expected a string (or null for no answer)")
+
+
+def test_a_missing_content_type_is_a_415_not_a_500():
+    assert _invoke(b'{"inputs": ["a"]}', None) == (415, {
+        "error_code": "BAD_REQUEST", "message": "no Content-Type header: send application/json, "
+        "text/csv, application/vnd.apache.parquet"})
+
+
+def test_error_messages_are_one_short_line_without_paths():
+    from dolly.serving_http import short_message
+
+    assert short_message("failed in /usr/lib/python3.11/site-packages/x.py\n  line 3") == \
+        "failed in <path> line 3"
+    assert len(short_message("x" * 10_000)) == 300
+    status, body = _invoke(b'{"inputs": ["' + b"a" * 100 + b'"')
+    assert status == 400 and body["message"].startswith("the body is not valid JSON:")

@@ -1,14 +1,19 @@
 """`mlflow models serve -m models:/dolly@champion` over real HTTP on loopback."""
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 
+import mlflow
+import pandas as pd
 import pytest
 import requests
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, tracking_to
+from dolly import prompts
 
 TEMPLATE_BITS = ("Below is an instruction", "### Instruction", "### Response", "### End")
 
@@ -181,3 +186,182 @@ def _well_formed(payload, n):
     preds = payload.get("predictions")
     return (isinstance(preds, list) and len(preds) == n and all(isinstance(p, str) for p in preds)
             and not any(bit in p for p in preds for bit in TEMPLATE_BITS))
+
+
+# --- issue 11: the registered model's contract -------------------------------------------------
+
+GREEDY = {"max_new_tokens": 4, "do_sample": False}
+RECORDS = [{"category": "open_qa", "context": "ma ko li",
+            "instruction": "Count the words in the input.", "response": "three"},
+           {"category": "brainstorming", "context": "", "instruction": "Greet Kalo.",
+            "response": "Hello, Kalo!"},
+           {"category": "closed_qa", "context": "lapo bada",
+            "instruction": "Repeat the first word.", "response": "lapo"}]
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_model, champion):
+    """`mlflow.pyfunc.load_model("models:/dolly@champion")` in this process."""
+    with tracking_to(tiny_model.tracking_uri):
+        return mlflow.pyfunc.load_model("models:/dolly@champion")
+
+
+@pytest.mark.timeout(300)
+def test_in_process_answers_instructions_with_their_contexts(in_process):
+    frame = pd.DataFrame({k: [r[k] for r in RECORDS] for k in ("category", "context",
+                                                              "instruction")})
+    pipeline = in_process.get_raw_model()
+    tok, model = pipeline.tokenizer, pipeline.model
+    seen = []
+
+    def spy(input_ids=None, attention_mask=None, **kw):
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            seen.append([t for t, m in zip(ids, mask) if m])
+        return type(model).generate(model, input_ids=input_ids, attention_mask=attention_mask,
+                                    **kw)
+
+    model.generate = spy
+    try:
+        out = in_process.predict(frame, GREEDY)
+    finally:
+        del model.generate
+    assert len(out) == 3 and all(isinstance(o, str) for o in out)
+    # the prompt the model saw is the training prompt of that record (dolly.prompts), token for
+    # token: the ids training tokenized up to and including the response key
+    key = tok.convert_tokens_to_ids(prompts.RESPONSE_KEY_NL)
+    train = [tok(prompts.format_record(r["instruction"], r["context"], r["response"]),
+                 add_special_tokens=False)["input_ids"] for r in RECORDS]
+    assert sorted(seen) == sorted(ids[:ids.index(key) + 1] for ids in train)
+    assert tok.decode(train[0][:train[0].index(key) + 1]) == (
+        prompts.INTRO_WITH_INPUT + "\n\n### Instruction:\nCount the words in the input.\n\n"
+        "### Input:\nma ko li\n\n### Response:\n")
+    assert out == in_process.predict([{"instruction": r["instruction"], "input": r["context"]}
+                                      for r in RECORDS], GREEDY)
+    # by name, whatever the column order: a number as category is ignored, as context refused
+    assert in_process.predict(pd.DataFrame({"category": [5], "context": ["x"],
+                                            "instruction": ["Greet Kalo."]}), GREEDY) == \
+        in_process.predict([{"instruction": "Greet Kalo.", "input": "x"}], GREEDY)
+    with pytest.raises(mlflow.exceptions.MlflowException,
+                       match=r"^row 0: input is a int, expected a string"):
+        in_process.predict(pd.DataFrame({"category": ["c"], "context": [5],
+                                         "instruction": ["Greet Kalo."]}), GREEDY)
+
+
+def _post(server, body, **kw):
+    return requests.post(f"{server}/invocations", json=body, timeout=120, **kw)
+
+
+@pytest.mark.timeout(300)
+def test_two_column_requests_are_answered_by_name(server, in_process):
+    want = in_process.predict([{"instruction": r["instruction"], "input": r["context"]}
+                               for r in RECORDS], GREEDY)
+    cols = ["category", "context", "instruction", "response"]
+    bodies = [
+        {"dataframe_split": {"columns": cols, "data": [[r[c] for c in cols] for r in RECORDS]}},
+        {"dataframe_records": RECORDS},
+        {"inputs": [{"input": r["context"], "instruction": r["instruction"]} for r in RECORDS]},
+        {"inputs": {"instruction": [r["instruction"] for r in RECORDS],
+                    "context": [r["context"] for r in RECORDS]}},
+    ]
+    for body in bodies:
+        assert _answers(_post(server, {**body, "params": GREEDY}), 3) == want, body
+    # observable whatever the untrained model answers: which column is taken as what
+    cols = ["category", "context", "instruction"]
+    ok = _post(server, {"dataframe_split": {"columns": cols, "data": [[5, "x", "Greet Kalo."]]},
+                        "params": GREEDY})
+    assert ok.status_code == 200, ok.text[:300]  # a number as category: ignored
+    bad = _post(server, {"dataframe_split": {"columns": cols, "data": [["c", 5, "Greet Kalo."]]},
+                         "params": GREEDY})
+    assert bad.status_code == 400
+    assert bad.json()["message"].startswith("row 0: input is a int, expected a string")
+
+
+@pytest.mark.timeout(300)
+def test_null_and_blank_instructions_get_an_empty_answer(server):
+    body = {"inputs": [None, " \t\n", "", float("nan"), "Greet Kalo."], "params": GREEDY}
+    resp = _post(server, None, data=json.dumps(body),  # json.dumps writes NaN as JSON's NaN
+                 headers={"Content-Type": "application/json"})
+    assert _answers(resp, 5)[:4] == ["", "", "", ""]
+    body = {"dataframe_records": [{"instruction": None, "input": None}, {"input": "x",
+                                                                       "instruction": "\t"}]}
+    assert _answers(_post(server, {**body, "params": GREEDY}), 2) == ["", ""]
+
+
+REFUSED = {
+    "numbers": ({"inputs": [1, 2]},
+                "row 0: instruction is a int, expected a string (or null for no answer)"),
+    "a boolean record": ({"dataframe_records": [{"instruction": "Greet Kalo."},
+                                                {"instruction": True}]},
+                         "row 1: instruction is a bool, expected a string (or null for no answer)"),
+    "a list": ({"inputs": [{"instruction": ["Greet Mo."]}]},
+               "row 0: instruction is a list, expected a string (or null for no answer)"),
+    "a number input": ({"inputs": [{"instruction": "Greet Mo.", "context": 3}]},
+                       "row 0: input is a int, expected a string (or null for no input)"),
+    "temperature 0 with sampling is greedy, negative is not": (
+        {"inputs": ["Greet Kalo."], "params": {"temperature": -0.5, "do_sample": True}},
+        "temperature must be a number >= 0 (0 = greedy), got -0.5"),
+    "top_p above 1": ({"inputs": ["Greet Kalo."], "params": {"top_p": 1.5}},
+                      "top_p must be a number from 0 to 1, got 1.5"),
+    "top_p below 0": ({"inputs": ["Greet Kalo."], "params": {"top_p": -0.1}},
+                      "top_p must be a number from 0 to 1, got -0.1"),
+    "top_k negative": ({"inputs": ["Greet Kalo."], "params": {"top_k": -1}},
+                       "top_k must be an integer >= 0 (0 = off), got -1"),
+    "max_new_tokens a string": ({"inputs": ["Greet Kalo."], "params": {"max_new_tokens": "many"}},
+                                'max_new_tokens must be an integer >= 1, got "many"'),
+    "10 MB": ({"inputs": ["lapo " * 2_000_000]},
+              "request too large: 10000000 characters of instructions and inputs, the server "
+              "takes at most 2000000 per request"),
+    "an unknown field": ({"input": ["Greet Kalo."]}, "the body must be a JSON object with "
+                         "exactly one of ['inputs', 'instances', 'dataframe_split', "
+                         "'dataframe_records'] (and optionally params)"),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refusals_are_400_with_a_short_one_line_body(server, case):
+    body, message = REFUSED[case]
+    resp = _post(server, body)
+    assert resp.status_code == 400, (resp.status_code, resp.text[:500])
+    assert resp.json() == {"error_code": "INVALID_PARAMETER_VALUE", "message": message}
+    assert len(resp.content) < 400
+
+
+@pytest.mark.timeout(300)
+def test_error_bodies_carry_no_traceback_path_or_echo(server, tiny_model):
+    bodies = [b'{"inputs": ["Greet Kalo."', b"\xff\xfe", b"[1, 2]",
+              json.dumps({"dataframe_split": {"data": [[1]], "columns": ["a", "b"]}}).encode()]
+    for data in bodies:
+        resp = requests.post(f"{server}/invocations", data=data, timeout=60,
+                             headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400, (resp.status_code, resp.text[:300])
+        assert len(resp.content) < 400 and "Traceback" not in resp.text
+        assert not re.search(r"/[\w.-]+/[\w.-]+", resp.text), resp.text
+    resp = requests.post(f"{server}/invocations", data="instruction\n" + "x" * 100,
+                         headers={"Content-Type": "text/csv; charset=latin-1"}, timeout=60)
+    assert resp.status_code == 415 and len(resp.content) < 400
+    # the detail goes to the server's log instead
+    log = "".join(p.read_text() for p in tiny_model.root.glob("serve-*.log"))
+    assert "refused a request (INVALID_PARAMETER_VALUE)" in log
+
+
+@pytest.mark.timeout(300)
+def test_a_request_without_content_type_is_a_415_naming_the_types(server):
+    resp = requests.post(f"{server}/invocations", data=json.dumps({"inputs": ["Greet Kalo."]}),
+                         timeout=60)
+    assert resp.status_code == 415, (resp.status_code, resp.text[:300])
+    assert resp.json() == {"error_code": "BAD_REQUEST", "message": (
+        "no Content-Type header: send application/json, text/csv, "
+        "application/vnd.apache.parquet")}
+    _still_serving(server)
+
+
+@pytest.mark.timeout(300)
+def test_null_params_mean_the_default_and_temperature_0_is_greedy(server):
+    rows = ["Greet Kalo.", "Repeat the word bada."]
+    greedy = _answers(_post(server, {"inputs": rows, "params": GREEDY}), 2)
+    zero = _answers(_post(server, {"inputs": rows, "params": {"max_new_tokens": 4,
+                                                               "temperature": 0}}), 2)
+    assert zero == greedy
+    _answers(_post(server, {"inputs": rows, "params": {"max_new_tokens": 4, "do_sample": None,
+                                                        "top_p": None}}), 2)
