@@ -1,0 +1,151 @@
+"""The memory plan at GPT-J 6B's shape for every shipped GPU profile, with literal figures.
+
+GPT-J 6B (transformers' GPTJConfig() defaults): 6,050,882,784 parameters; the largest layer is
+the untied LM head, 4096 x 50,400 + 50,400 bias = 206,488,800. DeepSpeed's ZeRO-3 estimate per
+GPU: 4 x largest layer + 18 (no offload) / 2 (optimizer offload) / 0 (both offloaded) bytes per
+parameter / GPUs. Activations (16-bit) per layer: s*b*h*34 + 6*a*s^2*b; logits b*s*V*10.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dolly import memory_plan as mp
+from dolly.config import load_config
+from dolly.errors import DollyError
+
+GIB = 2**30
+PROFILES = "configs/gpt-j-6b-{}.yaml"
+
+
+@pytest.fixture(scope="module")
+def gptj6b():
+    return mp.model_shape(load_config(PROFILES.format("a100")))
+
+
+def _plan(name, shape, **overrides):
+    return mp.plan_for(load_config(PROFILES.format(name), overrides), shape=shape)
+
+
+def test_gptj_hub_id_offline_falls_back_to_gpt_j_6b(gptj6b):
+    assert gptj6b.n_params == 6_050_882_784
+    assert gptj6b.largest_layer_params == 206_488_800
+    assert (gptj6b.n_layer, gptj6b.hidden, gptj6b.n_head, gptj6b.vocab) == (28, 4096, 16, 50_400)
+    assert "GPTJConfig()" in gptj6b.source
+
+
+def test_formulas_by_hand(gptj6b):
+    s = mp.Setting(micro_batch=8, seq_len=1024, precision="bf16", gradient_checkpointing=True,
+                   offload_optimizer=False, offload_params=False, gpus_per_node=8, num_nodes=1)
+    # 4 * 206,488,800 + 18 * 6,050,882,784 / 8
+    assert mp.model_states(gptj6b, s)[0] == 825_955_200 + 13_614_486_264
+    # one layer: 1024*8*4096*34 + 6*16*1024^2*8
+    layer = 1_140_850_688 + 805_306_368
+    assert mp.layer_activation_bytes(gptj6b, 8, 1024, "bf16") == layer
+    assert mp.activation_bytes(gptj6b, 8, 1024, "bf16", False) == 28 * layer
+    assert mp.activation_bytes(gptj6b, 8, 1024, "bf16", True) == 2 * 1024 * 8 * 4096 * 28 + layer
+    assert mp.logits_bytes(gptj6b, 8, 1024, "bf16") == 8 * 1024 * 50_400 * 10
+
+
+# profile, GPUs per node -> model states, activations (no ckpt, ckpt), logits, CPU per node,
+# need, usable (bytes per GPU unless "per node"), fits
+EXPECTED = {
+    ("a100", 8): (14_440_441_464, 54_492_397_568, 3_825_205_248, 4_128_768_000, 9_911_462_400,
+                  22_394_414_712, 38_654_705_664, True),
+    ("a10", 4): (3_851_396_592, 27_246_198_784, 1_912_602_624, 2_064_384_000, 145_221_186_816,
+                 7_828_383_216, 21_743_271_936, True),
+    ("a10", 8): (2_338_675_896, 27_246_198_784, 1_912_602_624, 2_064_384_000, 145_221_186_816,
+                 6_315_662_520, 21_743_271_936, True),
+    ("v100", 8): (825_955_200, 13_623_099_392, 956_301_312, 1_032_192_000, 163_373_835_168,
+                  2_814_448_512, 15_268_608_737, True),
+    ("h100", 8): (14_440_441_464, 54_492_397_568, 3_825_205_248, 4_128_768_000, 9_911_462_400,
+                  73_061_607_032, 76_922_864_271, True),
+}
+
+
+@pytest.mark.parametrize("name,gpus", list(EXPECTED))
+def test_profile_plans(gptj6b, name, gpus):
+    plan = _plan(name, gptj6b, num_gpus=gpus)
+    states, no_ckpt, ckpt, logits, cpu, need, usable, fits = EXPECTED[(name, gpus)]
+    assert (plan.model_states, plan.activations_no_ckpt, plan.activations_ckpt, plan.logits,
+            plan.cpu_per_node, plan.need, plan.usable, plan.fits) == EXPECTED[(name, gpus)]
+    assert plan.verdict().startswith("verdict: fits: each of the")
+
+
+def test_dolly_setup_fits_a100_40gb_x8(gptj6b):
+    """Dolly v1 trained GPT-J 6B on 8x A100 40GB, micro-batch 8, bf16, checkpointing, no offload."""
+    plan = _plan("a100", gptj6b, num_gpus=8)
+    s = plan.setting
+    assert (s.gpus_per_node, s.micro_batch, s.seq_len, s.precision, s.gradient_checkpointing,
+            s.offload_optimizer, s.offload_params) == (8, 8, 1024, "bf16", True, False, False)
+    assert plan.gpu_memory == 40 * GIB and plan.fits is True
+    assert plan.verdict() == ("verdict: fits: each of the 8 GPUs needs 20.86 GiB of 36.00 GiB "
+                              "usable (40.00 GiB less 10% reserve)")
+
+
+def test_no_fit_names_the_knobs(gptj6b):
+    plan = _plan("a100", gptj6b, num_gpus=8, gradient_checkpointing=False)
+    assert plan.fits is False
+    assert plan.fixes == ["-P gradient_checkpointing=true",
+                          "-P per_device_batch_size=2 -P gradient_accumulation_steps=4"]
+    assert "does not fit: each of the 8 GPUs needs 68.04 GiB of 36.00 GiB" in plan.verdict()
+    # the shipped H100 profile's former micro-batch of 16 without checkpointing: H200 only
+    h100_16 = _plan("h100", gptj6b, num_gpus=8, per_device_batch_size=16,
+                    gradient_accumulation_steps=1)
+    assert h100_16.fits is False and round(h100_16.need / GIB, 2) == 122.64
+    assert h100_16.fixes[0] == "-P gradient_checkpointing=true"
+    h200 = _plan("h100", gptj6b, num_gpus=8, per_device_batch_size=16, gpu_memory_gb=140.4)
+    assert h200.fits is True
+
+
+def test_more_gpus_is_a_knob_when_states_dominate(gptj6b):
+    # one A10 cannot hold GPT-J 6B's states without offload; 2 nodes of 4 can
+    plan = _plan("a10", gptj6b, num_gpus=4, offload_optimizer=False, per_device_batch_size=1)
+    assert plan.fits is False
+    assert plan.fixes == ["-P offload_optimizer=true",
+                          "-P offload_optimizer=true -P offload_params=true",
+                          "-P num_nodes=2 (more GPUs: 8)"]
+
+
+def test_choose_picks_the_largest_micro_batch(gptj6b):
+    s = mp.setting_of(load_config(PROFILES.format("h100")), 1)
+    # one H200 (the GPU check): the whole 6B's states (101 GiB) leave room for a micro-batch of 2
+    on_h200 = mp.choose(gptj6b, s, int(140.4 * GIB))
+    assert (on_h200.micro_batch, on_h200.gradient_checkpointing) == (2, False)
+    tight = mp.choose(gptj6b, s, int(16 * GIB))
+    assert tight is None  # a whole 6B on one 16 GiB GPU without offload
+
+
+def test_require_fit_raises_one_line(gptj6b, monkeypatch):
+    monkeypatch.setattr(mp, "model_shape", lambda cfg: gptj6b)
+    cfg = load_config(PROFILES.format("a100"), {"gradient_checkpointing": False})
+    with pytest.raises(DollyError) as e:
+        mp.require_fit(cfg, gpus_per_node=8)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("memory plan: does not fit: each of the 8 GPUs needs 68.04 GiB")
+    assert "-P gradient_checkpointing=true" in msg and "-P plan_check=false" in msg
+    # the longest prepared record, not max_length, when the train step knows it
+    assert mp.require_fit(cfg, gpus_per_node=8, seq_len=256).fits is True
+    warned = mp.require_fit(dataclasses.replace(cfg, plan_check=False), gpus_per_node=8)
+    assert warned.fits is False
+
+
+def test_tiny_profile_and_a_local_folder(tmp_path):
+    tiny = mp.plan_for(load_config(None))
+    assert tiny.shape.source.startswith("tiny-gptj")
+    assert tiny.shape.vocab == 1024 and tiny.shape.n_layer == 4
+    assert tiny.fits is None and "gpu_memory_gb" in tiny.verdict()
+    from transformers import GPTJConfig
+
+    GPTJConfig(vocab_size=50_400, n_embd=64, n_layer=2, n_head=4, rotary_dim=16).save_pretrained(
+        tmp_path)
+    local = mp.plan_for(load_config(None, {"base_model": str(tmp_path), "tokenizer": ""}))
+    assert local.shape.source == f"{tmp_path}/config.json"
+    assert local.shape.vocab == 50_400 and local.shape.largest_layer_params == 64 * 50_400 + 50_400
+
+
+def test_unknown_model_offline_is_one_line(tmp_path):
+    with pytest.raises(DollyError, match="has no config.json"):
+        mp.plan_for(load_config(None, {"base_model": str(tmp_path), "tokenizer": ""}))
