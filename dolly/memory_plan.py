@@ -232,17 +232,24 @@ def _fixes(shape: ModelShape, s: Setting, gpu_memory: int) -> list[str]:
     return out
 
 
-def choose(shape: ModelShape, s: Setting, gpu_memory: int, largest: int = 64) -> Setting | None:
-    """The largest power-of-two micro-batch (<= `largest`) that fits, without gradient
-    checkpointing if any does, else with it; offload as in `s`. None when batch 1 does not fit."""
+def choose(shape: ModelShape, s: Setting, gpu_memory: int, largest: int = 64,
+           enough_tokens: int = 4096) -> Setting | None:
+    """The setting to train `shape` with on GPUs of `gpu_memory` bytes (offload as in `s`): the
+    largest power-of-two micro-batch (<= `largest`) without gradient checkpointing when it holds
+    at least `enough_tokens` tokens (micro-batch x seq_len; enough to keep a 4096-wide model's
+    matmuls large, an assumption bench/gpu_check.py measures), else the largest with
+    checkpointing if that is larger. None when a micro-batch of 1 does not fit."""
+    best = {}
     for ckpt in (False, True):
         b = largest
-        while b >= 1:
-            trial = dataclasses.replace(s, micro_batch=b, gradient_checkpointing=ckpt)
-            if _fits(shape, trial, gpu_memory):
-                return trial
+        while b >= 1 and not _fits(shape, dataclasses.replace(
+                s, micro_batch=b, gradient_checkpointing=ckpt), gpu_memory):
             b //= 2
-    return None
+        best[ckpt] = b
+    if best[True] < 1:
+        return None
+    ckpt = best[False] * s.seq_len < enough_tokens and best[True] > best[False]
+    return dataclasses.replace(s, micro_batch=best[ckpt], gradient_checkpointing=ckpt)
 
 
 # -------------------------------------------------------------------------- the model shape ---

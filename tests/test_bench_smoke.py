@@ -32,6 +32,11 @@ CASES = {
     "register_memory": (["--n-layer", "1", "--n-embd", "64", "--n-head", "4", "--rotary-dim", "16",
                          "--min-params", "0", "--no-baseline"],
                         ["model_bytes", "peak_rss_bytes", "peak_rss_over_model_bytes"]),
+    # the real rank code (dolly.training.train, ZeRO-3, 1 CPU rank) + both generation paths
+    "gpu_check": (["--smoke"],
+                  ["train_tokens_per_second_per_gpu", "padding_efficiency", "planned_gpu_gib",
+                   "final_loss", "micro_batch", "gen_rows_per_second", "gen_tokens_per_second",
+                   "gen_baseline_rows_per_second", "gen_speedup", "gen_agreement"]),
 }
 
 
@@ -73,3 +78,6 @@ def test_bench_script_ends_with_its_json(name, runs):
         assert result["errors"] == 0 and result["requests"] == 4
     if name == "scoring":
         assert result["rows"] == 4
+    if name == "gpu_check":  # both generation paths gave the same greedy answers
+        assert result["mode"] == "smoke" and result["gen_agreement"] == 1.0
+        assert result["gen_rows"] == 6 and result["timed_steps"] == 2

@@ -110,9 +110,12 @@ def test_more_gpus_is_a_knob_when_states_dominate(gptj6b):
 
 def test_choose_picks_the_largest_micro_batch(gptj6b):
     s = mp.setting_of(load_config(PROFILES.format("h100")), 1)
-    # one H200 (the GPU check): the whole 6B's states (101 GiB) leave room for a micro-batch of 2
+    # one H200 (the GPU check): the whole 6B's states (101 GiB) leave room for a micro-batch of
+    # 2 without checkpointing or 16 with it: 16 with checkpointing
     on_h200 = mp.choose(gptj6b, s, int(140.4 * GIB))
-    assert (on_h200.micro_batch, on_h200.gradient_checkpointing) == (2, False)
+    assert (on_h200.micro_batch, on_h200.gradient_checkpointing) == (16, True)
+    assert mp.choose(gptj6b, dataclasses.replace(s, seq_len=256), int(140.4 * GIB)) == \
+        dataclasses.replace(s, seq_len=256, micro_batch=16, gradient_checkpointing=False)
     tight = mp.choose(gptj6b, s, int(16 * GIB))
     assert tight is None  # a whole 6B on one 16 GiB GPU without offload
 
