@@ -148,7 +148,7 @@ def train_part(args, work: Path, gpu: bool) -> dict:
 
     from dolly import training
 
-    n = args.records or (64 if args.smoke else 16 * 64 * args.timed_steps)
+    n = args.records or (64 if args.smoke else 4 * 64 * args.timed_steps)
     cfg, prepared, _ = prepare(args, work, SMOKE if args.smoke else GPTJ_6B, n)
     from dolly.data import load_prepared
 

@@ -167,8 +167,8 @@ class Config:
 
     # --- memory plan (dolly/memory_plan.py; `mlflow run . -e plan`) ----------------------------
     gpu_memory_gb: float = _f(
-        0.0, "Memory of one GPU in GiB for the memory plan (nvidia-smi's total MiB / 1024); "
-        "0 = the visible GPU's.")
+        0.0, "Memory of one GPU in GiB for `-e plan` (nvidia-smi's total MiB / 1024); 0 = the "
+        "visible GPU's. The train step's check uses the GPU it runs on.")
     plan_check: bool = _f(
         True, "On GPUs, stop the train step before loading weights when the memory plan says "
         "the profile cannot fit (false: print a warning and try anyway).")

@@ -332,9 +332,10 @@ def setting_of(cfg: Config, gpus_per_node: int, seq_len: int | None = None) -> S
 
 
 def plan_for(cfg: Config, gpus_per_node: int | None = None, seq_len: int | None = None,
-             shape: ModelShape | None = None) -> MemoryPlan:
+             shape: ModelShape | None = None, prefer_visible: bool = False) -> MemoryPlan:
     """The plan of `cfg`: GPUs per node from the argument, `num_gpus`, the visible GPUs or 8;
-    GPU memory from `gpu_memory_gb` or the visible GPU; `seq_len` defaults to `max_length`."""
+    GPU memory from `gpu_memory_gb` or the visible GPU (the visible GPU first with
+    `prefer_visible`); `seq_len` defaults to `max_length`."""
     notes = []
     visible, visible_bytes = visible_gpu()
     if gpus_per_node is None:
@@ -346,10 +347,10 @@ def plan_for(cfg: Config, gpus_per_node: int | None = None, seq_len: int | None 
             gpus_per_node = DEFAULT_GPUS_PER_NODE
             notes.append(f"no GPU visible: planned for {gpus_per_node} GPUs per node "
                          "(-P num_gpus=N to change)")
-    if cfg.gpu_memory_gb > 0:
-        gpu_memory = int(cfg.gpu_memory_gb * GIB)
-    elif visible_bytes:
+    if visible_bytes and (prefer_visible or cfg.gpu_memory_gb <= 0):
         gpu_memory = visible_bytes
+    elif cfg.gpu_memory_gb > 0:
+        gpu_memory = int(cfg.gpu_memory_gb * GIB)
     else:
         gpu_memory = None
     if cfg.precision == "auto":
@@ -371,10 +372,11 @@ def require_fit(cfg: Config, gpus_per_node: int, seq_len: int | None = None) -> 
     it cannot fit on the visible GPU (or its offload does not fit this node's memory).
 
     `gpus_per_node`: the ranks this node starts; `seq_len`: the longest prepared record
-    (prepared summary `token_lengths.max`), default `max_length`. `plan_check=false` turns the
-    error into a printed warning. Returns the plan.
+    (prepared summary `token_lengths.max`), default `max_length`. The GPU's memory is the
+    visible GPU's (the profile's `gpu_memory_gb` only where none is visible). `plan_check=false`
+    turns the error into a printed warning. Returns the plan.
     """
-    plan = plan_for(cfg, gpus_per_node, seq_len)
+    plan = plan_for(cfg, gpus_per_node, seq_len, prefer_visible=True)
     problem = None
     if plan.fits is False:
         problem = plan.verdict().removeprefix("verdict: ")
