@@ -152,3 +152,13 @@ def test_tiny_profile_and_a_local_folder(tmp_path):
 def test_unknown_model_offline_is_one_line(tmp_path):
     with pytest.raises(DollyError, match="has no config.json"):
         mp.plan_for(load_config(None, {"base_model": str(tmp_path), "tokenizer": ""}))
+
+
+def test_train_check_uses_the_gpu_it_runs_on(gptj6b, monkeypatch):
+    """The profile says 40 GiB; on an 80 GiB A100 the train step's check plans for 80."""
+    monkeypatch.setattr(mp, "model_shape", lambda cfg: gptj6b)
+    monkeypatch.setattr(mp, "visible_gpu", lambda: (8, 80 * GIB))
+    cfg = load_config(PROFILES.format("a100"), {"gradient_checkpointing": False})
+    assert mp.plan_for(cfg, 8).gpu_memory == 40 * GIB  # the plan command: the profile's card
+    plan = mp.require_fit(cfg, gpus_per_node=8)
+    assert plan.gpu_memory == 80 * GIB and plan.fits is True
