@@ -8,17 +8,19 @@ Per GPU the plan adds three parts (bytes):
   `estimate_zero3_model_states_mem_needs_all_cold`), with the profile's offload settings and
   `zero_init=True` (the Trainer loads under `deepspeed.zero.Init`). It also gives the CPU memory
   per node that offload needs (1.5x buffer factor, DeepSpeed's default).
-- **Activations** kept for backward, for one micro-batch `b` of `s` tokens, after Korthikanti et
-  al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1: one
-  transformer layer keeps `s*b*h*(34 + 5*a*s/h)` bytes in 16-bit training (h = hidden size,
-  a = attention heads). The attention-score term is `6*a*s^2*b` here instead of `5*a*s^2*b`:
-  Hugging Face's GPT-J attention (eager; it has no SDPA path) runs the softmax in fp32 (4 bytes
-  kept) and keeps a 16-bit copy of the probabilities for the product with V (2 bytes), and has no
-  dropout mask (p = 0). The `34*s*b*h` term is kept as in the paper, an upper bound for GPT-J
-  (which has one LayerNorm per block and no dropout masks). Without recomputation a step keeps
-  `L` such layers; with gradient checkpointing (Korthikanti et al. section 4, full
-  recomputation) it keeps each layer's 16-bit input, `2*s*b*h*L`, plus one layer's full
-  activations while that layer is recomputed. fp32 training doubles every term.
+- **Activations** kept for backward, for one micro-batch `b` of `s` tokens, counted the way
+  Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+  section 4.1, eq. 1: `s*b*h*(34 + 5*a*s/h)` bytes per layer of a standard 16-bit block; h =
+  hidden size, a = attention heads) count them, redone for Hugging Face's GPT-J block (eager
+  attention; it has no SDPA path): `56*s*b*h + 6*a*s^2*b` bytes per layer. 56 = residual input 2
+  + LayerNorm output 2 (shared by attention and MLP: GPT-J's block is parallel) + query and key
+  upcast to fp32 8 + value 2 + attention output 2 + MLP (h -> 4h: fc_in output and the four
+  tensors of `gelu_new`'s tanh formula 32, fc_out input 8); 6*a*s^2 = fp32 softmax output 4 + its
+  16-bit copy 2 (no dropout mask: GPT-J's dropout is 0). tests/test_memory_plan.py checks this
+  against the tensors autograd actually saves. Without recomputation a step keeps `L` layers;
+  with gradient checkpointing (Korthikanti et al. section 4, full recomputation) it keeps each
+  layer's 16-bit input, `2*s*b*h*L`, plus one layer's activations while that layer is
+  recomputed. fp32 training doubles every term.
 - **Logits**: `b*s*V*10` bytes (V = vocabulary rows): the 16-bit logits (2), the fp32 copy
   transformers' causal-LM loss makes (4) and the fp32 log-softmax cross-entropy keeps (4).
 
@@ -133,7 +135,8 @@ class MemoryPlan:
             f"{s.micro_batch} x {s.seq_len} tokens, gradient checkpointing {ckpt}, offload {offload}",
             f"model states per GPU (DeepSpeed ZeRO-3 estimate): {_gib(self.model_states)}",
             f"activations per GPU: {_gib(self.activations_no_ckpt)} without gradient "
-            f"checkpointing, {_gib(self.activations_ckpt)} with it (Korthikanti et al. 2022); "
+            f"checkpointing, {_gib(self.activations_ckpt)} with it (after Korthikanti et al. "
+            f"2022); "
             f"logits and loss {_gib(self.logits)}",
             f"CPU memory per node (DeepSpeed estimate, offload {offload}): {_gib(self.cpu_per_node)}",
             *[f"note: {n}" for n in self.notes],
@@ -164,9 +167,9 @@ def model_states(shape: ModelShape, s: Setting) -> tuple[int, int]:
 
 
 def layer_activation_bytes(shape: ModelShape, b: int, s: int, precision: str) -> int:
-    """Bytes one GPT-J layer keeps for backward: s*b*h*34 + 6*a*s^2*b (x2 in fp32); see above."""
+    """Bytes one GPT-J layer keeps for backward: 56*s*b*h + 6*a*s^2*b (x2 in fp32); see above."""
     scale = 2 if precision == "fp32" else 1
-    return scale * (34 * s * b * shape.hidden + 6 * shape.n_head * s * s * b)
+    return scale * (56 * s * b * shape.hidden + 6 * shape.n_head * s * s * b)
 
 
 def activation_bytes(shape: ModelShape, b: int, s: int, precision: str,

@@ -18,7 +18,7 @@ def test_plan_entry_point_for_a10_x4(tracking_uri):
     assert "1 node(s) x 4 GPU(s), bf16, micro-batch 4 x 1024 tokens" in out
     assert "model states per GPU (DeepSpeed ZeRO-3 estimate): 3.59 GiB" in out
     assert "CPU memory per node (DeepSpeed estimate, offload optimizer): 135.25 GiB" in out
-    assert ("verdict: fits: each of the 4 GPUs needs 7.29 GiB of 20.25 GiB usable "
+    assert ("verdict: fits: each of the 4 GPUs needs 7.63 GiB of 20.25 GiB usable "
             "(22.50 GiB less 10% reserve)") in out
 
 
