@@ -119,7 +119,9 @@ class MemoryPlan:
                 f"({_gib(self.gpu_memory)} less {RESERVE_FRACTION:.0%} reserve)")
         if self.fits:
             return f"verdict: fits: {head}"
-        turn = "; or ".join(self.fixes) if self.fixes else "none of the single knobs is enough"
+        turn = "; or ".join(self.fixes) if self.fixes else (
+            "no single change fits: combine gradient checkpointing, a smaller micro-batch and "
+            "offload, or use GPUs with more memory")
         return f"verdict: does not fit: {head}; turn: {turn}"
 
     def lines(self) -> list[str]:

@@ -198,3 +198,14 @@ def test_layer_formula_is_what_autograd_saves(h, a, s, b):
     shape = mp.ModelShape(0, 0, 1, h, a, 1000)
     per_layer = saved_bytes(2) - saved_bytes(1)
     assert per_layer == pytest.approx(mp.layer_activation_bytes(shape, b, s, "bf16"), rel=0.01)
+
+
+def test_no_single_knob_says_so(gptj6b):
+    # one 16 GiB V100, micro-batch 8 without checkpointing: no single change is enough
+    plan = _plan("v100", gptj6b, num_gpus=1, gradient_checkpointing=False, offload_params=False,
+                 offload_optimizer=False, per_device_batch_size=8)
+    assert plan.fits is False
+    assert plan.fixes == []
+    assert plan.verdict().endswith("turn: no single change fits: combine gradient checkpointing, "
+                                   "a smaller micro-batch and offload, or use GPUs with more "
+                                   "memory")
