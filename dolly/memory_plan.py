@@ -272,7 +272,8 @@ def model_config(cfg: Config):
         return GPTJConfig(vocab_size=vocab, n_positions=cfg.tiny_n_positions,
                           n_embd=cfg.tiny_n_embd, n_layer=cfg.tiny_n_layer,
                           n_head=cfg.tiny_n_head, rotary_dim=cfg.tiny_rotary_dim,
-                          tie_word_embeddings=cfg.tiny_tie_embeddings), "tiny-gptj (tiny_* fields)"
+                          tie_word_embeddings=cfg.tiny_tie_embeddings, bos_token_id=None,
+                          eos_token_id=None), "tiny-gptj (tiny_* fields)"
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise DollyError(f"base_model '{name}' has no config.json")
