@@ -209,3 +209,18 @@ def test_no_single_knob_says_so(gptj6b):
     assert plan.verdict().endswith("turn: no single change fits: combine gradient checkpointing, "
                                    "a smaller micro-batch and offload, or use GPUs with more "
                                    "memory")
+
+
+def test_offload_needs_the_host_memory(gptj6b, monkeypatch):
+    monkeypatch.setattr(mp, "model_shape", lambda cfg: gptj6b)
+    monkeypatch.setattr(mp, "visible_gpu", lambda: (4, int(22.5 * GIB)))
+    monkeypatch.setattr(mp, "host_memory", lambda: 64 * GIB)
+    cfg = load_config(PROFILES.format("a10"))
+    with pytest.raises(DollyError) as e:
+        mp.require_fit(cfg, gpus_per_node=4)
+    assert str(e.value) == (
+        "memory plan: does not fit: offload needs 135.25 GiB of CPU memory per node, this node "
+        "has 64.00 GiB; turn: more nodes (-P num_nodes=N) or less offload "
+        "(-P plan_check=false to try anyway)")
+    monkeypatch.setattr(mp, "host_memory", lambda: 256 * GIB)
+    assert mp.require_fit(cfg, gpus_per_node=4).fits is True
