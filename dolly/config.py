@@ -234,6 +234,14 @@ class Config:
         steps=TRAIN, checkpoint=True,
     )
 
+    # --- memory plan (dolly/memory_plan.py; `mlflow run . -e plan`) ----------------------------
+    gpu_memory_gb: float = _f(
+        0.0, "Memory of one GPU in GiB for `-e plan` (nvidia-smi's total MiB / 1024); 0 = the "
+        "visible GPU's. The train step's check uses the GPU it runs on.")
+    plan_check: bool = _f(
+        True, "On GPUs, stop the train step before loading weights when the memory plan says "
+        "the profile cannot fit (false: print a warning and try anyway).")
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -281,6 +289,7 @@ class Config:
         _require(bool(self.model_name.strip()), "model_name", self.model_name, "must not be empty")
         _require(self.length_group_batches >= 1, "length_group_batches",
                  self.length_group_batches, "must be >= 1")
+        _require(self.gpu_memory_gb >= 0, "gpu_memory_gb", self.gpu_memory_gb, "must be >= 0")
 
     @property
     def test_count_or_fraction(self) -> float | int:

@@ -1,0 +1,226 @@
+"""The memory plan at GPT-J 6B's shape for every shipped GPU profile, with literal figures.
+
+GPT-J 6B (transformers' GPTJConfig() defaults): 6,050,882,784 parameters; the largest layer is
+the untied LM head, 4096 x 50,400 + 50,400 bias = 206,488,800. DeepSpeed's ZeRO-3 estimate per
+GPU: 4 x largest layer + 18 (no offload) / 2 (optimizer offload) / 0 (both offloaded) bytes per
+parameter / GPUs. Activations (16-bit) per layer: s*b*h*34 + 6*a*s^2*b; logits b*s*V*10.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dolly import memory_plan as mp
+from dolly.config import load_config
+from dolly.errors import DollyError
+
+GIB = 2**30
+PROFILES = "configs/gpt-j-6b-{}.yaml"
+
+
+@pytest.fixture(scope="module")
+def gptj6b():
+    return mp.model_shape(load_config(PROFILES.format("a100")))
+
+
+def _plan(name, shape, **overrides):
+    return mp.plan_for(load_config(PROFILES.format(name), overrides), shape=shape)
+
+
+def test_gptj_hub_id_offline_falls_back_to_gpt_j_6b(gptj6b):
+    assert gptj6b.n_params == 6_050_882_784
+    assert gptj6b.largest_layer_params == 206_488_800
+    assert (gptj6b.n_layer, gptj6b.hidden, gptj6b.n_head, gptj6b.vocab) == (28, 4096, 16, 50_400)
+    assert "GPTJConfig()" in gptj6b.source
+
+
+def test_formulas_by_hand(gptj6b):
+    s = mp.Setting(micro_batch=8, seq_len=1024, precision="bf16", gradient_checkpointing=True,
+                   offload_optimizer=False, offload_params=False, gpus_per_node=8, num_nodes=1)
+    # 4 * 206,488,800 + 18 * 6,050,882,784 / 8
+    assert mp.model_states(gptj6b, s)[0] == 825_955_200 + 13_614_486_264
+    # one layer: 1024*8*4096*56 + 6*16*1024^2*8
+    layer = 1_879_048_192 + 805_306_368
+    assert mp.layer_activation_bytes(gptj6b, 8, 1024, "bf16") == layer
+    assert mp.activation_bytes(gptj6b, 8, 1024, "bf16", False) == 28 * layer
+    assert mp.activation_bytes(gptj6b, 8, 1024, "bf16", True) == 2 * 1024 * 8 * 4096 * 28 + layer
+    assert mp.logits_bytes(gptj6b, 8, 1024, "bf16") == 8 * 1024 * 50_400 * 10
+
+
+# profile, GPUs per node -> model states, activations (no ckpt, ckpt), logits, CPU per node,
+# need, usable (bytes per GPU unless "per node"), fits
+EXPECTED = {
+    ("a100", 8): (14_440_441_464, 75_161_927_680, 4_563_402_752, 4_128_768_000, 9_911_462_400,
+                  23_132_612_216, 38_654_705_664, True),
+    ("a10", 4): (3_851_396_592, 37_580_963_840, 2_281_701_376, 2_064_384_000, 145_221_186_816,
+                 8_197_481_968, 21_743_271_936, True),
+    ("a10", 8): (2_338_675_896, 37_580_963_840, 2_281_701_376, 2_064_384_000, 145_221_186_816,
+                 6_684_761_272, 21_743_271_936, True),
+    ("v100", 8): (825_955_200, 18_790_481_920, 1_140_850_688, 1_032_192_000, 163_373_835_168,
+                  2_998_997_888, 15_268_608_737, True),
+    ("h100", 8): (14_440_441_464, 150_323_855_360, 9_126_805_504, 8_257_536_000, 9_911_462_400,
+                  31_824_782_968, 76_922_864_271, True),
+}
+
+
+@pytest.mark.parametrize("name,gpus", list(EXPECTED))
+def test_profile_plans(gptj6b, name, gpus):
+    plan = _plan(name, gptj6b, num_gpus=gpus)
+    states, no_ckpt, ckpt, logits, cpu, need, usable, fits = EXPECTED[(name, gpus)]
+    assert (plan.model_states, plan.activations_no_ckpt, plan.activations_ckpt, plan.logits,
+            plan.cpu_per_node, plan.need, plan.usable, plan.fits) == EXPECTED[(name, gpus)]
+    assert plan.verdict().startswith("verdict: fits: each of the")
+
+
+def test_dolly_setup_fits_a100_40gb_x8(gptj6b):
+    """Dolly v1 trained GPT-J 6B on 8x A100 40GB, micro-batch 8, bf16, checkpointing, no offload."""
+    plan = _plan("a100", gptj6b, num_gpus=8)
+    s = plan.setting
+    assert (s.gpus_per_node, s.micro_batch, s.seq_len, s.precision, s.gradient_checkpointing,
+            s.offload_optimizer, s.offload_params) == (8, 8, 1024, "bf16", True, False, False)
+    assert plan.gpu_memory == 40 * GIB and plan.fits is True
+    assert plan.verdict() == ("verdict: fits: each of the 8 GPUs needs 21.54 GiB of 36.00 GiB "
+                              "usable (40.00 GiB less 10% reserve)")
+
+
+def test_no_fit_names_the_knobs(gptj6b):
+    plan = _plan("a100", gptj6b, num_gpus=8, gradient_checkpointing=False)
+    assert plan.fits is False
+    assert plan.fixes == ["-P gradient_checkpointing=true",
+                          "-P per_device_batch_size=2 -P gradient_accumulation_steps=4"]
+    assert "does not fit: each of the 8 GPUs needs 87.29 GiB of 36.00 GiB" in plan.verdict()
+    # the shipped H100 profile without checkpointing: a micro-batch of 4 at most, even on an H200
+    h100 = _plan("h100", gptj6b, num_gpus=8, gradient_checkpointing=False)
+    assert h100.fits is False and round(h100.need / GIB, 2) == 161.14
+    assert h100.fixes == ["-P gradient_checkpointing=true",
+                          "-P per_device_batch_size=4 -P gradient_accumulation_steps=4"]
+    h200 = _plan("h100", gptj6b, num_gpus=8, gradient_checkpointing=False, gpu_memory_gb=140.4)
+    assert h200.fixes[1] == "-P per_device_batch_size=8 -P gradient_accumulation_steps=2"
+
+
+def test_more_gpus_is_a_knob_when_states_dominate(gptj6b):
+    # one A10 cannot hold GPT-J 6B's states without offload; 2 nodes of 4 can
+    plan = _plan("a10", gptj6b, num_gpus=4, offload_optimizer=False, per_device_batch_size=1)
+    assert plan.fits is False
+    assert plan.fixes == ["-P offload_optimizer=true",
+                          "-P offload_optimizer=true -P offload_params=true",
+                          "-P num_nodes=2 (more GPUs: 8)"]
+
+
+def test_choose_picks_the_largest_micro_batch(gptj6b):
+    s = mp.setting_of(load_config(PROFILES.format("h100")), 1)
+    # one H200 (the GPU check): the whole 6B's states (101 GiB) leave room for a micro-batch of
+    # 2 x 1024 tokens without checkpointing (< 4,096 tokens) or 16 with it: 16 with checkpointing
+    on_h200 = mp.choose(gptj6b, s, int(140.4 * GIB))
+    assert (on_h200.micro_batch, on_h200.gradient_checkpointing) == (16, True)
+    roomy = mp.choose(gptj6b, dataclasses.replace(s, seq_len=256), 400 * GIB)
+    assert (roomy.micro_batch, roomy.gradient_checkpointing) == (64, False)
+    tight = mp.choose(gptj6b, s, int(16 * GIB))
+    assert tight is None  # a whole 6B on one 16 GiB GPU without offload
+
+
+def test_require_fit_raises_one_line(gptj6b, monkeypatch):
+    monkeypatch.setattr(mp, "model_shape", lambda cfg: gptj6b)
+    cfg = load_config(PROFILES.format("a100"), {"gradient_checkpointing": False})
+    with pytest.raises(DollyError) as e:
+        mp.require_fit(cfg, gpus_per_node=8)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("memory plan: does not fit: each of the 8 GPUs needs 87.29 GiB")
+    assert "-P gradient_checkpointing=true" in msg and "-P plan_check=false" in msg
+    # the longest prepared record, not max_length, when the train step knows it
+    assert mp.require_fit(cfg, gpus_per_node=8, seq_len=256).fits is True
+    warned = mp.require_fit(dataclasses.replace(cfg, plan_check=False), gpus_per_node=8)
+    assert warned.fits is False
+
+
+def test_tiny_profile_and_a_local_folder(tmp_path):
+    tiny = mp.plan_for(load_config(None))
+    assert tiny.shape.source.startswith("tiny-gptj")
+    assert tiny.shape.vocab == 1024 and tiny.shape.n_layer == 4
+    assert tiny.fits is None and "gpu_memory_gb" in tiny.verdict()
+    from transformers import GPTJConfig
+
+    GPTJConfig(vocab_size=50_400, n_embd=64, n_layer=2, n_head=4, rotary_dim=16).save_pretrained(
+        tmp_path)
+    local = mp.plan_for(load_config(None, {"base_model": str(tmp_path), "tokenizer": ""}))
+    assert local.shape.source == f"{tmp_path}/config.json"
+    assert local.shape.vocab == 50_400 and local.shape.largest_layer_params == 64 * 50_400 + 50_400
+
+
+def test_unknown_model_offline_is_one_line(tmp_path):
+    with pytest.raises(DollyError, match="has no config.json"):
+        mp.plan_for(load_config(None, {"base_model": str(tmp_path), "tokenizer": ""}))
+
+
+def test_train_check_uses_the_gpu_it_runs_on(gptj6b, monkeypatch):
+    """The profile says 40 GiB; on an 80 GiB A100 the train step's check plans for 80."""
+    monkeypatch.setattr(mp, "model_shape", lambda cfg: gptj6b)
+    monkeypatch.setattr(mp, "visible_gpu", lambda: (8, 80 * GIB))
+    cfg = load_config(PROFILES.format("a100"), {"gradient_checkpointing": False,
+                                                 "per_device_batch_size": 4})
+    on_40 = mp.plan_for(cfg, 8)  # the plan command: the profile's card
+    assert on_40.gpu_memory == 40 * GIB and on_40.fits is False
+    plan = mp.require_fit(cfg, gpus_per_node=8)
+    assert plan.gpu_memory == 80 * GIB and plan.fits is True
+
+
+@pytest.mark.parametrize("h,a,s,b", [(512, 16, 64, 4), (256, 4, 256, 2)])
+def test_layer_formula_is_what_autograd_saves(h, a, s, b):
+    """The plan's bytes per GPT-J layer (56*s*b*h + 6*a*s^2*b in bf16) against the tensors
+    autograd keeps for backward in transformers' GPT-J: a 2-layer minus a 1-layer model."""
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    def saved_bytes(n_layer: int) -> int:
+        torch.manual_seed(0)
+        model = GPTJForCausalLM(GPTJConfig(
+            vocab_size=1000, n_embd=h, n_layer=n_layer, n_head=a, rotary_dim=16,
+            n_positions=1024, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+            pad_token_id=0)).to(torch.bfloat16).train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        weight_shapes = {tuple(p.shape) for p in model.parameters()} | {
+            tuple(p.shape[::-1]) for p in model.parameters()}  # a CPU matmul's transposed copy
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in weights and tuple(t.shape) not in weight_shapes:
+                storages[st.data_ptr()] = st.nbytes()
+            return t
+
+        ids = torch.randint(0, 1000, (b, s))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        return sum(storages.values())
+
+    shape = mp.ModelShape(0, 0, 1, h, a, 1000)
+    per_layer = saved_bytes(2) - saved_bytes(1)
+    assert per_layer == pytest.approx(mp.layer_activation_bytes(shape, b, s, "bf16"), rel=0.01)
+
+
+def test_no_single_knob_says_so(gptj6b):
+    # one 16 GiB V100, micro-batch 8 without checkpointing: no single change is enough
+    plan = _plan("v100", gptj6b, num_gpus=1, gradient_checkpointing=False, offload_params=False,
+                 offload_optimizer=False, per_device_batch_size=8)
+    assert plan.fits is False
+    assert plan.fixes == []
+    assert plan.verdict().endswith("turn: no single change fits: combine gradient checkpointing, "
+                                   "a smaller micro-batch and offload, or use GPUs with more "
+                                   "memory")
+
+
+def test_offload_needs_the_host_memory(gptj6b, monkeypatch):
+    monkeypatch.setattr(mp, "model_shape", lambda cfg: gptj6b)
+    monkeypatch.setattr(mp, "visible_gpu", lambda: (4, int(22.5 * GIB)))
+    monkeypatch.setattr(mp, "host_memory", lambda: 64 * GIB)
+    cfg = load_config(PROFILES.format("a10"))
+    with pytest.raises(DollyError) as e:
+        mp.require_fit(cfg, gpus_per_node=4)
+    assert str(e.value) == (
+        "memory plan: does not fit: offload needs 135.25 GiB of CPU memory per node, this node "
+        "has 64.00 GiB; turn: more nodes (-P num_nodes=N) or less offload "
+        "(-P plan_check=false to try anyway)")
+    monkeypatch.setattr(mp, "host_memory", lambda: 256 * GIB)
+    assert mp.require_fit(cfg, gpus_per_node=4).fits is True
