@@ -237,10 +237,10 @@ class Config:
     # --- memory plan (dolly/memory_plan.py; `mlflow run . -e plan`) ----------------------------
     gpu_memory_gb: float = _f(
         0.0, "Memory of one GPU in GiB for `-e plan` (nvidia-smi's total MiB / 1024); 0 = the "
-        "visible GPU's. The train step's check uses the GPU it runs on.")
+        "visible GPU's. The train step's check uses the GPU it runs on.", steps=())
     plan_check: bool = _f(
         True, "On GPUs, stop the train step before loading weights when the memory plan says "
-        "the profile cannot fit (false: print a warning and try anyway).")
+        "the profile cannot fit (false: print a warning and try anyway).", steps=())
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

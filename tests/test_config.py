@@ -105,7 +105,8 @@ def test_derived_field_lists():
         "seed", "base_model", "tiny_n_layer", "tiny_n_embd", "tiny_n_head", "tiny_rotary_dim",
         "tiny_n_positions", "tiny_tie_embeddings", "trust_remote_code")
     assert fields_where(step="register") == tuple(
-        n for n in fields_where() if n not in ("profile", "experiment_name", "spark_master"))
+        n for n in fields_where()
+        if n not in ("profile", "experiment_name", "spark_master", "gpu_memory_gb", "plan_check"))
     assert "eval_limit" not in fields_where(step="train")
     assert fields_where(step="batch_score") == ("model_name", "champion_alias", "spark_master")
 
