@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, fresh_store, mlflow_run, project_env, tracking_to
-from dolly import training
+from dolly import launch
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -27,7 +27,7 @@ TRAIN.update(per_device_batch_size=8, logging_steps=1, save_steps=4, eval_steps=
              warmup_steps=0, learning_rate=3e-3, rank_timeout_s=60)
 
 # not 29500: other test sessions on this machine may train at the same time
-TRAIN["master_port"] = training._free_port()
+TRAIN["master_port"] = launch._free_port()
 
 
 @dataclass
@@ -233,7 +233,7 @@ def test_two_nodes_of_one_rank_train_the_same_weights_as_one_node_of_two(runs, t
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
 
-    port = training._free_port()
+    port = launch._free_port()
     nodes = []
     for rank in (0, 1):
         log = (tmp_path / f"node{rank}.log").open("w")
@@ -297,13 +297,13 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     monkeypatch.chdir(ROOT)
     out = tmp_path / "out"
     cfg = load_config(None, {"output_dir": out, "num_gpus": 0})
-    first = training.plan(cfg, fake_prepared)
+    first = launch.plan(cfg, fake_prepared)
     assert first.resumed_from is None and first.cfg.resume == "never"
     with socket.socket() as busy:  # a port another run holds: one node picks a free one
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        moved = training.plan(load_config(None, {"output_dir": tmp_path / "p", "num_gpus": 0,
+        moved = launch.plan(load_config(None, {"output_dir": tmp_path / "p", "num_gpus": 0,
                                                  "master_port": port}), fake_prepared)
     assert moved.cfg.master_port != port and any("in use" in n for n in moved.notes)
     assert (first.world_size, first.cfg.precision) == (2, "fp32")
@@ -311,18 +311,18 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     _checkpoint(out, 8, complete=False)  # killed while saving
     (out / "train_result.json").write_text("{}")
 
-    again = training.plan(cfg, fake_prepared)  # same data and settings: continue
+    again = launch.plan(cfg, fake_prepared)  # same data and settings: continue
     assert again.resumed_from == str(out / "checkpoint-4") == again.cfg.resume
     assert not (out / "train_result.json").exists()  # a stale result is never reported
 
-    other = training.plan(load_config(None, {"output_dir": out, "num_gpus": 0,
+    other = launch.plan(load_config(None, {"output_dir": out, "num_gpus": 0,
                                              "learning_rate": 5e-4}), fake_prepared)
     assert other.resumed_from is None
     assert any("learning_rate: 0.001 -> 0.0005" in n for n in other.notes), other.notes
     assert not list(out.glob("checkpoint-*"))  # they would outrank the new run's checkpoints
 
     _checkpoint(out, 2)
-    assert training.plan(load_config(None, {"output_dir": out, "num_gpus": 0,
+    assert launch.plan(load_config(None, {"output_dir": out, "num_gpus": 0,
                                             "learning_rate": 5e-4, "resume": "never"}),
                          fake_prepared).resumed_from is None
     assert not list(out.glob("checkpoint-*"))
@@ -335,22 +335,24 @@ def test_launch_commands_single_and_multi_node(fake_prepared, tmp_path, monkeypa
     from dolly.config import load_config
 
     monkeypatch.chdir(ROOT)
-    one = training.plan(load_config(None, {"output_dir": tmp_path / "a", "num_gpus": 0}),
+    one = launch.plan(load_config(None, {"output_dir": tmp_path / "a", "num_gpus": 0}),
                         fake_prepared)
-    cmd = training.launch_command(one, fake_prepared, "runs:/x/prepared")
+    cmd = launch.launch_command(one, fake_prepared, "runs:/x/prepared")
     assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]
     info = json.loads(base64.urlsafe_b64decode(cmd[4].split("=", 1)[1]))
     assert info == {"localhost": [0, 1]} and "--node_rank=0" in cmd and "--no_local_rank" in cmd
     assert cmd[cmd.index("--module") + 1] == "dolly.training"
+    assert cmd[cmd.index("--device") + 1] == "cpu"  # the parent's decision, passed on
     sent = json.loads(base64.urlsafe_b64decode(cmd[cmd.index("--config_b64") + 1]))
     assert sent["precision"] == "fp32" and sent["resume"] == "never"
+    assert launch.decode_config(cmd[cmd.index("--config_b64") + 1]) == one.cfg
 
     # nodes started one by one: the same world on every node, this node's rank
-    two = training.plan(load_config(None, {"output_dir": tmp_path / "b", "num_gpus": 0,
+    two = launch.plan(load_config(None, {"output_dir": tmp_path / "b", "num_gpus": 0,
                                            "num_nodes": 2, "node_rank": 1,
                                            "master_addr": "10.0.0.1"}), fake_prepared)
     assert two.world_size == 4
-    cmd = training.launch_command(two, fake_prepared, "runs:/x/prepared")
+    cmd = launch.launch_command(two, fake_prepared, "runs:/x/prepared")
     info = json.loads(base64.urlsafe_b64decode(cmd[4].split("=", 1)[1]))
     assert info == {"node0": [0, 1], "node1": [0, 1]}
     assert "--node_rank=1" in cmd and "--master_addr=10.0.0.1" in cmd
@@ -358,11 +360,11 @@ def test_launch_commands_single_and_multi_node(fake_prepared, tmp_path, monkeypa
     # a hostfile: DeepSpeed's runner reaches every node from this one
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-1 slots=8\nworker-2 slots=8\n")
-    p = training.Plan(load_config(None, {"hostfile": hostfile, "num_nodes": 2}), True, 8, 16,
+    p = launch.Plan(load_config(None, {"hostfile": hostfile, "num_nodes": 2}), True, 8, 16,
                       None, [])
-    cmd = training.launch_command(p, fake_prepared, "runs:/x/prepared")
+    cmd = launch.launch_command(p, fake_prepared, "runs:/x/prepared")
     assert cmd[3] == "deepspeed.launcher.runner"
     assert cmd[cmd.index("--hostfile") + 1] == str(hostfile)
     assert cmd[cmd.index("--num_nodes") + 1] == "2" and "--master_addr" not in cmd
-    assert training._hostfile_world_size(load_config(None, {"hostfile": hostfile,
+    assert launch._hostfile_world_size(load_config(None, {"hostfile": hostfile,
                                                             "num_nodes": 2, "num_gpus": 4})) == 8
