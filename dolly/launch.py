@@ -53,6 +53,7 @@ class Plan:
     world_size: int
     resumed_from: str | None   # checkpoint path or None
     notes: list[str]
+    load_universal: bool = False  # resumed_from is a universal checkpoint (another world size)
 
 
 # --- the config across the process boundary (one pair, easy to swap) ---------------------------
@@ -134,10 +135,30 @@ def fingerprint(cfg: Config, data_hash: str, world_size: int, precision: str) ->
     return fields
 
 
+def _spark_world(cfg: Config, gpus: list[int]) -> tuple[bool, int, int]:
+    """(gpu, ranks per node, world size) on Spark executors: num_gpus > 0 means GPU executors
+    even when this driver has none; -1 follows this machine's GPUs; else CPU ranks."""
+    if cfg.hostfile:
+        raise ConfigError("config key 'hostfile': launcher=spark places the ranks on Spark "
+                          "executors; leave hostfile empty")
+    if cfg.node_rank != 0:
+        raise ConfigError("config key 'node_rank': launcher=spark starts every node from this "
+                          "one; leave node_rank at 0")
+    per_node = cfg.num_gpus if cfg.num_gpus > 0 else len(gpus)
+    if per_node:
+        return True, per_node, per_node * cfg.num_nodes
+    return False, cfg.cpu_ranks, cfg.cpu_ranks * cfg.num_nodes
+
+
 def _world(cfg: Config, notes: list[str]) -> tuple[bool, int, int]:
-    """(gpu, processes per node, world size) for the DeepSpeed launcher."""
+    """(gpu, processes per node, world size) for the launcher."""
     gpus = _visible_gpus() if cfg.num_gpus != 0 else []
     gpu = bool(gpus)
+    if cfg.launcher == "spark":
+        gpu, procs, world = _spark_world(cfg, gpus)
+        if not gpu and (cfg.offload_optimizer or cfg.offload_params):
+            notes.append("offload settings ignored: training already runs on CPU")
+        return gpu, procs, world
     if cfg.hostfile:
         gpu = cfg.num_gpus != 0  # the nodes of a hostfile are GPU nodes
         return gpu, cfg.num_gpus if cfg.num_gpus > 0 else max(len(gpus), 1), \
@@ -169,7 +190,9 @@ def plan(cfg: Config, prepared: Path) -> Plan:
     """Devices, precision, world size and the resume decision; prepares output_dir.
 
     Raises ConfigError for settings that cannot run here (missing or non-stage-3 DeepSpeed
-    config, more GPUs than visible, fp16 on CPU, a `resume` path that is no checkpoint).
+    config, more GPUs than visible, fp16 on CPU, a `resume` path that is no checkpoint) and,
+    before anything in output_dir changes, when resume=auto finds checkpoints of other settings;
+    DollyError when a checkpoint of another world size cannot be converted.
     """
     from dolly import data
 
@@ -179,32 +202,37 @@ def plan(cfg: Config, prepared: Path) -> Plan:
     gpu, procs, world = _world(cfg, notes)
     precision = resolve_precision(cfg, gpu)
     port = cfg.master_port
-    if cfg.num_nodes == 1 and not cfg.hostfile and not _port_free(port):
+    if cfg.launcher == "deepspeed" and cfg.num_nodes == 1 and not cfg.hostfile and \
+            not _port_free(port):
         port = _free_port()  # another run on this machine holds it; one node needs no fixed port
         notes.append(f"master_port {cfg.master_port} is in use on this machine: using {port}")
 
     out = Path(cfg.output_dir)
+    if cfg.launcher == "spark":  # executors do not share this process's working directory
+        out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, summary.get("data_hash", ""), world, precision)
     fp_file = out / FINGERPRINT_FILE
     old = json.loads(fp_file.read_text()) if fp_file.is_file() else None
-    if cfg.resume not in ("auto", "never") and not (
-            Path(cfg.resume) / "trainer_state.json").is_file():
-        raise ConfigError(f"config key 'resume': '{cfg.resume}' is not a checkpoint folder "
-                          "(no trainer_state.json)")
+    explicit = None if cfg.resume in ("auto", "never") else checkpoints.read_checkpoint(cfg.resume)
     decision = checkpoints.decide_resume(cfg.resume, checkpoints.find_checkpoints(out), old, fp,
-                                         str(out))
+                                         str(out), explicit)
+    if decision.refuse:
+        raise ConfigError(decision.refuse)
     notes.extend(decision.notes)
     checkpoints.apply(decision)
+    resume_from = decision.resume_from
+    if decision.universal:
+        resume_from = str(checkpoints.to_universal(checkpoints.read_checkpoint(resume_from), out))
     for leftover in (out / FINAL_DIR, out / RESULT_FILE):  # never report a previous run's result
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         elif leftover.exists():
             leftover.unlink(missing_ok=True)
     fp_file.write_text(json.dumps(fp, indent=2, sort_keys=True))
-    resolved = dataclasses.replace(cfg, precision=precision,
-                                   resume=decision.resume_from or "never", master_port=port)
-    return Plan(resolved, gpu, procs, world, decision.resume_from, notes)
+    resolved = dataclasses.replace(cfg, precision=precision, resume=resume_from or "never",
+                                   master_port=port, output_dir=str(out))
+    return Plan(resolved, gpu, procs, world, resume_from, notes, decision.universal)
 
 
 @contextmanager
@@ -231,7 +259,8 @@ def exclusive(cfg: Config) -> Iterator[None]:
 def rank_args(p: Plan, prepared: Path, prepared_uri: str) -> list[str]:
     """The arguments of `python -m dolly.training` (every launcher passes the same)."""
     return ["--config_b64", encode_config(p.cfg), "--device", "gpu" if p.gpu else "cpu",
-            "--prepared", str(Path(prepared).resolve()), "--prepared_uri", prepared_uri]
+            "--prepared", str(Path(prepared).resolve()), "--prepared_uri", prepared_uri] + (
+        ["--load_universal"] if p.load_universal else [])
 
 
 def launch_command(p: Plan, prepared: Path, prepared_uri: str) -> list[str]:
@@ -275,7 +304,12 @@ def rank_env(p: Plan, run_id: str | None, tracking_uri: str | None) -> dict[str,
 
 def launch(p: Plan, prepared: Path, prepared_uri: str, run_id: str | None = None,
            tracking_uri: str | None = None) -> int:
-    """Run this node's ranks to the end; the launcher's exit code (0 = every rank succeeded)."""
+    """Run this node's ranks to the end; the launcher's exit code (0 = every rank succeeded).
+    With launcher=spark the ranks run as a Spark barrier job (dolly.spark_launch)."""
+    if p.cfg.launcher == "spark":
+        from dolly import spark_launch
+
+        return spark_launch.launch(p, prepared, prepared_uri, run_id, tracking_uri)
     proc = subprocess.Popen(launch_command(p, prepared, prepared_uri),
                             env=rank_env(p, run_id, tracking_uri))
 

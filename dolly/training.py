@@ -1,6 +1,7 @@
 """The train step's rank side: one process per rank, started by dolly.launch.
 
-`python -m dolly.training --config_b64 ... --device gpu|cpu --prepared ...` runs the Hugging Face
+`python -m dolly.training --config_b64 ... --device gpu|cpu --prepared ...` (the DeepSpeed
+launcher) or `torchrun .../dolly/training.py ...` (launcher=spark) runs the Hugging Face
 Trainer with DeepSpeed ZeRO-3, completion-only labels (dolly.collator), length-grouped batches
 (dolly.batching), and rank 0 logging to the parent's MLflow run through the client API (it never
 starts, resumes or ends a run). At the end all ranks take part in gathering the consolidated
@@ -10,14 +11,19 @@ is the parent's decision (`--device`); a rank never decides it again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+import threading
 import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+if __name__ == "__main__" and not __package__:  # run as a file (torchrun under Spark):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the project, not dolly/, on the path
 
 from dolly.config import Config
 from dolly.errors import DollyError
@@ -50,8 +56,9 @@ def _cpu_deepspeed_state(timeout_s: int) -> None:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
-def deepspeed_config(cfg: Config, gpu: bool) -> dict[str, Any]:
-    """The ZeRO-3 JSON ("auto" values filled by the Trainer) plus offload from the config.
+def deepspeed_config(cfg: Config, gpu: bool, load_universal: bool = False) -> dict[str, Any]:
+    """The ZeRO-3 JSON ("auto" values filled by the Trainer) plus offload from the config, and
+    `checkpoint.load_universal` when the resumed checkpoint is a universal one.
 
     The JSON names no optimizer or scheduler: the Trainer's torch AdamW and its schedule
     (cosine, linear, ...) are used, which need no compiled op. With optimizer offload DeepSpeed's
@@ -71,10 +78,12 @@ def deepspeed_config(cfg: Config, gpu: bool) -> dict[str, Any]:
         # tiny profile from 1.36 to 1.16 s/step (2 ranks, 2 cores), with the same loss.
         zero.update(overlap_comm=False, reduce_bucket_size=500_000_000,
                     stage3_prefetch_bucket_size=500_000_000)
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds
 
 
-def training_arguments(cfg: Config, gpu: bool):
+def training_arguments(cfg: Config, gpu: bool, load_universal: bool = False):
     from transformers import TrainingArguments
 
     extra = {} if gpu else {"accelerator_config": {"use_configured_state": True}}
@@ -107,7 +116,7 @@ def training_arguments(cfg: Config, gpu: bool):
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        deepspeed=deepspeed_config(cfg, gpu),
+        deepspeed=deepspeed_config(cfg, gpu, load_universal),
         ddp_timeout=cfg.rank_timeout_s,
         remove_unused_columns=False,  # the collator needs response_start
         dataloader_num_workers=0,
@@ -159,9 +168,11 @@ def probe_loss(engine, collator, records: Records, device) -> float:
         return float(engine(**batch).loss.float().item())
 
 
-def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "") -> dict[str, Any] | None:
-    """One rank's whole job on the device the parent chose (`gpu`). Returns the result on
-    rank 0 (None elsewhere). Raises DollyError when told to use a GPU this rank cannot see."""
+def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
+          load_universal: bool = False) -> dict[str, Any] | None:
+    """One rank's whole job on the device the parent chose (`gpu`); `load_universal`: resume
+    cfg.resume as a universal checkpoint. Returns the result on rank 0 (None elsewhere).
+    Raises DollyError when told to use a GPU this rank cannot see."""
     import torch
     from transformers import GenerationConfig
 
@@ -180,7 +191,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "") -> dict[str,
         raise DollyError(f"rank {rank} was started for a GPU but sees none")
     if not gpu:
         _cpu_deepspeed_state(cfg.rank_timeout_s)
-    args = training_arguments(cfg, gpu)  # before the model: ZeRO-3 partitions it while loading
+    args = training_arguments(cfg, gpu, load_universal)  # before the model: ZeRO-3 partitions it while loading
 
     tok = load_tokenizer(str(prepared / "tokenizer"))
     tok.padding_side = "left"  # what batched generation from the saved model needs;
@@ -246,6 +257,21 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "") -> dict[str,
     return result
 
 
+def _exit_with_parent(rank: int) -> None:
+    """End this process when its launcher (torchrun) is gone: pyspark's distributor does not end
+    ranks left behind when its Spark task is killed."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        print(f"\nrank {rank} failed: its launcher (pid {parent}) is gone", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m dolly.training",
                                  description="One rank of the train step (started by the launcher).")
@@ -255,21 +281,41 @@ def main(argv: list[str]) -> None:
                     help="the parent's decision: GPU ranks (NCCL) or CPU ranks (gloo)")
     ap.add_argument("--prepared", required=True, help="local prepared/ folder")
     ap.add_argument("--prepared_uri", default="", help="fetched on nodes that lack --prepared")
+    ap.add_argument("--load_universal", action="store_true",
+                    help="the resume checkpoint is in DeepSpeed's universal format")
+    ap.add_argument("--mlflow_run_id", default="",
+                    help="rank 0 logs into this run (default: $MLFLOW_RUN_ID)")
+    ap.add_argument("--mlflow_tracking_uri", default="",
+                    help="the run's tracking store (default: $MLFLOW_TRACKING_URI)")
+    ap.add_argument("--exit_with_parent", action="store_true",
+                    help="end this rank when its launcher process is gone (launcher=spark)")
+    # pyspark's DeepspeedTorchDistributor appends these two: ZeRO is always on, and the JSON it
+    # names is the config's own deepspeed_config file (the parent passes its absolute path)
+    ap.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--deepspeed_config", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     cfg = decode_config(a.config_b64)
+    if a.deepspeed_config:
+        cfg = dataclasses.replace(cfg, deepspeed_config=a.deepspeed_config)
     run_id = os.environ.pop("MLFLOW_RUN_ID", "")  # nothing in this process may resume the run
+    run_id = a.mlflow_run_id or run_id
+    if a.mlflow_tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = a.mlflow_tracking_uri
     gpu = a.device == "gpu"
     if not gpu:  # before DeepSpeed is imported: it picks its accelerator once
         os.environ["DS_ACCELERATOR"] = "cpu"
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks on a GPU machine (num_gpus=0)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rank = int(os.environ.get("RANK", "0"))
+    if a.exit_with_parent:
+        _exit_with_parent(rank)
     prepared = Path(a.prepared)
     if not prepared.is_dir() and a.prepared_uri:
         from dolly import tracking
 
         prepared = tracking.local_path(a.prepared_uri, "prepared data")
-    rank = int(os.environ.get("RANK", "0"))
     try:
-        train(cfg, prepared, gpu, run_id if rank == 0 else "")
+        train(cfg, prepared, gpu, run_id if rank == 0 else "", a.load_universal)
     except BaseException as e:
         print(f"\nrank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise

@@ -23,7 +23,8 @@ def main(argv: list[str]) -> None:
         tracking.log_config(plan.cfg)
         mlflow.log_param("prepared", inputs["prepared"][:500])
         print(f"train: {plan.world_size} rank(s) ({'GPU' if plan.gpu else 'CPU, gloo'}), "
-              f"{plan.cfg.precision}, ZeRO-3; output in {plan.cfg.output_dir}", flush=True)
+              f"{plan.cfg.precision}, ZeRO-3, {plan.cfg.launcher} launcher; output in "
+              f"{plan.cfg.output_dir}", flush=True)
         code = launch.launch(plan, prepared, inputs["prepared"], run.info.run_id,
                                mlflow.get_tracking_uri())
         if code != 0:
