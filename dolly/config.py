@@ -242,6 +242,16 @@ class Config:
         True, "On GPUs, stop the train step before loading weights when the memory plan says "
         "the profile cannot fit (false: print a warning and try anyway).", steps=())
 
+    # --- launching on Spark (added by the train step) --------------------------------------
+    launcher: str = _f(
+        "deepspeed",
+        "How the train step starts its ranks: 'deepspeed' (the DeepSpeed launcher: this node, "
+        "a hostfile, or nodes started one by one) or 'spark' (a Spark barrier job through "
+        "pyspark's DeepspeedTorchDistributor on the active session or one built from "
+        "spark_master: num_gpus x num_nodes GPU ranks, or cpu_ranks x num_nodes CPU ranks).",
+        ("deepspeed", "spark"), steps=(),  # same weights either way (a test compares them)
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")

@@ -9,22 +9,23 @@ from pathlib import Path
 
 import mlflow
 
-from dolly import cli, registry, tracking, training
+from dolly import cli, launch, registry, tracking
 from dolly.errors import DollyError
 
 
 def main(argv: list[str]) -> None:
     cfg, inputs = cli.parse(argv, {"prepared": None})
-    with mlflow.start_run() as run, training.exclusive(cfg):
+    with mlflow.start_run() as run, launch.exclusive(cfg):
         prepared = tracking.local_path(inputs["prepared"], "prepared data")
-        plan = training.plan(cfg, prepared)
+        plan = launch.plan(cfg, prepared)
         for note in plan.notes:
             print(f"train: {note}", flush=True)
         tracking.log_config(plan.cfg)
         mlflow.log_param("prepared", inputs["prepared"][:500])
         print(f"train: {plan.world_size} rank(s) ({'GPU' if plan.gpu else 'CPU, gloo'}), "
-              f"{plan.cfg.precision}, ZeRO-3; output in {plan.cfg.output_dir}", flush=True)
-        code = training.launch(plan, prepared, inputs["prepared"], run.info.run_id,
+              f"{plan.cfg.precision}, ZeRO-3, {plan.cfg.launcher} launcher; output in "
+              f"{plan.cfg.output_dir}", flush=True)
+        code = launch.launch(plan, prepared, inputs["prepared"], run.info.run_id,
                                mlflow.get_tracking_uri())
         if code != 0:
             raise DollyError(f"training failed: the launcher exited with code {code} "
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> None:
         if plan.cfg.node_rank != 0:
             print("train: this node's ranks finished; node 0 logs the model", flush=True)
             return
-        result = training.read_result(plan.cfg)
+        result = launch.read_result(plan.cfg)
         mlflow.log_metric("resumed_from_step", result["resumed_from_step"])
         model_uri = registry.log_model(Path(result["final_dir"]), plan.cfg)
         mlflow.set_tag("model_uri", model_uri)

@@ -106,7 +106,8 @@ def test_derived_field_lists():
         "tiny_n_positions", "tiny_tie_embeddings", "trust_remote_code")
     assert fields_where(step="register") == tuple(
         n for n in fields_where()
-        if n not in ("profile", "experiment_name", "spark_master", "gpu_memory_gb", "plan_check"))
+        if n not in ("profile", "experiment_name", "spark_master", "gpu_memory_gb", "plan_check",
+                     "launcher"))
     assert "eval_limit" not in fields_where(step="train")
     assert fields_where(step="batch_score") == ("model_name", "champion_alias", "spark_master")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, fresh_store, mlflow_run, project_env, tracking_to
-from dolly import training
+from dolly import launch
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -27,7 +28,7 @@ TRAIN.update(per_device_batch_size=8, logging_steps=1, save_steps=4, eval_steps=
              warmup_steps=0, learning_rate=3e-3, rank_timeout_s=60)
 
 # not 29500: other test sessions on this machine may train at the same time
-TRAIN["master_port"] = training._free_port()
+TRAIN["master_port"] = launch._free_port()
 
 
 @dataclass
@@ -222,23 +223,53 @@ def test_a_dying_rank_ends_the_step_quickly_and_a_rerun_resumes(runs, tmp_path):
     print(f"rerun resumed from step {last}, finished at step {result['global_step']}")
 
 
-def test_two_nodes_of_one_rank_train_the_same_weights_as_one_node_of_two(runs, tmp_path):
-    """ZeRO-3 over 2 "machines" (two train steps, node_rank 0 and 1, on loopback, each with its
-    own output folder) ends with the weights 1 node x 2 ranks gets from the same data and seed."""
+SIX = dict(max_steps=6, eval_steps=0, save_steps=0)  # the runs whose weights are compared
+
+
+@pytest.fixture(scope="module")
+def six_steps(runs, tmp_path_factory) -> Path:
+    """model.safetensors of 1 node x 2 ranks (DeepSpeed launcher), 6 steps: the weights the
+    other ways of launching the same ranks must reproduce."""
+    root = tmp_path_factory.mktemp("six_steps")
+    one = subprocess.run(_train_cmd(runs.prepared, root / "one", **SIX), cwd=ROOT,
+                         env=project_env(fresh_store(root)), capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    return root / "one" / "final" / "model.safetensors"
+
+
+def _weight_delta(runs: Runs, a_file: Path, b_file: Path) -> float:
+    """max |w_a - w_b| over all tensors; also checks that training moved the weights far more."""
     from safetensors.torch import load_file
 
-    common = dict(max_steps=6, eval_steps=0, save_steps=0)
-    env = project_env(fresh_store(tmp_path))
-    one = subprocess.run(_train_cmd(runs.prepared, tmp_path / "one", **common), cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    from dolly.config import load_config
+    from dolly.modeling import build_tiny
+    from dolly.tokenizer import load_tokenizer
 
-    port = training._free_port()
+    a, b = load_file(a_file), load_file(b_file)
+    assert a.keys() == b.keys()
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    # both trained: far from the (deterministic) initial weights, compared to their difference
+    initial = build_tiny(load_config(None, TRAIN), load_tokenizer(str(runs.prepared / "tokenizer")))
+    key = "transformer.h.0.mlp.fc_in.weight"
+    moved = (a[key].float() - initial.state_dict()[key].float()).abs().max().item()
+    print(f"\nmax |w_a - w_b| over {len(a)} tensors: {diff:.3g} "
+          f"(training moved {key} by up to {moved:.3g})")
+    assert moved > 1e-3, moved
+    return diff
+
+
+def test_two_nodes_of_one_rank_train_the_same_weights_as_one_node_of_two(runs, six_steps,
+                                                                           tmp_path):
+    """ZeRO-3 over 2 "machines" (two train steps, node_rank 0 and 1, on loopback, each with its
+    own output folder) ends with the weights 1 node x 2 ranks gets from the same data and seed."""
+    env = project_env(fresh_store(tmp_path))
+    port = launch._free_port()
     nodes = []
     for rank in (0, 1):
         log = (tmp_path / f"node{rank}.log").open("w")
         nodes.append((subprocess.Popen(
-            _train_cmd(runs.prepared, tmp_path / f"node{rank}", **common, num_nodes=2,
+            _train_cmd(runs.prepared, tmp_path / f"node{rank}", **SIX, num_nodes=2,
                        cpu_ranks=1, node_rank=rank, master_addr="127.0.0.1", master_port=port),
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     for proc, log in nodes:
@@ -247,24 +278,115 @@ def test_two_nodes_of_one_rank_train_the_same_weights_as_one_node_of_two(runs, t
         assert code == 0, Path(log.name).read_text()[-3000:]
     assert "node 0 logs the model" in (tmp_path / "node1.log").read_text()
     assert not (tmp_path / "node1" / "final").exists()  # global rank 0 (node 0) saves
-
-    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "node0" / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    # both trained: far from the (deterministic) initial weights, compared to their difference
-    from dolly.config import load_config
-    from dolly.modeling import build_tiny
-    from dolly.tokenizer import load_tokenizer
-
-    initial = build_tiny(load_config(None, TRAIN), load_tokenizer(str(runs.prepared / "tokenizer")))
-    key = "transformer.h.0.mlp.fc_in.weight"
-    moved = (a[key].float() - initial.state_dict()[key].float()).abs().max().item()
-    print(f"\nmax |w(1x2) - w(2x1)| over {len(a)} tensors: {diff:.3g} "
-          f"(training moved {key} by up to {moved:.3g})")
-    assert diff < 1e-5 and moved > 1e-3, (diff, moved)
+    assert _weight_delta(runs, six_steps, tmp_path / "node0" / "final" / "model.safetensors") < 1e-5
     result = json.loads((tmp_path / "node0" / "train_result.json").read_text())
     assert result["global_step"] == 6
+
+
+# --- launcher=spark: the same ranks as a Spark barrier job on local[2] --------------------------
+
+SPARK = dict(launcher="spark", spark_master="local[2]")
+
+
+def test_spark_launcher_trains_the_same_weights_as_the_deepspeed_launcher(runs, six_steps,
+                                                                          tmp_path):
+    out = tmp_path / "out"
+    proc = mlflow_run("train", {"prepared": runs.prepared_uri, "output_dir": out, **TRAIN, **SIX,
+                                **SPARK}, runs.tracking_uri, MLFLOW_EXPERIMENT_NAME="train-e2e")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    client, run = runs.run(proc)
+    p = run.data.params
+    assert (p["launcher"], p["world_size"], p["zero_stage"]) == ("spark", "2", "3")
+    ranks = [json.loads((out / f"zero3_rank{r}.json").read_text()) for r in (0, 1)]
+    full = ranks[0]["full_numel"]
+    for rec in ranks:  # each rank (its own Spark task and process) held half the elements
+        assert rec["world_size"] == 2 and rec["partitioned_tensors"] == rec["tensors"]
+        assert full / 2 <= rec["local_numel"] <= full / 2 + rec["tensors"]
+    assert len({r["pid"] for r in ranks}) == 2
+    models = client.search_logged_models([run.info.experiment_id],
+                                         f"source_run_id = '{run.info.run_id}'")
+    assert [m.model_id for m in models] == [run.data.tags["model_uri"].split("/")[-1]]
+    assert json.loads((out / "train_result.json").read_text())["global_step"] == 6
+    assert _weight_delta(runs, six_steps, out / "final" / "model.safetensors") < 1e-5
+
+
+def test_spark_launcher_a_dying_rank_ends_the_step_and_leaves_no_process(runs, tmp_path):
+    import psutil
+
+    out = tmp_path / "out"
+    cmd = _train_cmd(runs.prepared, out, max_steps=60, eval_steps=0, save_steps=0, **SPARK)
+    log = tmp_path / "log.txt"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                env=project_env(fresh_store(tmp_path)))
+        recs = [out / f"zero3_rank{r}.json" for r in (0, 1)]
+        deadline = time.time() + 400
+        while not all(r.exists() for r in recs) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert all(r.exists() for r in recs) and proc.poll() is None, log.read_text()[-3000:]
+        chain = []  # each rank, its torchrun agent and the guard around that (one Spark task)
+        for rec in recs:
+            rank = psutil.Process(json.loads(rec.read_text())["pid"])
+            chain += [rank, rank.parent(), rank.parent().parent()]
+        assert "torch.distributed.run" in " ".join(chain[1].cmdline())
+        assert "torchrun_guard.py" in " ".join(chain[2].cmdline())
+        chain[3].send_signal(signal.SIGINT)  # rank 1 dies mid-training
+        t0 = time.time()
+        code = proc.wait(timeout=TRAIN["rank_timeout_s"] + 120)
+    elapsed = time.time() - t0
+    text = log.read_text()
+    assert code == 2, text[-3000:]
+    assert elapsed < TRAIN["rank_timeout_s"] + 30, elapsed
+    assert "rank 1 failed: KeyboardInterrupt" in text
+    assert "error: training failed: the Spark job ended with" in text
+    _, alive = psutil.wait_procs(chain, timeout=10)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    print(f"\nrank 1 killed: the step failed {elapsed:.1f} s later, no rank process left")
+
+
+def test_resume_on_another_world_size_continues_to_the_same_total_steps(runs, tmp_path):
+    """Run A's output_dir (checkpoint-4 of 2 ranks) rerun with one rank and resume=auto: the
+    checkpoint is converted (a copy) to DeepSpeed's universal format and training continues."""
+    import hashlib
+
+    import mlflow
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(runs.out / "checkpoint-4", out / "checkpoint-4")
+    shutil.copy(runs.out / "fingerprint.json", out / "fingerprint.json")
+
+    def files():
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in (out / "checkpoint-4").rglob("*") if p.is_file()}
+
+    before = files()
+    uri = fresh_store(tmp_path)
+    proc = subprocess.run(_train_cmd(runs.prepared, out, max_steps=STEPS_B, cpu_ranks=1,
+                                     eval_steps=0), cwd=ROOT, env=project_env(uri),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("checkpoint-4 was written by 2 rank(s), this run has 1: resuming a copy converted "
+            "to DeepSpeed's universal checkpoint format") in proc.stdout
+    assert files() == before  # the original is untouched
+    assert (out / "universal" / "checkpoint-4-from-2-ranks" / "latest_universal").is_file()
+    result = json.loads((out / "train_result.json").read_text())
+    assert (result["resumed_from_step"], result["global_step"], result["world_size"]) == (
+        STEPS_A, STEPS_B, 1)
+
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    resumed = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    c2, run_b = runs.run(runs.b)
+    two = {m.step: m.value for m in c2.get_metric_history(run_b.info.run_id, "loss")}
+    _, run_a = runs.run(runs.a)
+    start = min(m.value for m in c2.get_metric_history(run_a.info.run_id, "loss") if m.step == 1)
+    print(f"\nloss after the resume, 1 rank: {resumed}; 2 ranks: {two}; step 1: {start:.3f}")
+    assert sorted(resumed) == list(range(STEPS_A + 1, STEPS_B + 1))
+    for step, loss in resumed.items():
+        # continues from the trained weights (not from the start), close to the 2-rank run
+        # whose batches of 16 it now takes as batches of 8
+        assert loss < start - 0.5 and abs(loss - two[step]) < 0.35, (step, loss, two[step])
 
 
 # --- the parent's decisions, without launching ---------------------------------------------------
@@ -293,17 +415,18 @@ def _checkpoint(out: Path, step: int, complete: bool = True) -> Path:
 @pytest.mark.timeout(60)
 def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_path, monkeypatch):
     from dolly.config import load_config
+    from dolly.errors import ConfigError
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "out"
     cfg = load_config(None, {"output_dir": out, "num_gpus": 0})
-    first = training.plan(cfg, fake_prepared)
+    first = launch.plan(cfg, fake_prepared)
     assert first.resumed_from is None and first.cfg.resume == "never"
     with socket.socket() as busy:  # a port another run holds: one node picks a free one
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        moved = training.plan(load_config(None, {"output_dir": tmp_path / "p", "num_gpus": 0,
+        moved = launch.plan(load_config(None, {"output_dir": tmp_path / "p", "num_gpus": 0,
                                                  "master_port": port}), fake_prepared)
     assert moved.cfg.master_port != port and any("in use" in n for n in moved.notes)
     assert (first.world_size, first.cfg.precision) == (2, "fp32")
@@ -311,20 +434,30 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     _checkpoint(out, 8, complete=False)  # killed while saving
     (out / "train_result.json").write_text("{}")
 
-    again = training.plan(cfg, fake_prepared)  # same data and settings: continue
+    again = launch.plan(cfg, fake_prepared)  # same data and settings: continue
     assert again.resumed_from == str(out / "checkpoint-4") == again.cfg.resume
     assert not (out / "train_result.json").exists()  # a stale result is never reported
 
-    other = training.plan(load_config(None, {"output_dir": out, "num_gpus": 0,
-                                             "learning_rate": 5e-4}), fake_prepared)
-    assert other.resumed_from is None
-    assert any("learning_rate: 0.001 -> 0.0005" in n for n in other.notes), other.notes
-    assert not list(out.glob("checkpoint-*"))  # they would outrank the new run's checkpoints
+    # other settings: stop before anything changes, naming the change and the two ways on
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    fingerprint = (out / "fingerprint.json").read_text()
+    with pytest.raises(ConfigError) as refused:
+        launch.plan(load_config(None, {"output_dir": out, "num_gpus": 0, "learning_rate": 5e-4}),
+                    fake_prepared)
+    assert str(refused.value) == (
+        f"resume=auto: output_dir '{out}' holds checkpoints of other data or settings "
+        "(checkpoint-4, checkpoint-8; learning_rate: 0.001 -> 0.0005); nothing was deleted. "
+        "Set those back to continue them, or pass -P resume=never to delete them and start "
+        "fresh (or -P output_dir=<another folder>)")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert (out / "fingerprint.json").read_text() == fingerprint
 
-    _checkpoint(out, 2)
-    assert training.plan(load_config(None, {"output_dir": out, "num_gpus": 0,
-                                            "learning_rate": 5e-4, "resume": "never"}),
-                         fake_prepared).resumed_from is None
+    # only an explicit resume=never removes them
+    never = launch.plan(load_config(None, {"output_dir": out, "num_gpus": 0,
+                                           "learning_rate": 5e-4, "resume": "never"}),
+                        fake_prepared)
+    assert never.resumed_from is None
+    assert never.notes == [f"resume=never: removing checkpoint-4, checkpoint-8 from {out}"]
     assert not list(out.glob("checkpoint-*"))
 
 
@@ -335,22 +468,24 @@ def test_launch_commands_single_and_multi_node(fake_prepared, tmp_path, monkeypa
     from dolly.config import load_config
 
     monkeypatch.chdir(ROOT)
-    one = training.plan(load_config(None, {"output_dir": tmp_path / "a", "num_gpus": 0}),
+    one = launch.plan(load_config(None, {"output_dir": tmp_path / "a", "num_gpus": 0}),
                         fake_prepared)
-    cmd = training.launch_command(one, fake_prepared, "runs:/x/prepared")
+    cmd = launch.launch_command(one, fake_prepared, "runs:/x/prepared")
     assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]
     info = json.loads(base64.urlsafe_b64decode(cmd[4].split("=", 1)[1]))
     assert info == {"localhost": [0, 1]} and "--node_rank=0" in cmd and "--no_local_rank" in cmd
     assert cmd[cmd.index("--module") + 1] == "dolly.training"
+    assert cmd[cmd.index("--device") + 1] == "cpu"  # the parent's decision, passed on
     sent = json.loads(base64.urlsafe_b64decode(cmd[cmd.index("--config_b64") + 1]))
     assert sent["precision"] == "fp32" and sent["resume"] == "never"
+    assert launch.decode_config(cmd[cmd.index("--config_b64") + 1]) == one.cfg
 
     # nodes started one by one: the same world on every node, this node's rank
-    two = training.plan(load_config(None, {"output_dir": tmp_path / "b", "num_gpus": 0,
+    two = launch.plan(load_config(None, {"output_dir": tmp_path / "b", "num_gpus": 0,
                                            "num_nodes": 2, "node_rank": 1,
                                            "master_addr": "10.0.0.1"}), fake_prepared)
     assert two.world_size == 4
-    cmd = training.launch_command(two, fake_prepared, "runs:/x/prepared")
+    cmd = launch.launch_command(two, fake_prepared, "runs:/x/prepared")
     info = json.loads(base64.urlsafe_b64decode(cmd[4].split("=", 1)[1]))
     assert info == {"node0": [0, 1], "node1": [0, 1]}
     assert "--node_rank=1" in cmd and "--master_addr=10.0.0.1" in cmd
@@ -358,11 +493,45 @@ def test_launch_commands_single_and_multi_node(fake_prepared, tmp_path, monkeypa
     # a hostfile: DeepSpeed's runner reaches every node from this one
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-1 slots=8\nworker-2 slots=8\n")
-    p = training.Plan(load_config(None, {"hostfile": hostfile, "num_nodes": 2}), True, 8, 16,
+    p = launch.Plan(load_config(None, {"hostfile": hostfile, "num_nodes": 2}), True, 8, 16,
                       None, [])
-    cmd = training.launch_command(p, fake_prepared, "runs:/x/prepared")
+    cmd = launch.launch_command(p, fake_prepared, "runs:/x/prepared")
     assert cmd[3] == "deepspeed.launcher.runner"
     assert cmd[cmd.index("--hostfile") + 1] == str(hostfile)
     assert cmd[cmd.index("--num_nodes") + 1] == "2" and "--master_addr" not in cmd
-    assert training._hostfile_world_size(load_config(None, {"hostfile": hostfile,
+    assert launch._hostfile_world_size(load_config(None, {"hostfile": hostfile,
                                                             "num_nodes": 2, "num_gpus": 4})) == 8
+
+
+@pytest.mark.timeout(60)
+def test_spark_plans_executor_ranks_and_refuses_node_settings(fake_prepared, tmp_path,
+                                                              monkeypatch):
+    from dolly.config import load_config
+    from dolly.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "deepspeed").mkdir(parents=True)
+    shutil.copy(ROOT / "configs" / "deepspeed" / "zero3.json", tmp_path / "configs" / "deepspeed")
+    cpu = launch.plan(load_config(ROOT / "configs" / "tiny.yaml", {
+        "output_dir": "rel/out", "num_gpus": 0, "num_nodes": 2, "launcher": "spark"}),
+        fake_prepared)
+    assert (cpu.gpu, cpu.procs_per_node, cpu.world_size) == (False, 2, 4)
+    assert cpu.cfg.output_dir == str(tmp_path / "rel" / "out")  # executors have another cwd
+    # GPU executors: the driver needs none of its own
+    gpus = launch._spark_world(load_config(ROOT / "configs" / "tiny.yaml", {
+        "num_gpus": 8, "num_nodes": 2, "launcher": "spark"}), [])
+    assert gpus == (True, 8, 16)
+    for key, value in (("hostfile", "hosts"), ("node_rank", 1)):
+        with pytest.raises(ConfigError, match=f"config key '{key}': launcher=spark"):
+            launch.plan(load_config(ROOT / "configs" / "tiny.yaml", {
+                "output_dir": tmp_path / key, "launcher": "spark", "num_nodes": 2, key: value}),
+                fake_prepared)
+
+
+def test_the_fingerprint_holds_every_field_that_shapes_the_model():
+    from dolly.config import load_config
+
+    tiny = ROOT / "configs" / "tiny.yaml"
+    a = launch.fingerprint(load_config(tiny, {}), "h", 2, "fp32")
+    b = launch.fingerprint(load_config(tiny, {"tiny_tie_embeddings": False}), "h", 2, "fp32")
+    assert a != b and (a["tiny_tie_embeddings"], b["tiny_tie_embeddings"]) == (True, False)

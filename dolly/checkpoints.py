@@ -1,0 +1,180 @@
+"""Which checkpoint the train step resumes: finding them (file system), deciding (pure), acting.
+
+A fingerprint file in output_dir records the settings the checkpoints there were written with
+(`launch.fingerprint`). `decide_resume` compares it with the new run's and says what to resume,
+whether to convert it first, what to remove, or why to refuse. Checkpoints are removed only when
+the user asked for it (`resume=never`): checkpoints of other settings stop the step before
+anything is touched, with the change named and the two ways on.
+
+The number of ranks may change between runs: a checkpoint written by another world size is
+converted (a copy; the original stays as it is) into DeepSpeed's universal checkpoint format
+(`deepspeed.checkpoint.ds_to_universal`), which the ranks load with
+`"checkpoint": {"load_universal": true}`. Verified with ZeRO-3 and the Trainer, 2 -> 1 and
+1 -> 2 CPU ranks (deepspeed 0.19.8, transformers 5.17).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from dolly.errors import DollyError
+
+# Fingerprint entries a checkpoint survives changing: ZeRO shards are regrouped for the new
+# world size through the universal format.
+RESHARDABLE = ("world_size",)
+UNIVERSAL_DIR = "universal"  # <output_dir>/universal/checkpoint-<step>-from-<n>-ranks
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A `checkpoint-<step>` folder the Trainer wrote in output_dir."""
+
+    path: str
+    step: int
+    complete: bool           # trainer_state.json exists: the Trainer writes it last
+    world_size: int | None = None  # ranks whose ZeRO shards it holds (None: no DeepSpeed state)
+
+
+@dataclass(frozen=True)
+class ResumeDecision:
+    """What to resume (a checkpoint path or None = start fresh), whether it must first be
+    converted to the universal format (written by another world size), what to delete, and why;
+    or `refuse`: the one-line reason to stop before launching."""
+
+    resume_from: str | None
+    remove: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    universal: bool = False
+    refuse: str | None = None
+
+
+def _step(p: Path) -> int:
+    tail = p.name.split("-")[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def _world_size(ckpt: Path) -> int | None:
+    """Ranks in the DeepSpeed state that `latest` names (one optim_states file per rank)."""
+    latest = ckpt / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    state = ckpt / tag if tag else None
+    if state is None or not state.is_dir():
+        return None
+    return len(list(state.glob("*zero_pp_rank_*_optim_states.pt"))) or None
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    p = Path(path)
+    return Checkpoint(str(p), _step(p), (p / "trainer_state.json").is_file(), _world_size(p))
+
+
+def find_checkpoints(out: Path) -> list[Checkpoint]:
+    """The checkpoint-* folders of `out`, oldest step first."""
+    found = sorted((p for p in Path(out).glob("checkpoint-*") if p.is_dir()), key=_step)
+    return [read_checkpoint(p) for p in found]
+
+
+def changed_fields(old: dict[str, Any] | None, new: dict[str, Any],
+                   ignore: Sequence[str] = ()) -> str:
+    """'key: old -> new, ...' for the fingerprint entries that differ (except `ignore`)."""
+    if old is None:
+        return "no fingerprint file says which settings wrote them"
+    return ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                     if k not in ignore and old.get(k) != v)
+
+
+def _resume(ckpt: Checkpoint, world: int | None, notes: tuple[str, ...] = ()) -> ResumeDecision:
+    if ckpt.world_size is None or world is None or ckpt.world_size == world:
+        return ResumeDecision(ckpt.path, notes=notes)
+    return ResumeDecision(ckpt.path, notes=notes + (
+        f"resume: {Path(ckpt.path).name} was written by {ckpt.world_size} rank(s), this run has "
+        f"{world}: resuming a copy converted to DeepSpeed's universal checkpoint format",),
+        universal=True)
+
+
+def decide_resume(resume: str, found: Sequence[Checkpoint], old: dict[str, Any] | None,
+                  new: dict[str, Any], out: str, explicit: Checkpoint | None = None
+                  ) -> ResumeDecision:
+    """The resume decision, from facts only (no file access).
+
+    resume: the config's `resume` ('auto', 'never' or a checkpoint path); found: output_dir's
+    checkpoints, oldest first; old: the fingerprint file's content (None when absent); new: this
+    run's fingerprint (its `world_size` is the new number of ranks); out: output_dir (for the
+    messages); explicit: the checkpoint `resume` names, when it names one.
+    """
+    world = new.get("world_size")
+    names = ", ".join(Path(c.path).name for c in found)
+    if resume == "never":
+        notes = (f"resume=never: removing {names} from {out}",) if found else ()
+        return ResumeDecision(None, tuple(c.path for c in found), notes)
+    if resume != "auto":
+        if explicit is None or not explicit.complete:
+            return ResumeDecision(None, refuse=f"config key 'resume': '{resume}' is not a "
+                                  "checkpoint folder (no trainer_state.json)")
+        notes = () if old == new else (
+            f"resume: {resume} was not written with these settings; resuming it as asked",)
+        return _resume(explicit, world, notes)
+    if not found:
+        return ResumeDecision(None)
+    changed = changed_fields(old, new, RESHARDABLE)
+    if changed:
+        return ResumeDecision(None, refuse=(
+            f"resume=auto: output_dir '{out}' holds checkpoints of other data or settings "
+            f"({names}; {changed}); nothing was deleted. Set those back to continue them, or "
+            "pass -P resume=never to delete them and start fresh (or -P output_dir=<another "
+            "folder>)"))
+    last = next((c for c in reversed(found) if c.complete), None)
+    if last is None:  # only interrupted saves: the new run overwrites them as it reaches them
+        return ResumeDecision(None, notes=(
+            f"resume: no complete checkpoint in {out} ({names} were interrupted while saving); "
+            "starting fresh",))
+    return _resume(last, world)
+
+
+def apply(decision: ResumeDecision) -> None:
+    """Carry out the deletions `decision` names (nodes sharing output_dir may race here)."""
+    for path in decision.remove:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # no second copy of the weights on the same file system
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def to_universal(ckpt: Checkpoint, out: Path) -> Path:
+    """A copy of `ckpt` whose DeepSpeed state is in the universal format, for another world size.
+
+    Written to <out>/universal/<name>-from-<n>-ranks (files other than the ZeRO shards are
+    hard-linked where possible; the original checkpoint is not changed) and reused when already
+    there. Every rank's shards must be in `ckpt` (one file system). Raises DollyError with the
+    converter's last line when DeepSpeed cannot convert it.
+    """
+    src = Path(ckpt.path)
+    dest = out / UNIVERSAL_DIR / f"{src.name}-from-{ckpt.world_size}-ranks"
+    tag = (src / "latest").read_text().strip()
+    if (dest / "trainer_state.json").is_file():
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)  # a conversion of ours that did not finish
+    shutil.copytree(src, dest, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(
+        "global_step*", "latest", "trainer_state.json"))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+           str(src / tag), "--output_folder", str(dest / f"{tag}_universal"),
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (dest / "latest_universal").is_file():
+        lines = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
+        shutil.rmtree(dest, ignore_errors=True)
+        raise DollyError(f"cannot convert {src} to DeepSpeed's universal checkpoint format "
+                         f"({lines[-1] if lines else 'no output'}); resume it with "
+                         f"{ckpt.world_size} rank(s) or pass -P resume=never")
+    # like the Trainer, write trainer_state.json last: it marks a finished conversion
+    _link_or_copy(str(src / "trainer_state.json"), str(dest / "trainer_state.json"))
+    return dest

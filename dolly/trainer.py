@@ -1,0 +1,185 @@
+"""The rank side's Trainer pieces: DollyTrainer and its callbacks (imported by the ranks only).
+
+`DollyTrainer` adds length-grouped sampling and throughput / padding / memory metrics to the
+Hugging Face Trainer; `RankZeroMlflow` logs from rank 0 into the parent's MLflow run;
+`PartitionRecord` writes what each rank holds under ZeRO-3.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback
+
+from dolly import throughput
+from dolly.batching import LengthGroupedSampler
+from dolly.config import Config
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as the launcher set them (0, 1 when run alone)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (ru_maxrss is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def param_numel(p) -> int:
+    """A parameter's full element count, also when ZeRO-3 holds only a partition (`ds_numel`)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+class DollyTrainer(Trainer):
+    """Adds length-grouped sampling and throughput / padding / memory metrics to the logs.
+
+    dolly_cfg: the run's Config (batching, length_group_batches, seed); flops: the keyword
+    arguments of `throughput.summarize` that describe the model and devices.
+    """
+
+    def __init__(self, *args, dolly_cfg: Config, flops: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dolly_cfg = dolly_cfg
+        self.flops = flops
+        self.counter = throughput.TokenCounter()
+        self.started = False
+        self.totals = [0.0, 0.0, 0.0, 0.0]  # real, computed, sequences, seconds (all ranks)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.dolly_cfg.batching != "length_grouped":
+            return super()._get_train_sampler(train_dataset)
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthGroupedSampler(ds.lengths, self.args.per_device_train_batch_size,
+                                    self.args.world_size, self.dolly_cfg.length_group_batches,
+                                    seed=self.dolly_cfg.seed)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.started:  # the first interval starts here, not at engine set-up
+            self.counter.take()
+            self.started = True
+        mask = inputs["attention_mask"]
+        self.counter.add(mask.sum(), mask.numel(), mask.shape[0])  # a tensor: no sync here
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def evaluate(self, *args, **kwargs):
+        with self.counter.pause():
+            return super().evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, *args, **kwargs):
+        with self.counter.pause():
+            return super()._save_checkpoint(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs and the end-of-training summary reach every rank at the same step.
+        if "loss" in logs or "train_runtime" in logs:
+            logs.update(self._efficiency(final="train_runtime" in logs))
+        super().log(logs, start_time)
+
+    def _efficiency(self, final: bool) -> dict[str, float]:
+        real, computed, seqs, secs = self.counter.take()
+        dev = self.args.device
+        sums = torch.tensor([float(real), float(computed), float(seqs)], dtype=torch.float64,
+                            device=dev)
+        wall = torch.tensor([secs], dtype=torch.float64, device=dev)
+        world, rank = self.args.world_size, self.args.process_index
+        mem = torch.zeros(2 * world, dtype=torch.float64, device=dev)
+        mem[rank] = peak_rss_mb()
+        if dev.type == "cuda":
+            mem[world + rank] = torch.cuda.max_memory_allocated(dev) / 2**20
+        if world > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+            dist.all_reduce(mem)
+        real, computed, seqs = sums.tolist()
+        secs = wall.item()
+        if final:  # the whole run (this session) instead of the last interval
+            t = self.totals
+            real, computed, seqs, secs = (t[0] + real, t[1] + computed, t[2] + seqs,
+                                          t[3] + secs)
+        else:
+            self.totals = [a + b for a, b in zip(self.totals, (real, computed, seqs, secs))]
+        out = throughput.summarize(real, computed, seqs, secs, **self.flops)
+        for r in range(world):
+            out[f"peak_rss_mb_rank{r}"] = mem[r].item()
+            if dev.type == "cuda":
+                out[f"peak_gpu_mb_rank{r}"] = mem[world + r].item()
+        return out
+
+
+class RankZeroMlflow(TrainerCallback):
+    """Params once and every numeric log entry as a metric, from rank 0, into `run_id`.
+
+    The client API only: starting or resuming the run here would let this process end it
+    (transformers' MLflowCallback does that), so the parent stays its only owner.
+    """
+
+    def __init__(self, run_id: str, params: dict[str, Any]):
+        import mlflow
+
+        self.run_id = run_id
+        self.params = params
+        self.client = mlflow.MlflowClient()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from mlflow.entities import Param
+
+            self._safe(lambda: self.client.log_batch(self.run_id, params=[
+                Param(k, str(v)[:500]) for k, v in self.params.items()]))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), ts, state.global_step) for k, v in logs.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        self._safe(lambda: self.client.log_batch(self.run_id, metrics=metrics))
+
+    @staticmethod
+    def _safe(fn):
+        try:
+            fn()
+        except Exception as e:  # a tracking hiccup must not cost the training run
+            print(f"warning: MLflow logging failed: {str(e).splitlines()[0]}", flush=True)
+
+
+class PartitionRecord(TrainerCallback):
+    """After the first step, each rank writes how many parameter elements it holds
+    (<output_dir>/zero3_rank<r>.json).
+
+    Under ZeRO-3 a parameter's `ds_numel` is its full size and `ds_tensor` this rank's
+    partition; the module's own tensor is empty outside forward/backward.
+    """
+
+    def __init__(self):
+        self.done = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.done or model is None:
+            return
+        self.done = True
+        rank, world = rank_and_world()
+        params = list(model.parameters())
+        rec = {
+            "rank": rank, "world_size": world, "pid": os.getpid(), "step": state.global_step,
+            "tensors": len(params),
+            "partitioned_tensors": sum(hasattr(p, "ds_tensor") for p in params),
+            "full_numel": sum(param_numel(p) for p in params),
+            "local_numel": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                               for p in params),
+            "materialized_numel": sum(p.numel() for p in params),
+        }
+        Path(args.output_dir, f"zero3_rank{rank}.json").write_text(json.dumps(rec))
+        print(f"rank {rank}: ZeRO-3 holds {rec['local_numel']:,} of {rec['full_numel']:,} "
+              f"parameter elements locally ({rec['partitioned_tensors']} of {rec['tensors']} "
+              "tensors partitioned)", flush=True)

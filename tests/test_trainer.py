@@ -1,0 +1,48 @@
+"""The rank side's Trainer callbacks, imported and driven directly (no launch)."""
+from __future__ import annotations
+
+import json
+import os
+
+from conftest import fresh_store, tracking_to
+
+
+def test_rank_zero_mlflow_logs_params_once_and_numeric_logs_as_metrics_at_their_step(tmp_path):
+    import mlflow
+    from transformers import TrainerState
+
+    from dolly.trainer import RankZeroMlflow
+
+    with tracking_to(fresh_store(tmp_path)):
+        client = mlflow.MlflowClient()
+        run_id = client.create_run("0").info.run_id
+        cb = RankZeroMlflow(run_id, {"zero_stage": 3, "world_size": 2})
+        state = TrainerState(global_step=7, is_world_process_zero=True)
+        cb.on_train_begin(None, state, None)
+        cb.on_log(None, state, None, logs={"loss": 1.5, "epoch": 2, "flag": True, "note": "x"})
+        other = TrainerState(global_step=8, is_world_process_zero=False)
+        cb.on_log(None, other, None, logs={"loss": 9.0})  # another rank: nothing logged
+        run = client.get_run(run_id)
+        history = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
+    assert run.data.params == {"zero_stage": "3", "world_size": "2"}
+    assert run.data.metrics == {"loss": 1.5, "epoch": 2.0}
+    assert history == [(7, 1.5)]
+
+
+def test_partition_record_writes_what_this_rank_holds_once(tmp_path, monkeypatch):
+    import torch
+    from transformers import TrainerState, TrainingArguments
+
+    from dolly.trainer import PartitionRecord
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = torch.nn.Linear(3, 2)  # not partitioned: each tensor counts whole
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    cb = PartitionRecord()
+    cb.on_step_end(args, TrainerState(global_step=1), None, model=model)
+    cb.on_step_end(args, TrainerState(global_step=2), None, model=model)
+    rec = json.loads((tmp_path / "zero3_rank1.json").read_text())
+    assert rec == {"rank": 1, "world_size": 2, "pid": os.getpid(), "step": 1, "tensors": 2,
+                   "partitioned_tensors": 0, "full_numel": 8, "local_numel": 8,
+                   "materialized_numel": 8}
