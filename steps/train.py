@@ -9,19 +9,26 @@ from pathlib import Path
 
 import mlflow
 
-from dolly import cli, launch, registry, tracking
+from dolly import cli, data, launch, memory_plan, registry, tracking
 from dolly.errors import DollyError
 
 
 def main(argv: list[str]) -> None:
     cfg, inputs = cli.parse(argv, {"prepared": None})
-    with mlflow.start_run() as run, launch.exclusive(cfg):
+    # system metrics (CPU, memory, GPU) of this process's machine, sampled by MLflow
+    with mlflow.start_run(log_system_metrics=True) as run, launch.exclusive(cfg):
         prepared = tracking.local_path(inputs["prepared"], "prepared data")
+        train_df, _, summary = data.load_prepared(prepared)
+        gpus = memory_plan.visible_gpu()[0] if cfg.num_gpus != 0 else 0
+        if gpus:  # before anything is loaded or changed on disk: will this profile fit?
+            memory_plan.require_fit(cfg, gpus_per_node=cfg.num_gpus if cfg.num_gpus > 0 else gpus,
+                                    seq_len=int(summary["token_lengths"]["max"]))
         plan = launch.plan(cfg, prepared)
         for note in plan.notes:
             print(f"train: {note}", flush=True)
         tracking.log_config(plan.cfg)
         mlflow.log_param("prepared", inputs["prepared"][:500])
+        tracking.log_split(plan.cfg, train_df, "train", summary.get("data_hash", ""))
         print(f"train: {plan.world_size} rank(s) ({'GPU' if plan.gpu else 'CPU, gloo'}), "
               f"{plan.cfg.precision}, ZeRO-3, {plan.cfg.launcher} launcher; output in "
               f"{plan.cfg.output_dir}", flush=True)

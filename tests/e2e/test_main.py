@@ -165,6 +165,8 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
               for r in (children["data_prep"], children["evaluate"]) for i in r.inputs.dataset_inputs}
     assert len({inputs["train"].digest, inputs["test"].digest, inputs["evaluation"].digest}) == 3
     assert children["evaluate"].data.tags["eval_set"].startswith(inputs["evaluation"].digest)
+    trained_on = [i.dataset for i in children["train"].inputs.dataset_inputs]
+    assert [d.digest for d in trained_on] == [inputs["train"].digest]
     assert all(r.info.status == "FINISHED" for r in children.values())
     # only URIs pass between steps
     prepared = f"runs:/{children['data_prep'].info.run_id}/prepared"
