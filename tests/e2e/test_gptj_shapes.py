@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, fresh_store, mlflow_run, tracking_to
-from dolly import training
+from conftest import FIXTURES, free_port, fresh_store, mlflow_run, tracking_to
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -78,7 +77,7 @@ def pipeline(tmp_path_factory):
         "per_device_batch_size": 2, "learning_rate": LR, "warmup_steps": 0,
         "lr_scheduler": "constant", "logging_steps": 1, "eval_steps": 0, "save_steps": 0,
         "eval_limit": 4, "eval_max_new_tokens": 4, "eval_batch_size": 4, "rank_timeout_s": 120,
-        "output_dir": str(root / "out"), "master_port": training._free_port(), "reuse": "false",
+        "output_dir": str(root / "out"), "master_port": free_port(), "reuse": "false",
     }
     proc = mlflow_run("main", params, uri, timeout=850, MLFLOW_EXPERIMENT_NAME="gptj-e2e")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
