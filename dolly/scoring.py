@@ -13,9 +13,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dolly import readers
 from dolly.errors import DataError, DollyError
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = readers.SUFFIXES
 _ROW = "__dolly_row"
 
 
@@ -73,48 +74,38 @@ def spark_session(master: str, app: str = "dolly-batch-score"):
             .getOrCreate())
 
 
-def _json_is_array(path: Path) -> bool:
-    with path.open("r", encoding="utf-8", errors="replace") as fh:
-        while True:
-            ch = fh.read(1)
-            if not ch or not ch.isspace():
-                return ch == "["
-
-
 def input_files(path: str | Path) -> list[Path]:
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                       and not p.name.startswith(("_", ".")))
-        if not files:
-            raise DataError(f"{path}: folder holds no {'/'.join(SUFFIXES)} files")
-        return files
-    if root.suffix.lower() not in SUFFIXES:
-        raise DataError(f"{path}: unsupported file type '{root.suffix}' (use {', '.join(SUFFIXES)})")
-    return [root]
+    """The data files of `path` (a file, or a folder's files): `dolly.readers.list_files`, the
+    listing data_prep uses. Raises DataError when there is none."""
+    return readers.list_files(path)
+
+
+def _text_frame(spark, f: Path):
+    # Decoded by data_prep's reader (BOM, UTF-16/32, content over extension, NaN as null, no
+    # silent U+FFFD); Spark then infers the columns from those records as JSON lines. A line or
+    # item that is not a readable object stays as a row of nulls (skipped, not dropped).
+    read = readers.read_file(f)
+    order: dict[str, None] = {}
+    lines = []
+    for r in read.records:
+        ok = r.error is None and isinstance(r.value, dict)
+        if ok:
+            order.update(dict.fromkeys(r.value))
+        lines.append(json.dumps(r.value if ok else {}))
+    df = spark.read.json(spark.sparkContext.parallelize(lines))
+    cols = [c for c in order if c in df.columns]
+    return df.select(*[f"`{c.replace('`', '``')}`" for c in cols]) if cols else df
 
 
 def read_input(spark, path: str | Path):
     """One DataFrame from a file or a folder of jsonl/json/csv/parquet files (columns unioned by
-    name; a column missing from one file is null there)."""
+    name; a column missing from one file is null there). Rows keep the files' order."""
     frames = []
     for f in input_files(path):
-        suffix = f.suffix.lower()
-        p = str(f)
-        if suffix == ".parquet":
-            df = spark.read.parquet(p)
-        elif suffix == ".csv":
-            df = spark.read.option("header", "true").option("multiLine", "true") \
-                .option("escape", '"').csv(p)
-        elif suffix == ".json" and _json_is_array(f):
-            df = spark.read.option("multiLine", "true").json(p)
+        if f.suffix.lower() == ".parquet":
+            frames.append(spark.read.parquet(str(f)))
         else:
-            df = spark.read.json(p)
-        if "_corrupt_record" in df.columns:
-            df = df.drop("_corrupt_record")  # malformed lines: kept as rows of nulls, not dropped
-        frames.append(df)
+            frames.append(_text_frame(spark, f))
     out = frames[0]
     for df in frames[1:]:
         out = out.unionByName(df, allowMissingColumns=True)

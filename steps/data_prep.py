@@ -1,4 +1,7 @@
-"""data_prep entry point: dataset -> prepared/ (train/test parquet, tokenizer, rejections, summary)."""
+"""data_prep entry point: dataset -> prepared/ (train/test parquet, tokenizer, rejections, summary).
+
+A run that stops after reading records still logs records_read, the rejection counts and
+prepared/rejected.jsonl + summary.json before the one-line error."""
 from __future__ import annotations
 
 import tempfile
@@ -12,7 +15,12 @@ def main(argv: list[str]) -> None:
     cfg, _ = cli.parse(argv, {})
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
         tracking.log_config(cfg)
-        result = data.prepare(cfg, f"{tmp}/prepared")
+        try:
+            result = data.prepare(cfg, f"{tmp}/prepared")
+        except data.PrepareFailed as e:  # the failed run still says what was read and rejected
+            mlflow.log_metrics({k: float(v) for k, v in e.counts.items()})
+            mlflow.log_artifacts(str(e.out_dir), "prepared")
+            raise
         mlflow.log_metrics({k: float(v) for k, v in result.counts.items()})
         for k, v in result.summary["token_lengths"].items():
             mlflow.log_metric(f"tokens_{k}", float(v))
