@@ -195,7 +195,8 @@ def _document(value: Any, name: str) -> list[Raw]:
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
         # {"data": [...]} / {"train": [...]} wrappers; an object with record fields is a record.
-        if len(lists) == 1 and not RECORD_FIELDS.intersection(value):
+        if (len(lists) == 1 and not RECORD_FIELDS.intersection(value)
+                and all(isinstance(item, dict) for item in lists[0])):
             value = lists[0]
         else:
             return [Raw(name, "item 1", value)]
@@ -225,6 +226,17 @@ def _lines(text: str, name: str, invalid_bytes: bool) -> list[Raw]:
     return out
 
 
+def _record_line_follows(text: str, pos: int) -> bool:
+    """Whether the next non-blank line after `pos` is a JSON object on its own."""
+    for line in text[pos:pos + (1 << 20)].split("\n")[1:]:
+        if line and not line.isspace():
+            try:
+                return isinstance(_JSON.decode(line), dict)
+            except json.JSONDecodeError:
+                return False
+    return False
+
+
 def read_json_text(text: str, name: str, invalid_bytes: bool = False) -> tuple[list[Raw], str]:
     """(records, 'json' or 'json-lines') of decoded JSON text, decided by the content."""
     start = _JSON_WS.match(text).end()
@@ -235,7 +247,9 @@ def read_json_text(text: str, name: str, invalid_bytes: bool = False) -> tuple[l
     try:
         value, end = _JSON.raw_decode(text, start)
     except json.JSONDecodeError as e:
-        if text[start] == "[" or e.pos > first_line_end:  # a broken document, not broken lines
+        broken_document = text[start] == "[" or (
+            e.pos > first_line_end and not _record_line_follows(text, first_line_end))
+        if broken_document:  # not JSON lines whose first line is broken
             raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno} column "
                             f"{e.colno}){_ENCODING_HINT if invalid_bytes else ''}") from None
         return _lines(text, name, invalid_bytes), "json-lines"

@@ -419,3 +419,14 @@ def test_a_marker_inside_a_longer_word_is_still_the_marker(tmp_path):
     lines = [{"instruction": "c", "output": "## Notes\n### Ending"}, GOOD[0], GOOD[1]]
     result = prepare(tmp_path, write_jsonl(tmp_path / "e.jsonl", lines))
     assert counts_of(result) == (3, 2, {"reserved_marker": 1})
+
+
+def test_a_broken_first_line_of_json_lines_is_one_rejection(tmp_path):
+    lines = ['{"instruction": "cut off", "output": ', GOOD[0], GOOD[1]]
+    result = prepare(tmp_path, write_jsonl(tmp_path / "cut.jsonl", lines))
+    assert counts_of(result) == (3, 2, {"malformed_json": 1})
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text('{\n  "instruction": "a",\n  "output": "b"\n  "oops": 1\n}\n')
+    with pytest.raises(DataError, match=r"pretty.json: not valid JSON \(Expecting ',' delimiter "
+                                        r"at line 4 column 3\)$"):
+        prepare(tmp_path, pretty)
