@@ -216,9 +216,10 @@ def prepare(cfg: Config, out_dir: str | Path, progress: bool = True) -> Prepared
             read += len(part.records)
             check.add(part.records)
             files.append({"name": part.name, "format": part.format, "encoding": part.encoding,
-                          "records": len(part.records)})
+                          "invalid_bytes": part.invalid_bytes, "records": len(part.records)})
             if progress:
-                how = ", ".join(filter(None, (part.format, part.encoding)))
+                how = ", ".join(filter(None, (part.format, part.encoding, part.invalid_bytes
+                                              and "holds bytes that are not UTF-8")))
                 print(f"data_prep: {part.name}: {len(part.records)} records read ({how})", flush=True)
         result = _finish(cfg, tok, check, read, files, out, progress, t0)
     except DollyError as e:

@@ -33,9 +33,12 @@ def main(argv: list[str]) -> None:
                 source=source, name=f"{cfg.dataset}-{split}", digest=result.data_hash[:8])
             mlflow.log_input(ds, context=split)
         c = result.counts
+        why = ", ".join(f"{k[len('rejected_'):]} {v}" for k, v in c.items()
+                        if k.startswith("rejected_") and v)
         print(f"data_prep: read {c['records_read']}, kept {c['records_kept']} "
               f"(train {c['records_train']}, test {c['records_test']}), rejected "
-              f"{c['records_rejected']}; prepared = runs:/{run.info.run_id}/prepared", flush=True)
+              f"{c['records_rejected']}{f' ({why})' if why else ''}; "
+              f"prepared = runs:/{run.info.run_id}/prepared", flush=True)
 
 
 if __name__ == "__main__":
