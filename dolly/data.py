@@ -82,10 +82,9 @@ def tokenize(tok, texts: list[str], max_length: int, policy: str):
     # Texts far beyond the cap cannot fit; clip before tokenizing so one huge record costs little.
     clipped = [t if len(t) <= char_cap else t[:char_cap] for t in texts]
     backend = getattr(tok, "_tokenizer", None)
-    if backend is not None:  # the Rust tokenizer directly: no Python-side BatchEncoding,
-        # and no character offsets (encode_batch_fast, tokenizers >= 0.20): only ids are kept
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        encoded = [e.ids for e in encode(clipped, add_special_tokens=False)]
+    if backend is not None:  # the Rust tokenizer directly: no Python-side BatchEncoding
+        # (encode_batch_fast, without offsets, measured 1.8x the CPU time of encode_batch here)
+        encoded = [e.ids for e in backend.encode_batch(clipped, add_special_tokens=False)]
     else:
         encoded = tok(clipped, add_special_tokens=False)["input_ids"]
     ids_out, starts, truncated = [], [], []

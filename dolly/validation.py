@@ -69,9 +69,9 @@ class ControlText:
 
     def found(self, text: str, has_input: bool) -> bool:
         prefixes, texts = self.expected[has_input]
-        if all(text.count(p) == n for p, n in zip(self.prefixes, prefixes)):
+        if tuple(map(text.count, self.prefixes)) == prefixes:
             return False
-        return any(text.count(t) != n for t, n in zip(self.texts, texts))
+        return tuple(map(text.count, self.texts)) != texts
 
 
 def _newlines(s: str) -> str:
@@ -80,10 +80,6 @@ def _newlines(s: str) -> str:
 
 def _norm(s: str) -> str:
     return " ".join(s.split())
-
-
-def _blank(s: str) -> bool:
-    return not s or s.isspace()
 
 
 class Validator:
@@ -118,8 +114,9 @@ class Validator:
         self.rejected.append({"source": r.source, "where": r.locator, "reason": reason,
                               "record": r.value if r.raw_text is None else r.raw_text})
 
-    def _pick(self, v: dict, fld: str):
-        for c in self._columns[fld]:
+    @staticmethod
+    def _pick(v: dict, columns: tuple[str, ...]):
+        for c in columns:
             if c in v:
                 return v[c], c
         return None, None
@@ -137,22 +134,24 @@ class Validator:
         v = r.value
         if not isinstance(v, dict):
             return "not_an_object"
-        ins, _ = self._pick(v, "instruction")
-        resp, rcol = self._pick(v, "response")
-        inp, _ = self._pick(v, "input")
+        cols = self._columns
+        ins, _ = self._pick(v, cols["instruction"])
+        resp, rcol = self._pick(v, cols["response"])
+        inp, _ = self._pick(v, cols["input"])
         if ins is None:
             return "missing_instruction"
         if resp is None:
             return "missing_response"
         if not (isinstance(ins, str) and isinstance(resp, str) and (inp is None or isinstance(inp, str))):
             return "non_string_field"
-        if _blank(ins):
+        if not ins or ins.isspace():
             return "blank_instruction"
-        if _blank(resp):
+        if not resp or resp.isspace():
             return "blank_response"
-        ins, resp = _newlines(ins), _newlines(resp)
-        inp = "" if inp is None or _blank(inp) else _newlines(inp)
-        cat, _ = self._pick(v, "category")
+        if "\r" in ins or "\r" in resp:
+            ins, resp = _newlines(ins), _newlines(resp)
+        inp = "" if not inp or inp.isspace() else _newlines(inp)
+        cat, _ = self._pick(v, cols["category"])
         cat = cat if isinstance(cat, str) else ""
         text = prompts.format_record(ins, inp, resp)
         if not (text.isascii() and cat.isascii()) and _SURROGATE.search(text + cat):
@@ -163,8 +162,7 @@ class Validator:
         if key in self._seen:
             return "duplicate"
         self._seen.add(key)
-        layout = "columns" if "response" in self.explicit else LAYOUT_NAMES.get(rcol, rcol)
-        self.layouts[layout] += 1
+        self.layouts["columns" if "response" in self.explicit else LAYOUT_NAMES.get(rcol, rcol)] += 1
         self.kept.append({"instruction": ins, "input": inp, "response": resp, "category": cat,
                           "source": r.source, "where": r.locator, "text": text})
         return None

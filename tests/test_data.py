@@ -430,3 +430,18 @@ def test_a_broken_first_line_of_json_lines_is_one_rejection(tmp_path):
     with pytest.raises(DataError, match=r"pretty.json: not valid JSON \(Expecting ',' delimiter "
                                         r"at line 4 column 3\)$"):
         prepare(tmp_path, pretty)
+
+
+def test_nan_and_infinity_in_a_json_array_and_in_parquet(tmp_path):
+    (tmp_path / "a.json").write_text('[{"instruction": "Name a primary color.", "input": NaN, '
+                                     '"output": "Red."}, {"instruction": "b", "output": Infinity}, '
+                                     '{"instruction": "Say hi.", "output": "hi"}]')
+    result = prepare(tmp_path / "j", tmp_path / "a.json", test_size=0.5)
+    assert counts_of(result) == (3, 2, {"non_string_field": 1})
+    assert text_of(result, "Name a primary color.") == NO_INPUT_RED
+    pd.DataFrame({"instruction": ["Name a primary color.", None, "c", "Say hi."],
+                  "input": [float("nan"), "x", "y", None], "output": ["Red.", "d", float("inf"), "hi"]}
+                 ).to_parquet(tmp_path / "p.parquet")
+    result = prepare(tmp_path / "p", tmp_path / "p.parquet", test_size=0.5)
+    assert counts_of(result) == (4, 2, {"missing_instruction": 1, "non_string_field": 1})
+    assert text_of(result, "Name a primary color.") == NO_INPUT_RED
