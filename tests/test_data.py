@@ -439,9 +439,10 @@ def test_nan_and_infinity_in_a_json_array_and_in_parquet(tmp_path):
     result = prepare(tmp_path / "j", tmp_path / "a.json", test_size=0.5)
     assert counts_of(result) == (3, 2, {"non_string_field": 1})
     assert text_of(result, "Name a primary color.") == NO_INPUT_RED
+    # a float input column (what pandas writes when inputs are all missing) with one infinity
     pd.DataFrame({"instruction": ["Name a primary color.", None, "c", "Say hi."],
-                  "input": [float("nan"), "x", "y", None], "output": ["Red.", "d", float("inf"), "hi"]}
-                 ).to_parquet(tmp_path / "p.parquet")
+                  "input": [float("nan"), float("nan"), float("inf"), float("nan")],
+                  "output": ["Red.", "d", "e", "hi"]}).to_parquet(tmp_path / "p.parquet")
     result = prepare(tmp_path / "p", tmp_path / "p.parquet", test_size=0.5)
     assert counts_of(result) == (4, 2, {"missing_instruction": 1, "non_string_field": 1})
     assert text_of(result, "Name a primary color.") == NO_INPUT_RED
