@@ -61,22 +61,17 @@ def code_version() -> str:
 
 
 def input_fingerprint(cfg: Config) -> str:
-    """What the dataset is: 'builtin', 'files:<sha256 of the local files' names and bytes>', or
-    'hub:<id>[<split>]' (a Hub dataset is taken as immutable; -P reuse=false after it changes)."""
-    ds = cfg.dataset.strip()
-    if ds == "builtin":
-        return "builtin"
-    path = Path(ds[3:] if ds.startswith("hf:") else ds)
-    if path.exists():
-        h = hashlib.sha256()
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-        return "files:" + h.hexdigest()
-    return f"hub:{ds}[{cfg.dataset_split}]"
+    """What the dataset is (dolly.readers' one source listing): 'builtin', 'files:<sha256 of the
+    data files' names and bytes>', or 'hub:<id>[<split>]' (a Hub dataset is taken as immutable;
+    -P reuse=false after it changes). A local path that cannot be listed gets 'unresolved:...':
+    data_prep then runs and reports why."""
+    from dolly.errors import DollyError
+    from dolly.readers import resolve_source
+
+    try:
+        return resolve_source(cfg.dataset, cfg.dataset_split).fingerprint()
+    except DollyError:
+        return f"unresolved:{cfg.dataset}"
 
 
 def target_experiment(client, cfg: Config, launched_in: str) -> str | None:

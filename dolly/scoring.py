@@ -18,9 +18,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from dolly import readers
 from dolly.errors import DataError, DollyError
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = readers.SUFFIXES
 _ROW = "__dolly_row"
 
 
@@ -78,68 +79,49 @@ def spark_session(master: str, app: str = "dolly-batch-score"):
             .getOrCreate())
 
 
-def _json_is_array(path: Path) -> bool:
-    with path.open("r", encoding="utf-8", errors="replace") as fh:
-        while True:
-            ch = fh.read(1)
-            if not ch or not ch.isspace():
-                return ch == "["
-
-
 def input_files(path: str | Path) -> list[Path]:
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                       and not p.name.startswith(("_", ".")))
-        if not files:
-            raise DataError(f"{path}: folder holds no {'/'.join(SUFFIXES)} files")
-        return files
-    if root.suffix.lower() not in SUFFIXES:
-        raise DataError(f"{path}: unsupported file type '{root.suffix}' (use {', '.join(SUFFIXES)})")
-    return [root]
+    """The data files of `path` (a file, or a folder's files): `dolly.readers.list_files`, the
+    listing data_prep uses. Raises DataError when there is none."""
+    return readers.list_files(path)
+
+
+def _text_frame(spark, f: Path, keep_types: tuple[str, ...] = ()):
+    # Decoded by data_prep's reader (BOM, UTF-16/32, content over extension, NaN as null, no
+    # silent U+FFFD); Spark then infers the columns from those records as JSON lines. A line or
+    # item that is not a readable object stays as a row of nulls (skipped, not dropped). The
+    # keep_types columns are read as VARIANT: each value keeps its JSON type.
+    read = readers.read_file(f)
+    order: dict[str, None] = {}
+    lines = []
+    for r in read.records:
+        ok = r.error is None and isinstance(r.value, dict)
+        if ok:
+            order.update(dict.fromkeys(r.value))
+        lines.append(json.dumps(r.value if ok else {}))
+    rdd = spark.sparkContext.parallelize(lines)
+    df = spark.read.json(rdd)
+    if any(n in df.columns for n in keep_types):
+        from pyspark.sql import types as T
+
+        df = spark.read.schema(T.StructType([
+            T.StructField(x.name, T.VariantType() if x.name in keep_types else x.dataType, True)
+            for x in df.schema.fields])).json(rdd)
+    cols = [c for c in order if c in df.columns]
+    return df.select(*[f"`{c.replace('`', '``')}`" for c in cols]) if cols else df
 
 
 def read_input(spark, path: str | Path, keep_types: tuple[str, ...] = ()):
     """One DataFrame from a file or a folder of jsonl/json/csv/parquet files (columns unioned by
-    name; a column missing from one file is null there). The `keep_types` columns of JSON files
-    are read as VARIANT, so that a number or a list stays one (Spark would turn it into text) and
-    score_to_parquet can refuse it."""
+    name; a column missing from one file is null there; rows keep the files' order). The
+    `keep_types` columns of JSON files are read as VARIANT, so that a number or a list stays one
+    (Spark would turn it into text) and score_to_parquet can refuse it."""
     frames = []
     for f in input_files(path):
-        suffix = f.suffix.lower()
-        p = str(f)
-        if suffix == ".parquet":
-            df = spark.read.parquet(p)
-        elif suffix == ".csv":
-            df = spark.read.option("header", "true").option("multiLine", "true") \
-                .option("escape", '"').csv(p)
-        elif suffix == ".json" and _json_is_array(f):
-            df = spark.read.option("multiLine", "true").json(p)
+        if f.suffix.lower() == ".parquet":
+            frames.append(spark.read.parquet(str(f)))
         else:
-            df = spark.read.json(p)
-        if "_corrupt_record" in df.columns:
-            df = df.drop("_corrupt_record")  # malformed lines: kept as rows of nulls, not dropped
-        if suffix == ".json" or suffix == ".jsonl":
-            df = _json_types_kept(spark, df, p, keep_types, multiline=suffix == ".json"
-                                  and _json_is_array(f))
-        frames.append(df)
+            frames.append(_text_frame(spark, f, keep_types))
     return _union(frames)
-
-
-def _json_types_kept(spark, df, path: str, names: tuple[str, ...], multiline: bool):
-    """`df` read again with its `names` columns as VARIANT (each value keeps its JSON type)."""
-    from pyspark.sql import types as T
-
-    if not any(n in df.columns for n in names):
-        return df
-    schema = T.StructType([T.StructField(f.name, T.VariantType() if f.name in names
-                                         else f.dataType, True) for f in df.schema.fields])
-    reader = spark.read.schema(schema)
-    if multiline:
-        reader = reader.option("multiLine", "true")
-    return reader.json(path)
 
 
 def _union(frames):

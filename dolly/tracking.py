@@ -47,21 +47,21 @@ def local_path(uri: str, what: str = "artifact") -> Path:
 
 
 def dataset_source(cfg: Config):
-    """The MLflow dataset source that names where `cfg.dataset` came from."""
+    """The MLflow dataset source that names where `cfg.dataset` came from (decided by
+    dolly.readers.resolve_source, as data_prep decides it)."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
     from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
-    ds = cfg.dataset.strip()
-    if ds == "builtin":
+    from dolly.readers import resolve_source
+
+    src = resolve_source(cfg.dataset, cfg.dataset_split)
+    if src.kind == "builtin":
         return CodeDatasetSource({"generator": "dolly.builtin_tasks", "seed": cfg.seed,
                                   "records": cfg.builtin_records})
-    if ds.startswith("hf:"):
-        ds = ds[3:]
-    p = Path(ds)
-    if p.exists():
-        return HTTPDatasetSource(p.resolve().as_uri())  # a file:// URL: no resolver needed
-    return HuggingFaceDatasetSource(path=ds, split=cfg.dataset_split)
+    if src.kind in ("file", "folder") or src.files:
+        return HTTPDatasetSource(Path(src.location).resolve().as_uri())  # file://: no resolver
+    return HuggingFaceDatasetSource(path=src.location, split=src.split)
 
 
 def log_split(cfg: Config, df, split: str, data_hash: str, context: str | None = None) -> str:

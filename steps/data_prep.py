@@ -1,4 +1,7 @@
-"""data_prep entry point: dataset -> prepared/ (train/test parquet, tokenizer, rejections, summary)."""
+"""data_prep entry point: dataset -> prepared/ (train/test parquet, tokenizer, rejections, summary).
+
+A run that stops after reading records still logs records_read, the rejection counts and
+prepared/rejected.jsonl + summary.json before the one-line error."""
 from __future__ import annotations
 
 import tempfile
@@ -12,7 +15,12 @@ def main(argv: list[str]) -> None:
     cfg, _ = cli.parse(argv, {})
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
         tracking.log_config(cfg)
-        result = data.prepare(cfg, f"{tmp}/prepared")
+        try:
+            result = data.prepare(cfg, f"{tmp}/prepared")
+        except data.PrepareFailed as e:  # the failed run still says what was read and rejected
+            mlflow.log_metrics({k: float(v) for k, v in e.counts.items()})
+            mlflow.log_artifacts(str(e.out_dir), "prepared")
+            raise
         mlflow.log_metrics({k: float(v) for k, v in result.counts.items()})
         for k, v in result.summary["token_lengths"].items():
             mlflow.log_metric(f"tokens_{k}", float(v))
@@ -21,9 +29,12 @@ def main(argv: list[str]) -> None:
         for split, df in (("train", result.train), ("test", result.test)):
             tracking.log_split(cfg, df, split, result.data_hash)
         c = result.counts
+        why = ", ".join(f"{k[len('rejected_'):]} {v}" for k, v in c.items()
+                        if k.startswith("rejected_") and v)
         print(f"data_prep: read {c['records_read']}, kept {c['records_kept']} "
               f"(train {c['records_train']}, test {c['records_test']}), rejected "
-              f"{c['records_rejected']}; prepared = runs:/{run.info.run_id}/prepared", flush=True)
+              f"{c['records_rejected']}{f' ({why})' if why else ''}; "
+              f"prepared = runs:/{run.info.run_id}/prepared", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,24 @@ def test_unusable_input_fails_with_one_line(tracking_uri, tmp_path, name):
     ours = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     assert len(ours) == 1 and name in ours[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr.split("mlflow.exceptions")[0]
+
+
+def test_failed_run_still_logs_counts_and_rejections(tracking_uri, tmp_path):
+    # Every record but one is rejected: the step fails, and the run says why.
+    path = tmp_path / "few.jsonl"
+    path.write_bytes(b'{"instruction": "Say very well.", "output": "Tr\xe8s bien"}\n'
+                     b'{"instruction": NaN, "output": "x"}\n'
+                     b'{"instruction": "Name a color.", "output": "Blue."}\n')
+    proc = mlflow_run("data_prep", {"dataset": path}, tracking_uri)
+    assert proc.returncode != 0
+    ours = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert ours == ["error: only 1 valid record(s): need at least 2 to make a train/test split "
+                    "(2 rejected: see prepared/rejected.jsonl)"], proc.stderr[-2000:]
+    client, run = only_run(tracking_uri)
+    assert run.info.status == "FAILED"
+    m = run.data.metrics
+    assert (m["records_read"], m["records_kept"], m["records_rejected"],
+            m["rejected_encoding"], m["rejected_missing_instruction"]) == (3, 1, 2, 1, 1)
+    rej = client.download_artifacts(run.info.run_id, "prepared/rejected.jsonl", str(tmp_path))
+    got = [(json.loads(l)["where"], json.loads(l)["reason"]) for l in open(rej)]
+    assert got == [("line 1", "encoding"), ("line 2", "missing_instruction")]

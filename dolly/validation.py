@@ -1,0 +1,168 @@
+"""Which records become training text: each record mapped by its own layout, checked, normalised
+and formatted in Dolly's template; every other record rejected with a reason (nothing silent).
+
+Rules (README, data_prep):
+- Layout per record: Alpaca (`instruction`, `input`, `output`) or databricks-dolly-15k
+  (`instruction`, `context`, `response`, `category`); `columns=` mappings win for their fields.
+- instruction and response must be non-blank strings; input may be missing, null, NaN or blank,
+  all meaning "no input" (Alpaca's no-input template); any other non-string is rejected.
+- Line endings inside fields become `\\n` (what the served prompts use).
+- Text that the tokenizer would encode as a control id (its eos/bos/pad, Dolly's markers: see
+  `dolly.tokenizer.control_texts`) is rejected as `reserved_marker`, also when it only forms
+  across a field's edge and the template (an input ending in "### Response:").
+- Invalid bytes or lone surrogates in a used field are rejected as `encoding`.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Iterable
+
+from dolly import prompts
+from dolly.errors import DataError
+from dolly.readers import Raw, show
+
+CANONICAL = ("instruction", "input", "response")
+# Auto-detected layouts: canonical field -> accepted column names, in order of preference.
+LAYOUT = {
+    "instruction": ("instruction",),
+    "input": ("input", "context"),
+    "response": ("output", "response"),
+    "category": ("category",),
+}
+# What the summary calls a record's layout, by the column its response came from.
+LAYOUT_NAMES = {"output": "alpaca", "response": "dolly-15k"}
+
+REASONS = ("malformed_json", "encoding", "not_an_object", "missing_instruction",
+           "missing_response", "non_string_field", "blank_instruction", "blank_response",
+           "reserved_marker", "duplicate", "too_long")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_columns(spec: str) -> dict[str, str]:
+    """'instruction=q,response=a' -> {'instruction': 'q', 'response': 'a'}."""
+    mapping = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, col = part.partition("=")
+        key, col = key.strip(), col.strip()
+        if not sep or key not in (*CANONICAL, "category") or not col:
+            raise DataError(
+                f"columns: bad entry '{part}' (expected field=column with field one of "
+                f"instruction, input, response, category)")
+        mapping[key] = col
+    return mapping
+
+
+class ControlText:
+    """Finds control-token text in a formatted record. Fast path: each distinct 3-character
+    prefix of the control texts occurs exactly as often as in the bare template (one
+    `str.count` each); only otherwise is every control text counted."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts = tuple(sorted(set(filter(None, texts))))
+        self.prefixes = tuple(sorted({t[:3] for t in self.texts}))
+        self.expected = {}
+        for has_input in (False, True):
+            bare = prompts.format_record("x", "x" if has_input else None, "x")
+            self.expected[has_input] = (tuple(bare.count(p) for p in self.prefixes),
+                                        tuple(bare.count(t) for t in self.texts))
+
+    def found(self, text: str, has_input: bool) -> bool:
+        prefixes, texts = self.expected[has_input]
+        if tuple(map(text.count, self.prefixes)) == prefixes:
+            return False
+        return tuple(map(text.count, self.texts)) != texts
+
+
+def _newlines(s: str) -> str:
+    return s if "\r" not in s else s.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.split())
+
+
+class Validator:
+    """Sorts raw records, file after file, into `kept` (canonical dicts with their training
+    `text`) and `rejected` (source, where, reason, record); duplicates are found across files."""
+
+    def __init__(self, explicit: dict[str, str], control_texts: Iterable[str]):
+        self.explicit = explicit
+        self.control = ControlText(control_texts)
+        self.kept: list[dict] = []
+        self.rejected: list[dict] = []
+        self.layouts: Counter = Counter()
+        self._seen: set = set()
+        self._columns = {f: (explicit[f],) if f in explicit else LAYOUT[f] for f in LAYOUT}
+
+    def check_columns(self, name: str, raws: list[Raw]) -> None:
+        """Raise DataError when no record of the file has an instruction or a response column."""
+        seen: dict[str, None] = {}
+        for r in raws:
+            if isinstance(r.value, dict):
+                seen.update(dict.fromkeys(r.value))
+        if not seen:
+            return  # nothing readable: each record is rejected with its own reason
+        missing = [f for f in ("instruction", "response")
+                   if not any(c in seen for c in self._columns[f])]
+        if missing:
+            need = " and ".join(f"{f} ({'/'.join(self._columns[f])})" for f in missing)
+            found = ", ".join(show(str(k)) for k in seen)
+            raise DataError(f"{name}: none of the needed columns: {need}; found {found}")
+
+    def _reject(self, r: Raw, reason: str) -> None:
+        self.rejected.append({"source": r.source, "where": r.locator, "reason": reason,
+                              "record": r.value if r.raw_text is None else r.raw_text})
+
+    @staticmethod
+    def _pick(v: dict, columns: tuple[str, ...]):
+        for c in columns:
+            if c in v:
+                return v[c], c
+        return None, None
+
+    def add(self, raws: list[Raw]) -> None:
+        for r in raws:
+            if r.error:
+                self._reject(r, r.error)
+                continue
+            reason = self._check(r)
+            if reason:
+                self._reject(r, reason)
+
+    def _check(self, r: Raw) -> str | None:
+        v = r.value
+        if not isinstance(v, dict):
+            return "not_an_object"
+        cols = self._columns
+        ins, _ = self._pick(v, cols["instruction"])
+        resp, rcol = self._pick(v, cols["response"])
+        inp, _ = self._pick(v, cols["input"])
+        if ins is None:
+            return "missing_instruction"
+        if resp is None:
+            return "missing_response"
+        if not (isinstance(ins, str) and isinstance(resp, str) and (inp is None or isinstance(inp, str))):
+            return "non_string_field"
+        if not ins or ins.isspace():
+            return "blank_instruction"
+        if not resp or resp.isspace():
+            return "blank_response"
+        if "\r" in ins or "\r" in resp:
+            ins, resp = _newlines(ins), _newlines(resp)
+        inp = "" if not inp or inp.isspace() else _newlines(inp)
+        cat, _ = self._pick(v, cols["category"])
+        cat = cat if isinstance(cat, str) else ""
+        text = prompts.format_record(ins, inp, resp)
+        if not (text.isascii() and cat.isascii()) and _SURROGATE.search(text + cat):
+            return "encoding"
+        if self.control.found(text, bool(inp)):
+            return "reserved_marker"  # would break masking or stop generation early
+        key = (_norm(ins), _norm(inp), _norm(resp))
+        if key in self._seen:
+            return "duplicate"
+        self._seen.add(key)
+        self.layouts["columns" if "response" in self.explicit else LAYOUT_NAMES.get(rcol, rcol)] += 1
+        self.kept.append({"instruction": ins, "input": inp, "response": resp, "category": cat,
+                          "source": r.source, "where": r.locator, "text": text})
+        return None
