@@ -1,22 +1,13 @@
 """`mlflow models serve -m models:/dolly@champion` over real HTTP on loopback."""
 import os
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 import requests
 
-from conftest import BIN, ROOT
-
-TEMPLATE_BITS = ("Below is an instruction", "### Instruction", "### Response", "### End")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import BIN, ROOT, TEMPLATE_BITS, free_port
 
 
 @pytest.fixture(scope="module")

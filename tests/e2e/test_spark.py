@@ -5,9 +5,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import tracking_to
-
-TEMPLATE_BITS = ("Below is an instruction", "### Instruction", "### Response", "### End")
+from conftest import TEMPLATE_BITS, tracking_to
 
 
 @pytest.mark.timeout(420)
