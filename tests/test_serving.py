@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
+from conftest import SMALLEST
 from dolly import prompts
 from dolly.serving import DollyPyfunc, instructions_of
 
@@ -47,9 +48,7 @@ def wrapped():
     from dolly.modeling import build_tiny
     from dolly.tokenizer import build_tokenizer
 
-    cfg = load_config(None, {"tiny_n_layer": 1, "tiny_n_embd": 32, "tiny_n_head": 2,
-                             "tiny_rotary_dim": 8, "tiny_n_positions": 64, "max_length": 64,
-                             "tokenizer": "gpt-j"})
+    cfg = load_config(None, SMALLEST)
     tok = build_tokenizer(cfg, [])
     tok.padding_side = "left"
     pipe = transformers.pipeline("text-generation", model=build_tiny(cfg, tok), tokenizer=tok)

@@ -5,16 +5,15 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import mlflow_run
+from conftest import mlflow_run, runs_in
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def only_run(tracking_uri):
-    client = mlflow.MlflowClient(tracking_uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = runs_in(tracking_uri)
     assert len(runs) == 1
-    return client, runs[0]
+    return mlflow.MlflowClient(tracking_uri), runs[0]
 
 
 def test_builtin_offline_default(tracking_uri, tmp_path):

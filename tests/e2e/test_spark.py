@@ -5,7 +5,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import TEMPLATE_BITS, tracking_to
+from conftest import TEMPLATE_BITS, runs_in, tracking_to
 
 
 @pytest.mark.timeout(420)
@@ -54,9 +54,7 @@ def test_batch_score_keeps_every_row(tiny_model, champion, tmp_path):
     scored_by = json.loads((out / "_scored_by.json").read_text())
     assert scored_by["model_version"] == champion
     assert scored_by["scored_model_uri"] == f"models:/dolly/{champion}"
-    client = tiny_model.client()
-    exp = client.get_experiment_by_name(tiny_model.experiment).experiment_id
-    run = client.search_runs([exp], "tags.`mlflow.project.entryPoint` = 'batch_score'")[0]
+    run = runs_in(tiny_model.tracking_uri, "batch_score")[0]
     assert run.data.tags["model_version"] == champion
     m = run.data.metrics
     assert (m["rows_read"], m["rows_scored"], m["rows_skipped"]) == (6, 2, 4)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (ROOT, TINY_OVERRIDES, free_port, fresh_store, mlflow_run, prepared_run,
-                      project_env, tracking_to)
+                      project_env, runs_in, tracking_to)
 from dolly import training
 
 pytestmark = pytest.mark.timeout(900)
@@ -46,9 +46,7 @@ class Runs:
 
         line = next(l for l in proc.stdout.splitlines() if "model_uri = " in l)
         client = mlflow.MlflowClient(self.tracking_uri)
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  "tags.`mlflow.project.entryPoint` = 'train'")
-        return client, next(r for r in runs if r.data.tags.get("model_uri") == line.split(
+        return client, next(r for r in runs_in(self.tracking_uri, "train") if r.data.tags.get("model_uri") == line.split(
             "model_uri = ")[1].strip())
 
 
