@@ -88,6 +88,23 @@ def fresh_store(folder: Path) -> str:
     return uri
 
 
+# A 1-layer, 32-wide GPT-J over GPT-J's own tokenizer (offline), 64-token context: for unit tests
+# that need a real model, not a trained one.
+SMALLEST = {"tiny_n_layer": 1, "tiny_n_embd": 32, "tiny_n_head": 2, "tiny_rotary_dim": 8,
+            "tiny_n_positions": 64, "max_length": 64, "tokenizer": "gpt-j"}
+
+
+def corpus_tokenizer(records: int, seed: int, vocab_size: int):
+    """A BPE of `vocab_size` tokens learned from `records` built-in records (generated with
+    `seed`) in Dolly's format, with Dolly's markers added as special tokens."""
+    from dolly import builtin_tasks, prompts
+    from dolly.tokenizer import add_dolly_tokens, corpus_bpe
+
+    texts = [prompts.format_record(r["instruction"], r["input"], r["output"])
+             for r in builtin_tasks.generate(records, seed=seed)]
+    return add_dolly_tokens(corpus_bpe(texts, vocab_size))
+
+
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
     """A fresh sqlite tracking store and registry for one test."""
@@ -124,6 +141,17 @@ def prepared_run(root: Path, overrides: dict, experiment: str) -> tuple[str, str
 TINY_OVERRIDES = {"builtin_records": 200, "tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4,
                   "tiny_rotary_dim": 16, "tiny_n_positions": 256, "max_length": 128}
 E2E_EXPERIMENT = "dolly-e2e"
+
+
+def runs_in(tracking_uri: str, entry_point: str | None = None) -> list:
+    """Every run of the store (all experiments), newest first; with `entry_point`, only the
+    runs of that `mlflow run -e` entry point."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    where = f"tags.`mlflow.project.entryPoint` = '{entry_point}'" if entry_point else ""
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], where,
+                              order_by=["attributes.start_time DESC"])
 
 
 @contextmanager

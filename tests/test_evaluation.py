@@ -5,12 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import corpus_tokenizer
 from dolly import builtin_tasks, evaluation, prompts
 from dolly.collator import CompletionCollator
 from dolly.config import Config
 from dolly.errors import DollyError
 from dolly.modeling import build_tiny
-from dolly.tokenizer import add_dolly_tokens, corpus_bpe, special_ids
+from dolly.tokenizer import special_ids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,9 +37,7 @@ def test_rouge_l():
 
 @pytest.fixture(scope="module")
 def tok():
-    recs = builtin_tasks.generate(100, seed=2)
-    texts = [prompts.format_record(r["instruction"], r["input"], r["output"]) for r in recs]
-    return add_dolly_tokens(corpus_bpe(texts, 350))
+    return corpus_tokenizer(100, seed=2, vocab_size=350)
 
 
 def split(tok, records):

@@ -2,19 +2,18 @@
 import pytest
 import torch
 
-from dolly import builtin_tasks, generation, prompts
+from conftest import corpus_tokenizer
+from dolly import generation, prompts
 from dolly.config import Config
 from dolly.modeling import build_tiny
-from dolly.tokenizer import add_dolly_tokens, corpus_bpe, special_ids
+from dolly.tokenizer import special_ids
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    recs = builtin_tasks.generate(200, seed=1)
-    texts = [prompts.format_record(r["instruction"], r["input"], r["output"]) for r in recs]
-    return add_dolly_tokens(corpus_bpe(texts, 400))
+    return corpus_tokenizer(200, seed=1, vocab_size=400)
 
 
 def tiny(tok, n_positions=128, seed=0):

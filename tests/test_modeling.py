@@ -2,12 +2,10 @@
 defaults, safetensors only, Dolly's tokens fit."""
 import pytest
 
+from conftest import SMALLEST as SMALL
 from dolly.config import load_config
 from dolly.errors import DollyError
 from dolly.modeling import build_tiny, load_base_model
-
-SMALL = {"tiny_n_layer": 1, "tiny_n_embd": 32, "tiny_n_head": 2, "tiny_rotary_dim": 8,
-         "tiny_n_positions": 64, "max_length": 64, "tokenizer": "gpt-j"}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
+from conftest import SMALLEST
 from dolly import generation, prompts
 from dolly.serving import DollyPyfunc, as_frame, check_params
 
@@ -99,9 +100,7 @@ def wrapped():
     from dolly.modeling import build_tiny
     from dolly.tokenizer import build_tokenizer
 
-    cfg = load_config(None, {"tiny_n_layer": 1, "tiny_n_embd": 32, "tiny_n_head": 2,
-                             "tiny_rotary_dim": 8, "tiny_n_positions": 64, "max_length": 64,
-                             "tokenizer": "gpt-j"})
+    cfg = load_config(None, SMALLEST)
     tok = build_tokenizer(cfg, [])
     tok.padding_side = "left"
     torch.manual_seed(0)

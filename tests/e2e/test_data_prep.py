@@ -5,16 +5,15 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import mlflow_run
+from conftest import mlflow_run, runs_in
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def only_run(tracking_uri):
-    client = mlflow.MlflowClient(tracking_uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = runs_in(tracking_uri)
     assert len(runs) == 1
-    return client, runs[0]
+    return mlflow.MlflowClient(tracking_uri), runs[0]
 
 
 def test_builtin_offline_default(tracking_uri, tmp_path):
@@ -22,7 +21,9 @@ def test_builtin_offline_default(tracking_uri, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, run = only_run(tracking_uri)
     m = run.data.metrics
-    assert m["records_read"] == 300 == m["records_kept"] + m["records_rejected"]
+    # the generator makes no bad or duplicate records: all 300 kept, 10% held out
+    assert (m["records_read"], m["records_kept"], m["records_rejected"]) == (300, 300, 0)
+    assert (m["records_train"], m["records_test"]) == (270, 30)
     assert run.data.tags["mlflow.project.entryPoint"] == "data_prep"
     assert len(run.data.tags["data_hash"]) == 64
     files = {f.path for f in client.list_artifacts(run.info.run_id, "prepared")}
@@ -31,7 +32,7 @@ def test_builtin_offline_default(tracking_uri, tmp_path):
     local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/prepared",
                                                 tracking_uri=tracking_uri, dst_path=str(tmp_path))
     train = pd.read_parquet(f"{local}/train.parquet")
-    assert "text" in train and train["text"].str.endswith("\n\n### End").all()
+    assert len(train) == 270 and train["text"].str.endswith("\n\n### End").all()
     contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
     assert contexts == ["test", "train"]
     assert run.data.params["builtin_records"] == "300"

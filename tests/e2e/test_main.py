@@ -8,15 +8,8 @@ import pandas as pd
 import pytest
 
 from conftest import (TEMPLATE_BITS, TINY_OVERRIDES, free_port, mlflow_run, mlflow_run_cmd,
-                      project_copy, project_env, tracking_to)
+                      project_copy, project_env, runs_in, tracking_to)
 from dolly.errors import DollyError
-
-
-def _runs(tiny, entry_point):
-    client = tiny.client()
-    exp = client.get_experiment_by_name(tiny.experiment).experiment_id
-    return client.search_runs([exp], f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
-                              order_by=["attributes.start_time DESC"])
 
 
 @pytest.mark.timeout(420)
@@ -25,7 +18,7 @@ def test_evaluate_entry_point(tiny_model):
         "model_uri": tiny_model.model_uri, "prepared": tiny_model.prepared,
         "eval_limit": 8, "eval_max_new_tokens": 8, "eval_batch_size": 4})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = _runs(tiny_model, "evaluate")[0]
+    run = runs_in(tiny_model.tracking_uri, "evaluate")[0]
     m, tags = run.data.metrics, run.data.tags
     for who in ("base", "tuned"):
         for k in ("perplexity", "eval_loss", "exact_match", "rouge_l", "stop_rate", "empty_rate",
@@ -65,7 +58,7 @@ def test_register_entry_point_and_gate(tiny_model, other_model):
     assert mv.description.startswith("# Model card: dolly_gate, version 1 (fine-tuned from tiny-gptj)")
     lic = client.get_registered_model(name).tags["license"]
     assert "project-generated" in lic
-    reg_run = _runs(tiny_model, "register")[0]
+    reg_run = runs_in(tiny_model.tracking_uri, "register")[0]
     assert reg_run.data.tags["registered_version"] == first
     assert reg_run.data.tags["promoted"] == "true"
 
@@ -141,7 +134,7 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
                       HF_TOKEN=FAKE_TOKEN, HUGGING_FACE_HUB_TOKEN=FAKE_TOKEN)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = runs_in(tracking_uri)
     # `mlflow run` put its run in Default; the pipeline ran in the `dolly` experiment
     launcher = next(r for r in runs if r.info.experiment_id == "0")
     parent = client.get_run(launcher.data.tags["dolly.pipeline_run"])
@@ -301,7 +294,7 @@ def test_failing_step_fails_main_with_one_line(tracking_uri, tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert errors and "step 'data_prep' failed" in errors[-1]
     client = mlflow.MlflowClient(tracking_uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = runs_in(tracking_uri)
     parent = next(r for r in runs if "dolly.launched_by" in r.data.tags)
     assert parent.info.status == "FAILED" and parent.data.tags["failed_step"] == "data_prep"
     launcher = client.get_run(parent.data.tags["dolly.launched_by"])

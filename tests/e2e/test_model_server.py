@@ -3,7 +3,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 
@@ -12,16 +11,8 @@ import pandas as pd
 import pytest
 import requests
 
-from conftest import BIN, ROOT, tracking_to
+from conftest import BIN, ROOT, TEMPLATE_BITS, free_port, tracking_to
 from dolly import prompts
-
-TEMPLATE_BITS = ("Below is an instruction", "### Instruction", "### Response", "### End")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

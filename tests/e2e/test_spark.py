@@ -6,10 +6,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import tracking_to
+from conftest import TEMPLATE_BITS, runs_in, tracking_to
 from dolly import scoring
 
-TEMPLATE_BITS = ("Below is an instruction", "### Instruction", "### Response", "### End")
 GREEDY = {"max_new_tokens": 4, "do_sample": False}
 # dolly-15k's column order (Spark reads its JSON with sorted columns): category comes first
 DOLLY_15K = pd.DataFrame({
@@ -168,10 +167,7 @@ def test_batch_score_keeps_every_row_and_counts_bad_ones(tiny_model, champion, i
     scored_by = json.loads((out / "_scored_by.json").read_text())
     assert scored_by["model_version"] == champion
     assert scored_by["scored_model_uri"] == f"models:/dolly/{champion}"
-    client = tiny_model.client()
-    exp = client.get_experiment_by_name(tiny_model.experiment).experiment_id
-    run = client.search_runs([exp], "tags.`mlflow.project.entryPoint` = 'batch_score'",
-                             order_by=["attributes.start_time DESC"])[0]
+    run = runs_in(tiny_model.tracking_uri, "batch_score")[0]
     assert run.data.tags["model_version"] == champion
     m = run.data.metrics
     assert (m["rows_read"], m["rows_scored"], m["rows_empty"], m["rows_errored"],

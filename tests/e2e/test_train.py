@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_OVERRIDES, fresh_store, mlflow_run, project_env, tracking_to
+from conftest import (ROOT, TINY_OVERRIDES, free_port, fresh_store, mlflow_run, prepared_run,
+                      project_env, runs_in, tracking_to)
 from dolly import launch
 
 pytestmark = pytest.mark.timeout(900)
@@ -28,7 +29,7 @@ TRAIN.update(per_device_batch_size=8, logging_steps=1, save_steps=4, eval_steps=
              warmup_steps=0, learning_rate=3e-3, rank_timeout_s=60)
 
 # not 29500: other test sessions on this machine may train at the same time
-TRAIN["master_port"] = launch._free_port()
+TRAIN["master_port"] = free_port()
 
 
 @dataclass
@@ -46,27 +47,9 @@ class Runs:
 
         line = next(l for l in proc.stdout.splitlines() if "model_uri = " in l)
         client = mlflow.MlflowClient(self.tracking_uri)
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  "tags.`mlflow.project.entryPoint` = 'train'")
-        return client, next(r for r in runs if r.data.tags.get("model_uri") == line.split(
-            "model_uri = ")[1].strip())
-
-
-def _prepared_run(root: Path) -> tuple[str, str, Path]:
-    """prepared/ (tiny overrides) logged as a data_prep run's artifact in a fresh sqlite store."""
-    import mlflow
-
-    from dolly import data
-    from dolly.config import load_config
-
-    uri = f"sqlite:///{root}/mlflow.db"
-    local = root / "prepared"
-    data.prepare(load_config(None, TINY_OVERRIDES), local, progress=False)
-    with tracking_to(uri):
-        exp = mlflow.create_experiment("train-e2e", artifact_location=str(root / "artifacts"))
-        with mlflow.start_run(experiment_id=exp, run_name="data_prep (fixture)") as run:
-            mlflow.log_artifacts(str(local), "prepared")
-    return uri, f"runs:/{run.info.run_id}/prepared", local
+        model_uri = line.split("model_uri = ")[1].strip()
+        return client, next(r for r in runs_in(self.tracking_uri, "train")
+                            if r.data.tags.get("model_uri") == model_uri)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +57,7 @@ def runs(tmp_path_factory) -> Runs:
     """Run A stops at its first checkpoint (max_steps=4); run B, the same command with the full
     max_steps=8, must resume from it and finish the schedule."""
     root = tmp_path_factory.mktemp("train")
-    uri, prepared_uri, local = _prepared_run(root)
+    uri, prepared_uri, local = prepared_run(root, TINY_OVERRIDES, "train-e2e")
     out = root / "out"
     params = {"prepared": prepared_uri, "output_dir": out, **TRAIN}
     env = {"MLFLOW_EXPERIMENT_NAME": "train-e2e"}
@@ -264,7 +247,7 @@ def test_two_nodes_of_one_rank_train_the_same_weights_as_one_node_of_two(runs, s
     """ZeRO-3 over 2 "machines" (two train steps, node_rank 0 and 1, on loopback, each with its
     own output folder) ends with the weights 1 node x 2 ranks gets from the same data and seed."""
     env = project_env(fresh_store(tmp_path))
-    port = launch._free_port()
+    port = free_port()
     nodes = []
     for rank in (0, 1):
         log = (tmp_path / f"node{rank}.log").open("w")
