@@ -338,7 +338,7 @@ def test_spark_launcher_a_dying_rank_ends_the_step_and_leaves_no_process(runs, t
     assert code == 2, text[-3000:]
     assert elapsed < TRAIN["rank_timeout_s"] + 30, elapsed
     assert "rank 1 failed: KeyboardInterrupt" in text
-    assert "error: training failed: the Spark job ended with" in text
+    assert "error: training failed: the Spark job ended (rank 1 failed: KeyboardInterrupt" in text
     _, alive = psutil.wait_procs(chain, timeout=10)
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
     print(f"\nrank 1 killed: the step failed {elapsed:.1f} s later, no rank process left")
