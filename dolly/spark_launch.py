@@ -104,10 +104,14 @@ def launch(p, prepared: Path, prepared_uri: str, run_id: str | None = None,
 
 
 def _first_line(e: BaseException) -> str:
-    """The failing rank's own line ("rank 1 failed: ...") from the job's error, else its first
-    line; never the torchrun command the task error quotes."""
+    """The failing rank's own line from the job's error ("rank 1 failed: ...", else the rank's
+    final "error: ..." line), else the error's first line; never the torchrun command the task
+    error quotes."""
     text = str(e)
     found = re.search(r"rank \d+ failed: [^\n]*", text)
     if found:
         return found.group(0).strip()[:300]
+    found = re.search(r"^error: ([^\n]*)", text, re.MULTILINE)
+    if found:
+        return f"a rank failed: {found.group(1).strip()[:300]}"
     return (text.strip().splitlines() or [""])[0].split(" Command [")[0][:300]

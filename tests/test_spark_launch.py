@@ -25,6 +25,11 @@ def test_the_step_error_names_the_failing_rank_not_the_command():
                        "Command ['python', '--node_rank=1'] failed with return code 1. The task "
                        "output is included below: ...\nrank 1 failed: KeyboardInterrupt: \nerror")
     assert spark_launch._first_line(err) == "rank 1 failed: KeyboardInterrupt:"
+    # a long traceback pushed the "rank N failed" line out of the task's last 100 lines
+    assert spark_launch._first_line(RuntimeError(
+        "An error occurred while calling o48.collectToPython.\n...\n  File \"x.py\"\n"
+        "error: RuntimeError: Timed out waiting 20000ms\n")) == \
+        "a rank failed: RuntimeError: Timed out waiting 20000ms"
     assert spark_launch._first_line(RuntimeError(
         "Job aborted due to stage failure: lost Command ['python', 'x']\nmore")) == \
         "Job aborted due to stage failure: lost"

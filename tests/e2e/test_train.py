@@ -343,8 +343,12 @@ def test_spark_launcher_a_failing_or_hanging_rank_ends_the_step_and_leaves_no_pr
     assert code == 2, text[-3000:]
     assert elapsed < timeout_s + 30, elapsed
     assert error in text
-    # the job's error names a failing rank (which task Spark reports first is a race)
-    assert "error: training failed: the Spark job ended (rank " in text
+    # the step's last line carries a failing rank's error (which task Spark reports first is a
+    # race), never the torchrun command
+    last = text.strip().splitlines()[-1]  # after Spark's progress bar on the same line
+    last = last[last.find("error: "):]
+    assert last.startswith("error: training failed: the Spark job ended (") and \
+        "rank" in last and "failed: " in last and "torchrun" not in last, last
     _, alive = psutil.wait_procs(chain, timeout=10)  # a stopped rank too
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
     print(f"\nrank 1 got {sig.name}: the step failed {elapsed:.1f} s later, no rank process left")
