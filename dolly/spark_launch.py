@@ -21,6 +21,7 @@ a shared file system), and output_dir on a file system every node shares.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -94,8 +95,8 @@ def launch(p, prepared: Path, prepared_uri: str, run_id: str | None = None,
                            str(Path(cfg.deepspeed_config).resolve()))
         dist.run(str(RANK_FILE), *args)
     except Exception as e:  # Py4J / Spark errors carry the task's whole output: keep a line
-        raise DollyError(f"training failed: the Spark job ended with {type(e).__name__}: "
-                         f"{_first_line(e)} (the failing rank's error is above)") from None
+        raise DollyError(f"training failed: the Spark job ended ({_first_line(e)}); the "
+                         "failing rank's error is above") from None
     finally:
         if built:
             spark.stop()
@@ -103,8 +104,14 @@ def launch(p, prepared: Path, prepared_uri: str, run_id: str | None = None,
 
 
 def _first_line(e: BaseException) -> str:
+    """The failing rank's own line from the job's error ("rank 1 failed: ...", else the rank's
+    final "error: ..." line), else the error's first line; never the torchrun command the task
+    error quotes."""
     text = str(e)
-    for line in text.splitlines():
-        if "rank" in line and "failed" in line:
-            return line.strip()[:300]
-    return (text.splitlines() or [""])[0].strip()[:300]
+    found = re.search(r"rank \d+ failed: [^\n]*", text)
+    if found:
+        return found.group(0).strip()[:300]
+    found = re.search(r"^error: ([^\n]*)", text, re.MULTILINE)
+    if found:
+        return f"a rank failed: {found.group(1).strip()[:300]}"
+    return (text.strip().splitlines() or [""])[0].split(" Command [")[0][:300]

@@ -259,8 +259,12 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
 
 def _exit_with_parent(rank: int) -> None:
     """End this process when its launcher (torchrun) is gone: pyspark's distributor does not end
-    ranks left behind when its Spark task is killed."""
+    ranks left behind when its Spark task is killed. The kernel's parent-death signal also ends
+    a rank that hangs; the thread covers a parent gone before that was set, and other systems."""
+    from dolly.torchrun_guard import die_with_parent
+
     parent = os.getppid()
+    die_with_parent()
 
     def watch() -> None:
         while os.getppid() == parent:
