@@ -24,10 +24,10 @@ from common import (DollyV1Collator, add_limit, batches, finish, parser, prepare
 from dolly.batching import LengthGroupedSampler
 from dolly.collator import CompletionCollator
 from dolly.tokenizer import special_ids
-from dolly.training import Records
+from dolly.training import PreparedDataset
 
 
-def efficiency(records: Records, order, batch_size: int, collate) -> tuple[float, int, int]:
+def efficiency(records: PreparedDataset, order, batch_size: int, collate) -> tuple[float, int, int]:
     real = computed = 0
     for b in batches(order, batch_size):
         mask = collate([records[i] for i in b])["attention_mask"]
@@ -49,7 +49,7 @@ def main() -> None:
         progress(f"data_prep of {args.data} ({args.tokenizer} tokenizer)")
         cfg, prepared, tok = prepare(args.data, tmp, args.tokenizer, args.limit)
     train = prepared.train
-    records = Records(train)
+    records = PreparedDataset(train)
     lengths = train["length"].to_numpy()
     progress(f"{len(records)} training records, mean {lengths.mean():.1f} tokens")
     resp_id, _ = special_ids(tok)

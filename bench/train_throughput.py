@@ -38,7 +38,7 @@ from dolly.batching import LengthGroupedSampler
 from dolly.collator import CompletionCollator
 from dolly.modeling import build_tiny
 from dolly.tokenizer import special_ids
-from dolly.training import Records
+from dolly.training import PreparedDataset
 
 
 def run_side(name, cfg, tok, records, order, warm, collate, args):
@@ -168,7 +168,7 @@ def main() -> None:
     cfg, prepared, tok = prepare(args.data, tmp, args.tokenizer, args.limit,
                                  tiny_n_layer=args.n_layer, tiny_n_embd=args.n_embd,
                                  tiny_n_head=args.n_head, tiny_rotary_dim=args.rotary_dim)
-    records = Records(prepared.train)
+    records = PreparedDataset(prepared.train)
     need = (args.steps + args.warmup_steps) * args.batch_size
     if need > len(records):
         raise SystemExit(f"{need} records needed, {len(records)} prepared: fewer --steps")

@@ -69,6 +69,8 @@ def _world_size(ckpt: Path) -> int | None:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
+    """What a checkpoint-<step> folder is: its step, whether it is complete (the Trainer writes
+    trainer_state.json last) and the world size that wrote it."""
     p = Path(path)
     return Checkpoint(str(p), _step(p), (p / "trainer_state.json").is_file(), _world_size(p))
 

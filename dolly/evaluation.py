@@ -39,6 +39,7 @@ def normalise(text: str) -> str:
 
 
 def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the two texts are equal after `normalise`, else 0.0."""
     return float(normalise(prediction) == normalise(reference))
 
 
@@ -159,6 +160,7 @@ def select(test: pd.DataFrame, limit: int) -> pd.DataFrame:
 
 
 def device() -> torch.device:
+    """The device evaluation runs on: the first GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

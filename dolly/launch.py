@@ -1,6 +1,7 @@
 """The train step's parent side: plan the run, start the ranks, read their result.
 
-`plan()` resolves devices, precision, world size and whether to resume (dolly.checkpoints);
+`prepare_launch()` resolves devices, precision, world size and whether to resume (dolly.checkpoints)
+and prepares output_dir;
 `launch()` starts the ranks (`python -m dolly.training`, one process per rank) with the DeepSpeed
 launcher and waits. The launcher ends every local rank as soon as one exits non-zero, and
 collectives time out after `rank_timeout_s`, so a dead or stuck rank ends the step with a non-zero
@@ -66,6 +67,7 @@ def encode_config(cfg: Config) -> str:
 
 
 def decode_config(text: str) -> Config:
+    """The Config that `encode_config` wrote (raises ConfigError for a bad value)."""
     return Config.from_strings(json.loads(base64.urlsafe_b64decode(text)))
 
 
@@ -123,6 +125,8 @@ def _free_port() -> int:
 
 
 def fingerprint(cfg: Config, data_hash: str, world_size: int, precision: str) -> dict[str, Any]:
+    """What makes a checkpoint belong to this experiment: the checkpoint fields of Config, the
+    prepared data's hash, the world size and the resolved precision (fingerprint.json)."""
     fields = {k: getattr(cfg, k) for k in RESUME_FIELDS}
     fields.update(data_hash=data_hash, world_size=world_size, precision=precision)
     return fields
@@ -179,8 +183,10 @@ def _check_deepspeed_config(cfg: Config) -> None:
                           "the train step runs stage 3")
 
 
-def plan(cfg: Config, prepared: Path) -> Plan:
-    """Devices, precision, world size and the resume decision; prepares output_dir.
+def prepare_launch(cfg: Config, prepared: Path) -> Plan:
+    """Plan the launch (devices, precision, world size, the resume decision) and prepare
+    output_dir for it: carries out the resume decision (resume=never removes old checkpoints)
+    and removes a previous run's final weights and result.
 
     Raises ConfigError for settings that cannot run here (missing or non-stage-3 DeepSpeed
     config, more GPUs than visible, fp16 on CPU, a `resume` path that is no checkpoint) and,
@@ -321,6 +327,8 @@ def launch(p: Plan, prepared: Path, prepared_uri: str, run_id: str | None = None
 
 
 def read_result(cfg: Config) -> dict[str, Any]:
+    """The train_result.json rank 0 wrote (steps, losses, seconds, final_dir); raises DollyError
+    when rank 0 did not finish."""
     path = Path(cfg.output_dir) / RESULT_FILE
     if not path.is_file():
         raise DollyError(f"training ended without {path}: rank 0 did not finish")

@@ -311,6 +311,7 @@ def shape_of(config, source: str = "") -> ModelShape:
 
 
 def model_shape(cfg: Config) -> ModelShape:
+    """The shape of the profile's model, from its config.json (no weights) or the tiny_* fields."""
     config, source = model_config(cfg)
     return shape_of(config, source)
 
@@ -329,6 +330,8 @@ def visible_gpu() -> tuple[int, int]:
 
 
 def setting_of(cfg: Config, gpus_per_node: int, seq_len: int | None = None) -> Setting:
+    """The profile's training setting (micro-batch, sequence length in tokens, precision,
+    checkpointing, offload) for `gpus_per_node` ranks per node."""
     precision = "bf16" if cfg.precision == "auto" else cfg.precision
     return Setting(micro_batch=cfg.per_device_batch_size, seq_len=seq_len or cfg.max_length,
                    precision=precision, gradient_checkpointing=cfg.gradient_checkpointing,

@@ -23,6 +23,7 @@ _SERVING_PACKAGES = ("mlflow", "transformers", "torch", "tokenizers", "safetenso
 
 
 def pip_requirements() -> list[str]:
+    """`name==version` of the packages serving needs, pinned to the ones installed here."""
     reqs = []
     for name in _SERVING_PACKAGES:
         try:

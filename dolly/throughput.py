@@ -39,6 +39,8 @@ def flops_per_token(matmul_params: int, n_layer: int, width: int, context: float
 
 def mfu(tokens_per_s: float, per_token: float, peak_per_device: float | None,
         n_devices: int) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s (tokens/s x FLOPs per token) over the devices'
+    peak (PaLM's definition, Chowdhery et al. 2022, appendix B); None without a known peak."""
     if not peak_per_device or n_devices < 1:
         return None
     return tokens_per_s * per_token / (peak_per_device * n_devices)

@@ -1,7 +1,6 @@
-"""The only place that decides who talks to MLflow (rank 0) and how step inputs are resolved."""
+"""How steps talk to MLflow: the config as params, step inputs as local folders, datasets as inputs."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from dolly.config import Config
@@ -9,14 +8,6 @@ from dolly.errors import DollyError
 
 # MLflow param values are capped in length; a long dataset path should not fail a run.
 _MAX_PARAM = 500
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_rank_zero() -> bool:
-    return rank() == 0
 
 
 def log_config(cfg: Config, prefix: str = "") -> None:

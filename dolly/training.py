@@ -84,6 +84,8 @@ def deepspeed_config(cfg: Config, gpu: bool, load_universal: bool = False) -> di
 
 
 def training_arguments(cfg: Config, gpu: bool, load_universal: bool = False):
+    """The Trainer's TrainingArguments for this rank: batch sizes, schedule, precision, the
+    ZeRO-3 config (`deepspeed_config`), checkpointing and logging intervals from `cfg`."""
     from transformers import TrainingArguments
 
     extra = {} if gpu else {"accelerator_config": {"use_configured_state": True}}
@@ -126,7 +128,7 @@ def training_arguments(cfg: Config, gpu: bool, load_universal: bool = False):
     )
 
 
-class Records:
+class PreparedDataset:
     """A prepared split as a map-style dataset of {input_ids, response_start}."""
 
     def __init__(self, df):
@@ -157,7 +159,7 @@ def _flops_inputs(model, precision: str, world: int, gpu: bool) -> dict[str, Any
             "peak_per_device": throughput.peak_flops(device, precision), "n_devices": world}
 
 
-def probe_loss(engine, collator, records: Records, device) -> float:
+def probe_loss(engine, collator, records: PreparedDataset, device) -> float:
     """Loss of the model on a fixed batch (the first test records); all ranks must call it."""
     import torch
 
@@ -199,7 +201,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     resp_id, end_id = special_ids(tok)
     train_df, test_df, _ = data.load_prepared(prepared)
     test_df = test_df.sort_values("length", kind="stable")  # eval batches of similar length
-    train_ds, test_ds = Records(train_df), Records(test_df)
+    train_ds, test_ds = PreparedDataset(train_df), PreparedDataset(test_df)
     collator = CompletionCollator(pad_token_id=tok.pad_token_id, response_key_id=resp_id)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -239,7 +241,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=end_id, pad_token_id=tok.pad_token_id)
     trainer.save_model(str(final))  # every rank: gathers the 16-bit weights, rank 0 writes
-    probe = probe_loss(trainer.model_wrapped, collator, Records(test_df.sort_index()), args.device)
+    probe = probe_loss(trainer.model_wrapped, collator, PreparedDataset(test_df.sort_index()), args.device)
     if rank != 0:
         return None
     (final / "training_args.bin").unlink(missing_ok=True)  # a pickle the model does not need

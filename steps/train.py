@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
         if gpus:  # before anything is loaded or changed on disk: will this profile fit?
             memory_plan.require_fit(cfg, gpus_per_node=cfg.num_gpus if cfg.num_gpus > 0 else gpus,
                                     seq_len=int(summary["token_lengths"]["max"]))
-        plan = launch.plan(cfg, prepared)
+        plan = launch.prepare_launch(cfg, prepared)
         for note in plan.notes:
             print(f"train: {note}", flush=True)
         tracking.log_config(plan.cfg)

@@ -413,13 +413,13 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     monkeypatch.chdir(ROOT)
     out = tmp_path / "out"
     cfg = load_config(None, {"output_dir": out, "num_gpus": 0})
-    first = launch.plan(cfg, fake_prepared)
+    first = launch.prepare_launch(cfg, fake_prepared)
     assert first.resumed_from is None and first.cfg.resume == "never"
     with socket.socket() as busy:  # a port another run holds: one node picks a free one
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        moved = launch.plan(load_config(None, {"output_dir": tmp_path / "p", "num_gpus": 0,
+        moved = launch.prepare_launch(load_config(None, {"output_dir": tmp_path / "p", "num_gpus": 0,
                                                  "master_port": port}), fake_prepared)
     assert moved.cfg.master_port != port and any("in use" in n for n in moved.notes)
     assert (first.world_size, first.cfg.precision) == (2, "fp32")
@@ -427,7 +427,7 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     _checkpoint(out, 8, complete=False)  # killed while saving
     (out / "train_result.json").write_text("{}")
 
-    again = launch.plan(cfg, fake_prepared)  # same data and settings: continue
+    again = launch.prepare_launch(cfg, fake_prepared)  # same data and settings: continue
     assert again.resumed_from == str(out / "checkpoint-4") == again.cfg.resume
     assert not (out / "train_result.json").exists()  # a stale result is never reported
 
@@ -435,7 +435,7 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     fingerprint = (out / "fingerprint.json").read_text()
     with pytest.raises(ConfigError) as refused:
-        launch.plan(load_config(None, {"output_dir": out, "num_gpus": 0, "learning_rate": 5e-4}),
+        launch.prepare_launch(load_config(None, {"output_dir": out, "num_gpus": 0, "learning_rate": 5e-4}),
                     fake_prepared)
     assert str(refused.value) == (
         f"resume=auto: output_dir '{out}' holds checkpoints of other data or settings "
@@ -446,7 +446,7 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     assert (out / "fingerprint.json").read_text() == fingerprint
 
     # only an explicit resume=never removes them
-    never = launch.plan(load_config(None, {"output_dir": out, "num_gpus": 0,
+    never = launch.prepare_launch(load_config(None, {"output_dir": out, "num_gpus": 0,
                                            "learning_rate": 5e-4, "resume": "never"}),
                         fake_prepared)
     assert never.resumed_from is None
@@ -461,7 +461,7 @@ def test_launch_commands_single_and_multi_node(fake_prepared, tmp_path, monkeypa
     from dolly.config import load_config
 
     monkeypatch.chdir(ROOT)
-    one = launch.plan(load_config(None, {"output_dir": tmp_path / "a", "num_gpus": 0}),
+    one = launch.prepare_launch(load_config(None, {"output_dir": tmp_path / "a", "num_gpus": 0}),
                         fake_prepared)
     cmd = launch.launch_command(one, fake_prepared, "runs:/x/prepared")
     assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]
@@ -474,7 +474,7 @@ def test_launch_commands_single_and_multi_node(fake_prepared, tmp_path, monkeypa
     assert launch.decode_config(cmd[cmd.index("--config_b64") + 1]) == one.cfg
 
     # nodes started one by one: the same world on every node, this node's rank
-    two = launch.plan(load_config(None, {"output_dir": tmp_path / "b", "num_gpus": 0,
+    two = launch.prepare_launch(load_config(None, {"output_dir": tmp_path / "b", "num_gpus": 0,
                                            "num_nodes": 2, "node_rank": 1,
                                            "master_addr": "10.0.0.1"}), fake_prepared)
     assert two.world_size == 4
@@ -505,7 +505,7 @@ def test_spark_plans_executor_ranks_and_refuses_node_settings(fake_prepared, tmp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs" / "deepspeed").mkdir(parents=True)
     shutil.copy(ROOT / "configs" / "deepspeed" / "zero3.json", tmp_path / "configs" / "deepspeed")
-    cpu = launch.plan(load_config(ROOT / "configs" / "tiny.yaml", {
+    cpu = launch.prepare_launch(load_config(ROOT / "configs" / "tiny.yaml", {
         "output_dir": "rel/out", "num_gpus": 0, "num_nodes": 2, "launcher": "spark"}),
         fake_prepared)
     assert (cpu.gpu, cpu.procs_per_node, cpu.world_size) == (False, 2, 4)
@@ -516,7 +516,7 @@ def test_spark_plans_executor_ranks_and_refuses_node_settings(fake_prepared, tmp
     assert gpus == (True, 8, 16)
     for key, value in (("hostfile", "hosts"), ("node_rank", 1)):
         with pytest.raises(ConfigError, match=f"config key '{key}': launcher=spark"):
-            launch.plan(load_config(ROOT / "configs" / "tiny.yaml", {
+            launch.prepare_launch(load_config(ROOT / "configs" / "tiny.yaml", {
                 "output_dir": tmp_path / key, "launcher": "spark", "num_nodes": 2, key: value}),
                 fake_prepared)
 
