@@ -467,7 +467,7 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
                                            "learning_rate": 5e-4, "resume": "never"}),
                         fake_prepared)
     assert never.resumed_from is None
-    assert never.notes == [f"resume=never: removing checkpoint-4, checkpoint-8 from {out}"]
+    assert f"resume=never: removing checkpoint-4, checkpoint-8 from {out}" in never.notes
     assert not list(out.glob("checkpoint-*"))
 
 
