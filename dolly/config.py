@@ -213,8 +213,9 @@ class Config:
     model_name: str = _f("dolly", "Registered model name.", steps=REGISTER+SCORE)
     champion_alias: str = _f("champion", "Alias that points at the best version.",
         steps=REGISTER+SCORE)
-    spark_master: str = _f("local[*]", "Spark master for batch scoring (any Spark URL).",
-        steps=SCORE)
+    spark_master: str = _f(
+        "local[*]", "Spark master (any Spark URL) for batch scoring, and for training with "
+        "launcher=spark when no Spark session is active.", steps=SCORE)
     serve_max_rows: int = _f(
         256, "Most instructions one request to `mlflow models serve` may carry (more: HTTP 400). "
         "Spark and in-process pyfunc calls are not limited.",
