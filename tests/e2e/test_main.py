@@ -159,7 +159,8 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     assert len({inputs["train"].digest, inputs["test"].digest, inputs["evaluation"].digest}) == 3
     assert children["evaluate"].data.tags["eval_set"].startswith(inputs["evaluation"].digest)
     # the logged model carries its evaluation metrics (MLflow 3 shows them on its page)
-    logged = client.get_logged_model(children["train"].data.tags["model_uri"].removeprefix("models:/"))
+    logged = client.get_logged_model(
+        children["train"].data.tags["model_uri"].removeprefix("models:/"))
     assert {m.key for m in logged.metrics} >= {"exact_match", "rouge_l", "perplexity"}
     trained_on = [i.dataset for i in children["train"].inputs.dataset_inputs]
     assert [d.digest for d in trained_on] == [inputs["train"].digest]
