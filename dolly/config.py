@@ -379,8 +379,9 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
 
-def parse_bool(value: Any, name: str) -> bool:
-    """The one boolean parser: true/1/yes/on or false/0/no/off (any case), else ConfigError."""
+def parse_bool(value: Any, name: str, what: str = "config key") -> bool:
+    """The one boolean parser: true/1/yes/on or false/0/no/off (any case), else a one-line
+    ConfigError naming `what` `name` (a config key, or a step's own parameter)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -388,7 +389,7 @@ def parse_bool(value: Any, name: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ConfigError(f"config key '{name}': {value!r} is not a valid bool "
+    raise ConfigError(f"{what} '{name}': {value!r} is not a valid bool "
                       f"(use {'/'.join(_TRUE)} or {'/'.join(_FALSE)})")
 
 

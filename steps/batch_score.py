@@ -20,6 +20,7 @@ import time
 import mlflow
 
 from dolly import cli, scoring, tracking
+from dolly.config import parse_bool
 from dolly.errors import ConfigError
 
 
@@ -33,10 +34,7 @@ def _params(inp: dict[str, str]) -> dict:
         if params["max_new_tokens"] < 1:
             raise ConfigError("max_new_tokens: must be >= 1")
     if inp["do_sample"]:
-        text = inp["do_sample"].strip().lower()
-        if text not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"do_sample: {inp['do_sample']!r} is not true or false")
-        params["do_sample"] = text in ("true", "1", "yes")
+        params["do_sample"] = parse_bool(inp["do_sample"], "do_sample", "parameter")
     return params
 
 

@@ -17,7 +17,7 @@ from dolly.config import parse_bool
 def main(argv: list[str]) -> None:
     args = cli.parse_args(argv, {"reuse": "true"})
     cfg = args.cfg
-    reuse = parse_bool(args.inputs["reuse"], "reuse")
+    reuse = parse_bool(args.inputs["reuse"], "reuse", "parameter")
     code = pipeline.code_version()
     fingerprint = pipeline.input_fingerprint(cfg)
     client = mlflow.MlflowClient()

@@ -129,8 +129,8 @@ def test_strings_round_trip_every_value():
 def test_unparseable_bool_is_an_error(value):
     from dolly.config import parse_bool
 
-    with pytest.raises(ConfigError, match=f"config key 'reuse': {value!r} is not a valid bool"):
-        parse_bool(value, "reuse")
+    with pytest.raises(ConfigError, match=f"parameter 'reuse': {value!r} is not a valid bool"):
+        parse_bool(value, "reuse", "parameter")
 
 
 @pytest.mark.parametrize("value, expected", [("TRUE", True), (" on", True), ("0", False),
