@@ -163,24 +163,17 @@ def train_part(args, work: Path, gpu: bool) -> dict:
              f"{cfg.per_device_batch_size}, checkpointing {cfg.gradient_checkpointing}, "
              f"{steps} steps; plan: {plan.verdict()}")
     kept: list[dict] = []
-    original = training._callbacks  # the rank's callbacks + one that keeps the trainer's logs
+    from transformers import TrainerCallback
 
-    def callbacks(*a, **kw):
-        from transformers import TrainerCallback
+    class Keep(TrainerCallback):
+        """Keeps the Trainer's logs (throughput, MFU, memory) for the JSON line."""
 
-        class Keep(TrainerCallback):
-            def on_log(self, _args, state, control, logs=None, **kwargs):
-                kept.append(dict(logs or {}))
-
-        return [*original(*a, **kw), Keep()]
+        def on_log(self, _args, state, control, logs=None, **kwargs):
+            kept.append(dict(logs or {}))
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    training._callbacks = callbacks
-    try:
-        result = training.train(cfg, prepared)
-    finally:
-        training._callbacks = original
+    result = training.train(cfg, prepared, gpu, extra_callbacks=[Keep()])
     timed = [entry for entry in kept if "loss" in entry and "train_tokens_per_second" in entry]
     last = timed[-1] if timed else {}
     peak = last.get("peak_gpu_mb_rank0")

@@ -171,9 +171,10 @@ def probe_loss(engine, collator, records: PreparedDataset, device) -> float:
 
 
 def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
-          load_universal: bool = False) -> dict[str, Any] | None:
+          load_universal: bool = False, extra_callbacks: list | None = None) -> dict[str, Any] | None:
     """One rank's whole job on the device the parent chose (`gpu`); `load_universal`: resume
-    cfg.resume as a universal checkpoint. Returns the result on rank 0 (None elsewhere).
+    cfg.resume as a universal checkpoint; `extra_callbacks`: more TrainerCallbacks (e.g. a
+    benchmark's log keeper). Returns the result on rank 0 (None elsewhere).
     Raises DollyError when told to use a GPU this rank cannot see."""
     import torch
     from transformers import GenerationConfig
@@ -222,6 +223,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
               "param_count": sum(param_numel(p) for p in model.parameters()),
               "resumed_from_step": resumed_step, "device": "gpu" if gpu else "cpu"}
     callbacks = [PartitionRecord()] + ([RankZeroMlflow(run_id, params)] if run_id else [])
+    callbacks += list(extra_callbacks or [])
     trainer = DollyTrainer(
         model=model, args=args, train_dataset=train_ds,
         eval_dataset=test_ds if cfg.eval_steps else None, data_collator=collator,
