@@ -81,6 +81,24 @@ def _load_pyfunc(path, model_config: dict[str, Any] | None = None):
 
 # --- what a request holds: records by column name --------------------------------------------
 
+def json_kind(value) -> str:
+    """What a non-string value is, in JSON's words (as batch_score's `error` column says it):
+    'a number', 'a boolean', 'a list', 'an object', else 'a <Python type>'."""
+    import numbers
+
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return "a boolean"
+    if isinstance(value, numbers.Number):  # numpy's numbers register as Numbers
+        return "a number"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
 def bad_input(message: str):
     """The error a caller sees for input the model cannot answer (HTTP 400 when serving): one
     line, at most 300 characters, so that a huge request is never echoed back."""
@@ -199,8 +217,7 @@ def as_frame(data):
             if is_missing(v):
                 values[i] = ""
             elif not isinstance(v, str):
-                shown = type(v).__name__
-                raise bad_input(f"row {i}: {name} is a {shown}, expected a string "
+                raise bad_input(f"row {i}: {name} is {json_kind(v)}, expected a string "
                                 f"(or null for {'no input' if name == INPUT else 'no answer'})")
     frame = pd.DataFrame({INSTRUCTION: [str(v) for v in ins], INPUT: [str(v) for v in inputs]},
                          dtype=object)

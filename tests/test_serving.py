@@ -36,12 +36,12 @@ def test_records_are_taken_by_name(data, expected):
 
 
 @pytest.mark.parametrize("data, message", [
-    (["a", 3], "row 1: instruction is a int, expected a string"),
-    (pd.DataFrame({"instruction": ["a", 2.5]}), "row 1: instruction is a float, expected a string"),
-    ([{"instruction": True}], "row 0: instruction is a bool, expected a string"),
+    (["a", 3], "row 1: instruction is a number, expected a string"),
+    (pd.DataFrame({"instruction": ["a", 2.5]}), "row 1: instruction is a number, expected a string"),
+    ([{"instruction": True}], "row 0: instruction is a boolean, expected a string"),
     ([{"instruction": ["Greet Mo."]}], "row 0: instruction is a list, expected a string"),
-    ({"instruction": [{"text": "a"}]}, "row 0: instruction is a dict, expected a string"),
-    ([{"instruction": "a", "context": 5}], "row 0: input is a int, expected a string"),
+    ({"instruction": [{"text": "a"}]}, "row 0: instruction is an object, expected a string"),
+    ([{"instruction": "a", "context": 5}], "row 0: input is a number, expected a string"),
     ([{"input": "x"}], "record 0 has no 'instruction' field (fields: input)"),
     (pd.DataFrame({"category": ["c"], "response": ["r"]}),
      "no 'instruction' column among the 2 columns (category, response)"),
@@ -183,7 +183,7 @@ def test_temperature_zero_is_greedy(wrapped):
 
 @pytest.mark.parametrize("data, params, message", [
     ([], {}, "no instructions: send at least one"),
-    (["a", 3], {}, "row 1: instruction is a int"),
+    (["a", 3], {}, "row 1: instruction is a number"),
     (["a"], {"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
     (["a"], {"max_new_tokens": 60}, "max_new_tokens must be at most"),
     (["a"], {"top_p": 2}, "top_p must be a number from 0 to 1, got 2"),
@@ -229,7 +229,7 @@ def test_json_values_reach_the_model_as_sent():
                    b'"data": [["x", "a"]]}}') == (200, {"predictions": ["a|x"]})
     status, body = _invoke(b'{"inputs": [1, 2]}')
     assert (status, body["message"]) == (
-        400, "row 0: instruction is a int, expected a string (or null for no answer)")
+        400, "row 0: instruction is a number, expected a string (or null for no answer)")
 
 
 def test_a_missing_content_type_is_a_415_not_a_500():
@@ -246,3 +246,10 @@ def test_error_messages_are_one_short_line_without_paths():
     assert len(short_message("x" * 10_000)) == 300
     status, body = _invoke(b'{"inputs": ["' + b"a" * 100 + b'"')
     assert status == 400 and body["message"].startswith("the body is not valid JSON:")
+
+
+def test_json_kind_names_values_as_json_does():
+    from dolly.serving import json_kind
+
+    assert [json_kind(v) for v in (1, 2.5, True, np.int64(3), np.bool_(True), [1], {"a": 1})] == [
+        "a number", "a number", "a boolean", "a number", "a boolean", "a list", "an object"]

@@ -233,7 +233,7 @@ def test_in_process_answers_instructions_with_their_contexts(in_process):
                                             "instruction": ["Greet Kalo."]}), GREEDY) == \
         in_process.predict([{"instruction": "Greet Kalo.", "input": "x"}], GREEDY)
     with pytest.raises(mlflow.exceptions.MlflowException,
-                       match=r"^row 0: input is a int, expected a string"):
+                       match=r"^row 0: input is a number, expected a string"):
         in_process.predict(pd.DataFrame({"category": ["c"], "context": [5],
                                          "instruction": ["Greet Kalo."]}), GREEDY)
 
@@ -264,7 +264,7 @@ def test_two_column_requests_are_answered_by_name(server, in_process):
     bad = _post(server, {"dataframe_split": {"columns": cols, "data": [["c", 5, "Greet Kalo."]]},
                          "params": GREEDY})
     assert bad.status_code == 400
-    assert bad.json()["message"].startswith("row 0: input is a int, expected a string")
+    assert bad.json()["message"].startswith("row 0: input is a number, expected a string")
 
 
 @pytest.mark.timeout(300)
@@ -280,14 +280,14 @@ def test_null_and_blank_instructions_get_an_empty_answer(server):
 
 REFUSED = {
     "numbers": ({"inputs": [1, 2]},
-                "row 0: instruction is a int, expected a string (or null for no answer)"),
+                "row 0: instruction is a number, expected a string (or null for no answer)"),
     "a boolean record": ({"dataframe_records": [{"instruction": "Greet Kalo."},
                                                 {"instruction": True}]},
-                         "row 1: instruction is a bool, expected a string (or null for no answer)"),
+                         "row 1: instruction is a boolean, expected a string (or null for no answer)"),
     "a list": ({"inputs": [{"instruction": ["Greet Mo."]}]},
                "row 0: instruction is a list, expected a string (or null for no answer)"),
     "a number input": ({"inputs": [{"instruction": "Greet Mo.", "context": 3}]},
-                       "row 0: input is a int, expected a string (or null for no input)"),
+                       "row 0: input is a number, expected a string (or null for no input)"),
     "temperature 0 with sampling is greedy, negative is not": (
         {"inputs": ["Greet Kalo."], "params": {"temperature": -0.5, "do_sample": True}},
         "temperature must be a number >= 0 (0 = greedy), got -0.5"),

@@ -75,7 +75,7 @@ def test_spark_udf_takes_instruction_and_context_by_name(tiny_model, spark, in_p
     bad = spark.createDataFrame(pd.DataFrame({"category": ["open_qa"], "context": [7],
                                               "instruction": ["Greet Kalo."]}))
     for record in (struct("instruction", "context"), struct("context", "instruction")):
-        with pytest.raises(Exception, match=r"row 0: input is a int, expected a string"):
+        with pytest.raises(Exception, match=r"row 0: input is a number, expected a string"):
             bad.select(udf(record)).collect()
     assert [r[0] for r in bad.select(udf("instruction")).collect()] == \
         in_process.predict(["Greet Kalo."], GREEDY)
@@ -85,7 +85,7 @@ def test_spark_udf_takes_instruction_and_context_by_name(tiny_model, spark, in_p
 def test_spark_udf_refuses_a_non_string_instruction_naming_the_row(tiny_model, spark):
     udf = _udf(tiny_model, spark, GREEDY)
     df = spark.createDataFrame(pd.DataFrame({"id": [7, 8]}))
-    with pytest.raises(Exception, match=r"row 0: instruction is a int, expected a string"):
+    with pytest.raises(Exception, match=r"row 0: instruction is a number, expected a string"):
         df.select(udf("id")).collect()
 
 
