@@ -300,6 +300,15 @@ class Config:
         _require(bool(self.model_name.strip()), "model_name", self.model_name, "must not be empty")
         _require(self.length_group_batches >= 1, "length_group_batches",
                  self.length_group_batches, "must be >= 1")
+        _require(bool(self.dataset.strip()), "dataset", self.dataset,
+                 "must not be empty (builtin, a Hub id, or a file or folder)")
+        _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        for name in ("epochs", "weight_decay", "max_grad_norm", "test_size"):
+            _require(math.isfinite(getattr(self, name)), name, getattr(self, name), "must be finite")
+        _require(1 <= self.master_port <= 65535, "master_port", self.master_port,
+                 "must be a TCP port (1-65535)")
+        _require(bool(self.champion_alias.strip()), "champion_alias", self.champion_alias,
+                 "must not be empty")
         _require(self.gpu_memory_gb >= 0, "gpu_memory_gb", self.gpu_memory_gb, "must be >= 0")
 
     @property
@@ -425,10 +434,14 @@ def parse_value(name: str, value: Any) -> Any:
 def read_profile(profile: str | Path | None = None) -> dict[str, Any]:
     """The profile's YAML mapping, typed, with `profile` set to its file stem."""
     profile = Path(profile or DEFAULT_PROFILE)
+    if profile.is_dir():
+        raise ConfigError(f"config file '{profile}' is a folder, not a YAML file")
     if not profile.is_file():
         raise ConfigError(f"config file '{profile}' does not exist")
     try:
-        loaded = yaml.safe_load(profile.read_text()) or {}
+        loaded = yaml.safe_load(profile.read_text(encoding="utf-8-sig")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{profile}' is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{profile}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(loaded, dict):

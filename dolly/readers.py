@@ -205,6 +205,11 @@ def _document(value: Any, name: str) -> list[Raw]:
     return [Raw(name, f"item {n}", item) for n, item in enumerate(value, start=1)]
 
 
+# What json raises for text it cannot read: malformed JSON, and also valid JSON that Python
+# refuses (an integer of more than 4300 digits: ValueError; deep nesting: RecursionError).
+_UNREADABLE = (ValueError, RecursionError)
+
+
 def _lines(text: str, name: str, invalid_bytes: bool) -> list[Raw]:
     out = []
     decode_json = _JSON.decode
@@ -216,12 +221,12 @@ def _lines(text: str, name: str, invalid_bytes: bool) -> list[Raw]:
             continue
         try:
             out.append(Raw(name, f"line {n}", decode_json(line)))
-        except json.JSONDecodeError:
+        except _UNREADABLE:
             try:  # files joined with `cat` keep each one's BOM at the start of a line
                 if not line.startswith("\ufeff"):
                     raise
                 out.append(Raw(name, f"line {n}", decode_json(line[1:])))
-            except json.JSONDecodeError:
+            except _UNREADABLE:
                 out.append(Raw(name, f"line {n}", error="malformed_json", raw_text=line.rstrip("\r")))
     return out
 
@@ -232,7 +237,7 @@ def _record_line_follows(text: str, pos: int) -> bool:
         if line and not line.isspace():
             try:
                 return isinstance(_JSON.decode(line), dict)
-            except json.JSONDecodeError:
+            except _UNREADABLE:
                 return False
     return False
 
@@ -246,7 +251,12 @@ def read_json_text(text: str, name: str, invalid_bytes: bool = False) -> tuple[l
     first_line_end = newline if newline >= 0 else len(text)
     try:
         value, end = _JSON.raw_decode(text, start)
-    except json.JSONDecodeError as e:
+    except _UNREADABLE as e:
+        if not isinstance(e, json.JSONDecodeError):  # a 5000-digit number, nesting too deep
+            if text[start] == "[":
+                raise DataError(f"{name}: not readable JSON ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:120]})") from None
+            return _lines(text, name, invalid_bytes), "json-lines"
         broken_document = text[start] == "[" or (
             e.pos > first_line_end and not _record_line_follows(text, first_line_end))
         if broken_document:  # not JSON lines whose first line is broken

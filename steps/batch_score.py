@@ -42,6 +42,9 @@ def main(argv: list[str]) -> None:
     cfg, inp = cli.parse(argv, {"input": None, "output": None, "model_uri": "", "column": "instruction",
                                 "output_column": "response", "error_column": "error",
                                 "mode": "error", "max_new_tokens": "", "do_sample": ""})
+    if inp["output_column"] == inp["error_column"]:
+        raise ConfigError(f"output_column and error_column are both '{inp['error_column']}': "
+                          "answers and error reasons need columns of their own")
     requested = inp["model_uri"] or f"models:/{cfg.model_name}@{cfg.champion_alias}"
     params = _params(inp)
     # Fail fast, before a run or Spark starts: the input exists, the output is ours to write.

@@ -172,3 +172,30 @@ def test_readme_lists_every_key():
     table = readme[readme.index(start) + len(start):readme.index(end)]
     assert table == markdown_table()
     assert [ln.split("`")[1] for ln in table.splitlines()[2:]] == list(FIELDS)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "  "],
+     "config key 'dataset': '  ' must not be empty (builtin, a Hub id, or a file or folder)"),
+    (["--seed", "-1"], "config key 'seed': -1 must be >= 0"),
+    (["--epochs", "inf"], "config key 'epochs': inf must be finite"),
+    (["--max_grad_norm", "inf"], "config key 'max_grad_norm': inf must be finite"),
+    (["--master_port", "99999"], "config key 'master_port': 99999 must be a TCP port (1-65535)"),
+    (["--champion_alias", ""], "config key 'champion_alias': '' must not be empty"),
+])
+def test_values_that_would_fail_later_fail_now(argv, message):
+    with pytest.raises(ConfigError) as e:
+        cli.parse(argv, {})
+    assert str(e.value) == message
+
+
+def test_a_profile_that_is_a_folder_or_not_utf8_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a folder, not a YAML file$"):
+        load_config(tmp_path)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\xff\xfe")
+    with pytest.raises(ConfigError, match=r"bin.yaml' is not UTF-8 text \(byte 0\)$"):
+        load_config(binary)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfseed: 7\n")
+    assert load_config(bom).seed == 7

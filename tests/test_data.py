@@ -447,3 +447,20 @@ def test_nan_and_infinity_in_a_json_array_and_in_parquet(tmp_path):
     result = prepare(tmp_path / "p", tmp_path / "p.parquet", test_size=0.5)
     assert counts_of(result) == (4, 2, {"missing_instruction": 1, "non_string_field": 1})
     assert text_of(result, "Name a primary color.") == NO_INPUT_RED
+
+
+def test_json_python_cannot_read_is_a_rejection_or_one_line(tmp_path):
+    """A 5000-digit number or deep nesting is valid JSON that Python refuses (ValueError,
+    RecursionError): a JSON-lines record is rejected as malformed_json, an array file is refused
+    with one line; neither is a traceback."""
+    ok = '{"instruction": "Name a colour.", "output": "Red."}'
+    lines = tmp_path / "bigint.jsonl"
+    lines.write_text('{"instruction": "q", "output": "a", "n": ' + "9" * 5000 + "}\n"
+                     + "[" * 100_000 + "\n" + ok + "\n")
+    read = readers.read_file(lines)
+    assert [(r.locator, r.error) for r in read.records] == [
+        ("line 1", "malformed_json"), ("line 2", "malformed_json"), ("line 3", None)]
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000)
+    with pytest.raises(DataError, match=r"nested.json: not readable JSON \(RecursionError: "):
+        readers.read_file(nested)

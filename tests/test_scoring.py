@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from dolly.errors import DollyError
+from dolly.errors import ConfigError, DollyError
 from dolly.scoring import MARKER, OutputFolder, _publish, check_output
 
 
@@ -72,3 +72,13 @@ def test_overwrite_replaces_only_what_batch_score_wrote(tmp_path):
 def test_an_unknown_mode_is_one_line(tmp_path):
     with pytest.raises(DollyError, match="mode: 'append' is not one of error, overwrite"):
         check_output(tmp_path / "o", tmp_path / "i", "append")
+
+
+def test_batch_score_refuses_one_column_for_answers_and_errors(tmp_path):
+    from steps import batch_score
+
+    (tmp_path / "in.jsonl").write_text('{"instruction": "Greet Mo."}\n')
+    with pytest.raises(ConfigError, match=r"^output_column and error_column are both 'error'"):
+        batch_score.main(["--input", str(tmp_path / "in.jsonl"), "--output",
+                          str(tmp_path / "out"), "--output_column", "error"])
+    assert not (tmp_path / "out").exists()
