@@ -70,32 +70,35 @@ def load_saved_model(model_uri: str, cfg, dev, dtype, local: Path | None = None)
     return model, load_tokenizer(str(tok_dir)), local
 
 
-def evaluation_set(eval_run, cfg) -> pd.DataFrame:
-    """The records an evaluate run evaluated, rebuilt from its `prepared` tag and `eval_limit`
-    param, checked against its `eval_set` digest. Raises DollyError when they cannot be."""
+def evaluation_set(eval_run, cfg) -> tuple[pd.DataFrame, Path]:
+    """(the records an evaluate run evaluated, the local prepared/ folder they come from),
+    rebuilt from its `prepared` tag and `eval_limit` param and checked against its `eval_set`
+    digest. Raises DollyError when they cannot be."""
     from dolly import data, evaluation, tracking
 
     tags, params = eval_run.data.tags, eval_run.data.params
     if not tags.get("prepared") or not tags.get(EVAL_SET_TAG):
         raise DollyError("it records no prepared data or evaluation set")
-    _, test, summary = data.load_prepared(tracking.local_path(tags["prepared"], "prepared data"))
+    prepared = tracking.local_path(tags["prepared"], "prepared data")
+    _, test, summary = data.load_prepared(prepared)
     test = evaluation.select(test, int(float(params.get("eval_limit", cfg.eval_limit))))
     if eval_set_digest(summary.get("data_hash", ""), test) != tags[EVAL_SET_TAG]:
         raise DollyError("its prepared data no longer gives the records it evaluated")
-    return test
+    return test, prepared
 
 
-def evaluate_on(model_uri: str, test: pd.DataFrame, cfg, prepared_uri: str) -> dict | None:
+def evaluate_on(model_uri: str, test: pd.DataFrame, cfg, prepared: Path) -> dict | None:
     """Every evaluation metric (dolly.evaluation.METRICS) of the model at `model_uri` on the
-    prepared records `test`, with the config's generation settings; None when the model's
-    tokenizer is not the one `test` was prepared with (its token ids would mean other text)."""
-    from dolly import evaluation, tracking
+    prepared records `test` (from the local folder `prepared`), with the config's generation
+    settings; None when the model's tokenizer is not the one `test` was prepared with (its
+    token ids would mean other text)."""
+    from dolly import evaluation
     from dolly.tokenizer import load_tokenizer
 
     dev = evaluation.device()
     model, tok, _ = load_saved_model(model_uri, cfg, dev, evaluation.dtype_for(dev))
     try:
-        prepared_tok = load_tokenizer(str(tracking.local_path(prepared_uri) / "tokenizer"))
+        prepared_tok = load_tokenizer(str(Path(prepared) / "tokenizer"))
         if tok.get_vocab() != prepared_tok.get_vocab():
             return None
         return evaluation.evaluate_model(model, tok, test, max_new_tokens=cfg.eval_max_new_tokens,

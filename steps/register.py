@@ -43,15 +43,14 @@ def main(argv: list[str]) -> None:
     def score_champion(version: str) -> float | None:
         """The champion's primary metric on this candidate's evaluation set (None: cannot)."""
         try:
-            test = compare.evaluation_set(ev, cfg)
+            test, prepared = compare.evaluation_set(ev, cfg)
         except DollyError as e:
             print(f"register: cannot rebuild the evaluation set of run {ev.info.run_id}: {e}",
                   flush=True)
             return None
         print(f"register: champion v{version} was evaluated on another set: evaluating it on "
               f"this one ({len(test)} records)", flush=True)
-        metrics = compare.evaluate_on(f"models:/{cfg.model_name}/{version}", test, cfg,
-                                      ev.data.tags.get("prepared", ""))
+        metrics = compare.evaluate_on(f"models:/{cfg.model_name}/{version}", test, cfg, prepared)
         return None if metrics is None else metrics.get(cfg.primary_metric)
 
     with mlflow.start_run():
