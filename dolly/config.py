@@ -226,6 +226,14 @@ class Config:
         "400). A single instruction longer than the context is shortened, not rejected.",
         steps=TRAIN,
     )
+    serve_batch_wait_ms: int = _f(
+        10, "Batching across requests in the logged model: concurrent predict calls (server "
+        "requests, Spark and in-process callers) with equal generation params share batches of "
+        "up to eval_batch_size rows; the most milliseconds a batch that is not full waits for "
+        "more. 0 = each call generates alone. $DOLLY_SERVE_BATCH_WAIT_MS overrides it where the "
+        "model is loaded.",
+        steps=TRAIN,
+    )
 
     # --- training (added by the train step) ------------------------------------------------
     length_group_batches: int = _f(
@@ -291,7 +299,7 @@ class Config:
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
                  self.learning_rate, "must be > 0")
         for name in ("warmup_steps", "eval_steps", "save_steps", "eval_limit", "max_grad_norm",
-                     "weight_decay"):
+                     "weight_decay", "serve_batch_wait_ms"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         _require(0 < self.adam_beta1 < 1 and 0 < self.adam_beta2 < 1, "adam_beta2",
                  self.adam_beta2, "betas must be in (0, 1)")

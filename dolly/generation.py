@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers import StoppingCriteria
 
 from dolly import prompts
 from dolly.tokenizer import special_ids
@@ -28,6 +29,7 @@ class Generation:
     new_tokens: int  # tokens generated, `### End` included, padding excluded
     prompt_tokens: int
     truncated_prompt: bool  # the prompt had to be shortened to fit the context
+    expired: bool = False  # its deadline passed: not started, or stopped before its end
 
 
 @dataclass
@@ -106,6 +108,28 @@ def shorten_prompt_ids(tokenizer, instruction: str, input: str | None,
     return out, True
 
 
+class DeadlineStop(StoppingCriteria):
+    """A stopping criterion (transformers' `StoppingCriteria` protocol): a row whose deadline
+    (`time.monotonic()` seconds; None = none) has passed counts as finished at the next step
+    boundary, so nobody's abandoned request keeps the cores busy. Returns (batch,) bool and
+    remembers, per row, the sequence length at which its deadline was first seen passed."""
+
+    def __init__(self, deadlines: Sequence[float | None]):
+        self.deadlines = list(deadlines)
+        self.seen_at: list[int | None] = [None] * len(self.deadlines)
+
+    def expired(self) -> list[bool]:
+        now = time.monotonic()
+        return [d is not None and now >= d for d in self.deadlines]
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        late = self.expired()
+        for j, gone in enumerate(late):
+            if gone and self.seen_at[j] is None:
+                self.seen_at[j] = input_ids.shape[1]
+        return torch.tensor(late, dtype=torch.bool, device=input_ids.device)
+
+
 def _decode(tokenizer, ids: list[int], end_id: int, stop_ids: set[int]) -> tuple[str, bool, int]:
     """(response, stopped at `### End`, tokens generated) from the new tokens of one row."""
     n = 0
@@ -136,19 +160,28 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
+    deadlines: Sequence[float | None] | None = None,
 ) -> GenerationRun:
     """Answers to `instructions` (with `inputs` where given), in order, generated in batches.
 
     Greedy by default (what evaluation wants); `do_sample=True` with Dolly's top_p/top_k for
-    Dolly-like sampling. Batches group prompts of similar length, so little padding is wasted.
+    Dolly-like sampling. Batches group prompts of similar length (sorted by prompt tokens), so
+    little padding is wasted; answers come back in the input order.
+    `deadlines`: per prompt, a `time.monotonic()` time after which nobody waits for the answer
+    (None = no deadline): a prompt past it when its batch starts is not generated, and a running
+    one stops at the next token (its Generation has `expired=True`, and the text so far).
+    Raises ValueError on `max_new_tokens` < 1 or lists of different lengths.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     inputs = list(inputs) if inputs is not None else [None] * len(instructions)
     if len(inputs) != len(instructions):
         raise ValueError("instructions and inputs differ in length")
+    deadlines = list(deadlines) if deadlines is not None else [None] * len(instructions)
+    if len(deadlines) != len(instructions):
+        raise ValueError("instructions and deadlines differ in length")
     _, end_id = special_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = {end_id}
@@ -171,6 +204,12 @@ def generate(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
+            late = DeadlineStop([deadlines[i] for i in idx]).expired()
+            for i in (i for i, gone in zip(idx, late) if gone):  # nobody waits: not started
+                results[i] = Generation("", False, 0, len(encoded[i][0]), encoded[i][1], True)
+            idx = [i for i, gone in zip(idx, late) if not gone]
+            if not idx:
+                continue
             rows = [encoded[i][0] for i in idx]
             width = max(len(r) for r in rows)
             # Left padding: every prompt ends where generation starts.
@@ -185,14 +224,22 @@ def generate(
                 pad_token_id=pad_id, use_cache=True,
                 **({"temperature": temperature, "top_p": top_p, "top_k": top_k}
                    if do_sample else {}))
+            stop = DeadlineStop([deadlines[i] for i in idx])
+            extra = ({"stopping_criteria": StoppingCriteriaList([stop])}
+                     if any(d is not None for d in stop.deadlines) else {})
             with torch.inference_mode():
                 out = model.generate(input_ids=input_ids.to(device),
                                      attention_mask=attention.to(device),
-                                     generation_config=gen_cfg)
+                                     generation_config=gen_cfg, **extra)
             new = out[:, width:].tolist()
             for j, i in enumerate(idx):
-                text, stopped, n = _decode(tokenizer, new[j], end_id, stop_ids)
-                results[i] = Generation(text, stopped, n, len(rows[j]), encoded[i][1])
+                ids, cut = new[j], False
+                if stop.seen_at[j] is not None:  # cut short unless it had ended before
+                    kept = ids[:stop.seen_at[j] - width]
+                    cut = not stop_ids & set(kept) and len(kept) < room
+                    ids = kept if cut else ids
+                text, stopped, n = _decode(tokenizer, ids, end_id, stop_ids)
+                results[i] = Generation(text, stopped, n, len(rows[j]), encoded[i][1], cut)
     finally:
         if seed is not None:
             torch.random.set_rng_state(rng_state)

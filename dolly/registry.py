@@ -78,7 +78,8 @@ def log_model(model_dir: str | Path, cfg: Config, name: str = "model") -> str:
         validate_serving_input=False,
         license_text=license_note(cfg.base_model, cfg.dataset),
         serving_limits={"serve_max_rows": cfg.serve_max_rows,
-                        "serve_max_chars": cfg.serve_max_chars},
+                        "serve_max_chars": cfg.serve_max_chars,
+                        "serve_batch_wait_ms": cfg.serve_batch_wait_ms},
         metadata={"base_model": cfg.base_model, "dataset": cfg.dataset,
                   "prompt_format": "dolly-v1", "end_key": prompts.END_KEY},
     )

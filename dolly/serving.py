@@ -26,7 +26,10 @@ puts this module's checks in its place. dolly.serving_http does the same for the
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,33 @@ INSTRUCTION = "instruction"
 INPUT = "input"
 INPUT_ALIASES = ("input", "context")  # dolly-15k calls a record's input its context
 _PACKAGE_DIR = Path(__file__).resolve().parent
+# Overrides the logged serve_batch_wait_ms where the model is loaded (0 = no batching across
+# calls): `mlflow models serve` has no other way to pass a setting to the model.
+BATCH_WAIT_ENV = "DOLLY_SERVE_BATCH_WAIT_MS"
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("dolly_deadline",
+                                                                         default=None)
+
+
+@contextlib.contextmanager
+def request_deadline(seconds: float | None):
+    """Within this block, `predict` stops work `seconds` from now (None: no deadline): rows not
+    started by then are dropped and running ones stop at the next token; the call raises
+    MlflowException DEADLINE_EXCEEDED (HTTP 504). dolly.serving_http sets it to the scoring
+    server's request timeout."""
+    token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def deadline_passed():
+    """The error of a call whose deadline passed (HTTP 504, as MLflow's server answers)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
+
+    return MlflowException("the request's deadline passed before its answers were ready",
+                           error_code=DEADLINE_EXCEEDED)
 
 
 # --- saving: the transformers flavor, with this module as the pyfunc loader ---------------------
@@ -75,8 +105,25 @@ def _load_pyfunc(path, model_config: dict[str, Any] | None = None):
 
     meta = Model.load(os.path.join(path, "MLmodel")).metadata or {}
     _install_input_checks()
-    serving_http.contain_scoring_server()
-    return DollyPyfunc(load_transformers_pyfunc(path, model_config), meta.get(METADATA_KEY))
+    pyfunc = DollyPyfunc(load_transformers_pyfunc(path, model_config), meta.get(METADATA_KEY))
+    serving_http.contain_scoring_server(pyfunc.batcher is not None)
+    return pyfunc
+
+
+def batch_wait_ms(logged: int | None) -> int:
+    """How long (ms) the model gathers concurrent calls into one batch: $DOLLY_SERVE_BATCH_WAIT_MS
+    where set, else the logged serve_batch_wait_ms, else 10; 0 = each call generates alone.
+    Raises MlflowException naming the variable if it is not an integer >= 0."""
+    raw = os.environ.get(BATCH_WAIT_ENV, "").strip()
+    if not raw:
+        return 10 if logged is None else int(logged)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise bad_input(f"{BATCH_WAIT_ENV} must be an integer >= 0 (milliseconds), got {raw!r}")
+    return value
 
 
 # --- what a request holds: records by column name --------------------------------------------
@@ -313,6 +360,12 @@ class DollyPyfunc:
         self.max_rows = int(limits.get("serve_max_rows") or 0)
         self.max_chars = int(limits.get("serve_max_chars") or 0)
         self.batch_size = int((getattr(inner, "model_config", None) or {}).get("batch_size") or 8)
+        wait_ms = batch_wait_ms(limits.get("serve_batch_wait_ms"))
+        self.batcher = None
+        if wait_ms > 0:
+            from dolly.request_batching import RequestBatcher
+
+            self.batcher = RequestBatcher(self._generate, self.batch_size, wait_ms / 1000)
 
     @property
     def pipeline(self):
@@ -349,9 +402,27 @@ class DollyPyfunc:
             settings["do_sample"] = False  # temperature 0: greedy, as most LLM APIs read it
         return settings
 
-    def predict(self, data, params: dict[str, Any] | None = None) -> list[str]:
-        """One response per record, in order; "" for null, empty or blank instructions."""
+    def _generate(self, rows: list[tuple[str, str]], settings: dict,
+                  deadlines: list[float | None]) -> list:
+        """dolly.generation.generate for (instruction, input) rows: their Generations, in order."""
         from dolly import generation
+
+        return generation.generate(
+            self._inner.pipeline.model, self._tokenizer, [r[0] for r in rows],
+            [r[1] for r in rows], max_new_tokens=settings["max_new_tokens"],
+            batch_size=self.batch_size, do_sample=settings["do_sample"],
+            temperature=float(settings["temperature"]), top_p=float(settings["top_p"]),
+            top_k=settings["top_k"], deadlines=deadlines).generations
+
+    def predict(self, data, params: dict[str, Any] | None = None) -> list[str]:
+        """One response per record, in order; "" for null, empty or blank instructions.
+
+        Rows are generated shortest prompt first in batches of the logged batch_size, and, when
+        batching across calls is on (serve_batch_wait_ms > 0), together with the rows of
+        concurrent calls that use the same generation settings. Raises MlflowException: 400 for
+        input it cannot answer, DEADLINE_EXCEEDED (504) when `request_deadline` passes first.
+        """
+        from dolly.request_batching import DeadlinePassed
 
         frame = as_frame(data)
         settings = self._check(frame, params or {})
@@ -359,12 +430,22 @@ class DollyPyfunc:
         todo = [i for i, text in enumerate(frame[INSTRUCTION]) if text.strip()]
         if not todo:
             return answers
-        run = generation.generate(
-            self._inner.pipeline.model, self._tokenizer,
-            [frame[INSTRUCTION].iat[i] for i in todo], [frame[INPUT].iat[i] for i in todo],
-            max_new_tokens=settings["max_new_tokens"], batch_size=self.batch_size,
-            do_sample=settings["do_sample"], temperature=float(settings["temperature"]),
-            top_p=float(settings["top_p"]), top_k=settings["top_k"])
-        for i, g in zip(todo, run.generations):
+        rows = [(frame[INSTRUCTION].iat[i], frame[INPUT].iat[i]) for i in todo]
+        deadline = _DEADLINE.get()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise deadline_passed()
+        if self.batcher is None:
+            generations = self._generate(rows, settings, [deadline] * len(rows))
+        else:
+            try:
+                # characters stand in for prompt tokens here; generate sorts each batch by tokens
+                generations = self.batcher.submit(
+                    rows, settings, tuple(sorted(settings.items())),
+                    lengths=[len(a) + len(b) for a, b in rows], deadline=deadline)
+            except DeadlinePassed:
+                raise deadline_passed() from None
+        if any(g.expired for g in generations):
+            raise deadline_passed()
+        for i, g in zip(todo, generations):
             answers[i] = g.response
         return answers

@@ -13,11 +13,19 @@ parsed here and handed to the model as sent, and every error becomes a short bod
 `{"error_code": ..., "message": <one line, at most 300 characters>}`; the full detail goes to the
 server log. Other content types (CSV, Parquet) go to MLflow's own parser; their errors are
 shortened the same way.
+
+Every request carries a deadline, the server's own timeout (`MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`,
+`mlflow models serve -t`; 60 s by default): when it has answered 504, the model drops the
+request's rows from its queue or stops generating them (dolly.serving.request_deadline). With
+batching across requests on, the event loop's thread pool is enlarged so that no request waits
+for a free thread (asyncio's default, min(32, cores + 4), is 6 threads on 2 cores): its clock
+would run while it waits, and it could not join the batch being gathered.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 _logger = logging.getLogger(__name__)
@@ -25,6 +33,7 @@ _logger = logging.getLogger(__name__)
 FORMATS = ("inputs", "instances", "dataframe_split", "dataframe_records")
 ACCEPTED_TYPES = ("application/json", "text/csv", "application/vnd.apache.parquet")
 _MAX_MESSAGE = 300
+_THREADS = 256  # threads that wait for the model's batches cost memory only
 _PATH = re.compile(r"(?:[A-Za-z]:\\|/)(?:[\w.+-]+[/\\])+[\w.+-]*")
 
 
@@ -91,6 +100,8 @@ def dolly_invocations(original):
         from mlflow.exceptions import MlflowException
         from mlflow.pyfunc.scoring_server import InvocationsResponse
 
+        from dolly import serving
+
         if not _is_dolly(model):
             return original(data, content_type, model, input_schema)
         try:
@@ -104,7 +115,8 @@ def dolly_invocations(original):
                     return _error(response.status, "BAD_REQUEST", response.response)
                 return response
             records, params = parse_json_request(data)
-            predictions = model.predict(records, params=params)
+            with serving.request_deadline(request_timeout()):
+                predictions = model.predict(records, params=params)
             return InvocationsResponse(response=json.dumps({"predictions": list(predictions)}),
                                        status=200, mimetype="application/json")
         except MlflowException as e:
@@ -119,10 +131,31 @@ def dolly_invocations(original):
     return invocations
 
 
-def contain_scoring_server() -> None:
+def request_timeout() -> float:
+    """The scoring server's request timeout in seconds (what it waits before answering 504)."""
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+    try:
+        return float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+    except (TypeError, ValueError):  # the server itself would not have started
+        return 60.0
+
+
+def contain_scoring_server(batching: bool = False) -> None:
     """Swap MLflow's scoring-server `invocations` for `dolly_invocations` (once per process).
-    Called by dolly.serving's loader; harmless outside a server (nothing calls it there)."""
+    Called by dolly.serving's loader; harmless outside a server (nothing calls it there). With
+    `batching`, inside the server (uvicorn loads the model in its running event loop) the loop
+    gets a thread pool large enough that every request reaches the model at once."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
     from mlflow.pyfunc import scoring_server
 
     if not getattr(scoring_server.invocations, "dolly", False):
         scoring_server.invocations = dolly_invocations(scoring_server.invocations)
+    if batching and os.environ.get(scoring_server._SERVER_MODEL_PATH):
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not loaded by the server's event loop
+            return
+        loop.set_default_executor(ThreadPoolExecutor(_THREADS, thread_name_prefix="dolly-request"))

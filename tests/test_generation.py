@@ -151,3 +151,46 @@ def test_a_megabyte_instruction_is_cut_before_it_is_tokenized(tok):
 def test_no_budget_is_an_error(tok):
     with pytest.raises(ValueError, match="a prompt budget of 0 tokens"):
         generation.shorten_prompt_ids(tok, "Greet Kalo.", None, 0)
+
+
+class FakeClock:
+    """time.monotonic for dolly.generation: 100.0, then one second more at every reading."""
+
+    def __init__(self):
+        self.now = 99.0
+
+    def monotonic(self):
+        self.now += 1.0
+        return self.now
+
+    perf_counter = staticmethod(__import__("time").perf_counter)
+
+
+def test_a_prompt_past_its_deadline_is_not_generated(tok, monkeypatch):
+    model = tiny(tok)
+    calls = []
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or None)
+    monkeypatch.setattr(generation, "time", FakeClock())
+    run = generation.generate(model, tok, INSTRUCTIONS[:2], max_new_tokens=5,
+                              deadlines=[50.0, 60.0])
+    assert calls == []  # the model was not called at all
+    assert [(g.response, g.expired, g.new_tokens) for g in run.generations] == \
+        [("", True, 0), ("", True, 0)]
+
+
+def test_a_running_generation_stops_at_its_deadline(tok, monkeypatch):
+    word = tok.convert_tokens_to_ids(tok.tokenize("ba")[0])
+    model = force_token(tiny(tok), word)  # never stops on its own
+    monkeypatch.setattr(generation, "time", FakeClock())
+    # clock readings: 100 at the batch's start, then one per generated token: 101, 102, ...
+    run = generation.generate(model, tok, INSTRUCTIONS[:2], max_new_tokens=50,
+                              deadlines=[104.0, None], batch_size=2)
+    a, b = run.generations
+    # the row without a deadline shares the batch: generation ends when every row is done
+    assert (a.expired, b.expired) == (True, False)
+    assert a.new_tokens == 4 and b.new_tokens == 50
+    # alone, a row past its deadline ends the whole generation
+    start = generation.time.now + 1  # the batch's start reads the clock once
+    run = generation.generate(model, tok, INSTRUCTIONS[:1], max_new_tokens=50,
+                              deadlines=[start + 4.0])
+    assert run.generations[0].expired and run.generations[0].new_tokens == 4

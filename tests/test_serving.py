@@ -6,7 +6,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from conftest import SMALLEST
-from dolly import generation, prompts
+from dolly import generation, prompts, serving
 from dolly.serving import DollyPyfunc, as_frame, check_params
 
 NA = [None, float("nan"), np.nan, pd.NA]
@@ -110,6 +110,34 @@ def wrapped():
     return DollyPyfunc(inner, {})
 
 
+@pytest.fixture(scope="module")
+def lively(wrapped):
+    """`wrapped` with its weights scaled 6x: a random model whose answers differ from prompt to
+    prompt (the unscaled one answers nearly every prompt alike), so a mix-up would show."""
+    import copy
+
+    import transformers
+
+    model = copy.deepcopy(wrapped.pipeline.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6.0)
+    pipe = transformers.pipeline("text-generation", model=model,
+                                 tokenizer=wrapped.pipeline.tokenizer)
+    return same_model(type("W", (), {"pipeline": pipe})(), 0)
+
+
+def same_model(wrapped, wait_ms, batch_size=8):
+    """Another DollyPyfunc over `wrapped`'s pipeline: batching across calls waiting `wait_ms`
+    (0 = off), batches of `batch_size` rows."""
+    from mlflow.transformers import _TransformersWrapper
+
+    inner = _TransformersWrapper(wrapped.pipeline, {}, {"return_full_text": False,
+                                                        "batch_size": batch_size},
+                                 prompts.PROMPT_TEMPLATE)
+    return DollyPyfunc(inner, {"serve_batch_wait_ms": wait_ms})
+
+
 class SeenPrompts:
     """Records the prompts (left padding removed) the model is asked to continue."""
 
@@ -179,6 +207,99 @@ def test_temperature_zero_is_greedy(wrapped):
     rows = ["Greet Mo.", "Repeat the word bada."]
     assert wrapped.predict(rows, {"max_new_tokens": 3, "temperature": 0}) == \
         wrapped.predict(rows, {"max_new_tokens": 3, "do_sample": False})
+
+
+CALLS = [["Greet Mo."], ["Repeat the word bada.", "Count: ma ko li"], ["Name a colour."],
+         [{"instruction": "Count the words.", "input": "ma ko li"}], ["Say hello to Kalo."],
+         ["What is the first word of the input?"]]
+
+
+def test_concurrent_callers_share_batches_and_get_their_own_answers(lively):
+    wrapped = lively
+    import threading
+
+    greedy = {"max_new_tokens": 4, "do_sample": False}
+    alone = same_model(wrapped, 0)
+    assert alone.batcher is None
+    want = [alone.predict(rows, greedy) for rows in CALLS]  # one call at a time, no batching
+    # a long wait, so that every caller reaches the batch however slow the machine is
+    batched = same_model(wrapped, 1000)
+    gate, got = threading.Barrier(len(CALLS)), [None] * len(CALLS)
+
+    def call(k):
+        gate.wait()
+        got[k] = batched.predict(CALLS[k], greedy)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(CALLS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == want
+    assert len({a for answers in want for a in answers}) > 3  # mixed up answers would show
+    assert max(batched.batcher.batches) > 2  # rows of several calls went in one batch
+
+
+def test_sorted_and_unsorted_batches_give_the_same_answers_in_the_same_order(lively):
+    wrapped = lively
+    rows = ["Greet Mo.", "Count the words in the input: ma ko li bada fe", "Hi",
+            "Repeat the word bada.", "Say the word kalo back to me, then stop."]
+    greedy = {"max_new_tokens": 4, "do_sample": False}
+    model = same_model(wrapped, 5, batch_size=2)
+    out = model.predict(rows, greedy)
+    shuffled = [4, 2, 0, 3, 1]
+    assert model.predict([rows[i] for i in shuffled], greedy) == [out[i] for i in shuffled]
+    assert out == [same_model(wrapped, 0, batch_size=1).predict([r], greedy)[0] for r in rows]
+    assert len(set(out)) == len(rows)  # distinct answers: any reordering would show
+    # batches of two, shortest prompt first: "Hi" with "Greet Mo.", then the next two
+    with SeenPrompts(model.pipeline.model) as seen:
+        model.predict(rows, greedy)
+    tok = model.pipeline.tokenizer
+    texts = [tok.decode(p).split("### Instruction:\n")[1].split("\n")[0] for p in seen.prompts]
+    assert texts == ["Hi", "Greet Mo.", "Repeat the word bada.",
+                     "Say the word kalo back to me, then stop.",
+                     "Count the words in the input: ma ko li bada fe"]
+
+
+def test_a_request_past_its_deadline_is_dropped_without_calling_the_model(wrapped):
+    for model in (same_model(wrapped, 0), same_model(wrapped, 5)):
+        with SeenPrompts(model.pipeline.model) as seen, serving.request_deadline(0):
+            with pytest.raises(MlflowException, match="deadline passed") as e:
+                model.predict(["Greet Mo."], {"max_new_tokens": 4})
+        assert e.value.get_http_status_code() == 504
+        assert seen.prompts == []
+
+
+def test_a_running_generation_stops_at_the_deadline(wrapped):
+    import time
+
+    model = same_model(wrapped, 5)
+    steps = []
+
+    def slow(module, args):  # 50 ms a token: 30 tokens would take 1.5 s
+        steps.append(1)
+        time.sleep(0.05)
+
+    hook = model.pipeline.model.register_forward_pre_hook(slow)
+    try:
+        with serving.request_deadline(0.3), pytest.raises(MlflowException, match="deadline"):
+            model.predict(["Greet Mo."], {"max_new_tokens": 30, "do_sample": False,
+                                          "temperature": 0})
+    finally:
+        hook.remove()
+    assert 1 <= len(steps) < 30  # stopped early, at a token boundary
+    # the model is free again: the next call is answered
+    assert len(model.predict(["Greet Mo."], {"max_new_tokens": 2})) == 1
+
+
+def test_the_batching_wait_is_read_from_the_environment(wrapped, monkeypatch):
+    monkeypatch.setenv(serving.BATCH_WAIT_ENV, "0")
+    assert same_model(wrapped, 10).batcher is None
+    monkeypatch.setenv(serving.BATCH_WAIT_ENV, "25")
+    assert same_model(wrapped, 0).batcher.wait_s == 0.025
+    monkeypatch.setenv(serving.BATCH_WAIT_ENV, "soon")
+    with pytest.raises(MlflowException, match="DOLLY_SERVE_BATCH_WAIT_MS must be an integer"):
+        same_model(wrapped, 10)
 
 
 @pytest.mark.parametrize("data, params, message", [
