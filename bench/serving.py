@@ -1,12 +1,22 @@
-"""Serving: `mlflow models serve` of the registered model under concurrent clients.
+"""Serving: `mlflow models serve` of the registered model under concurrent clients, with and
+without batching across requests, and what a timed-out request costs.
 
 A tiny GPT-J (freshly initialised, GPT-J's tokenizer, generation stopping at `### End`) is saved
 as the train step saves it, logged with dolly.registry.log_model into a sqlite store, registered,
 and served with `mlflow models serve -m models:/<name>/1 --env-manager local` (one worker, MLflow's
-default). `--concurrency` client threads send `--requests` POST /invocations requests in all, one
+default), twice in one run: with batching across requests off (DOLLY_SERVE_BATCH_WAIT_MS=0: each
+request generates alone, as MLflow's server does for any model) and on (the logged
+serve_batch_wait_ms, or --batch-wait-ms). For each server: one warm-up request (not counted),
+`--lone` requests one after another (a lone request's latency: their median), then
+`--concurrency` client threads send `--requests` POST /invocations requests in all, one
 instruction each (the first records of --data), greedy with `--max-new-tokens`. Latency is per
 request, from send to the full response; an error is a non-200 answer, a wrong number of
-predictions or a failed connection. One warm-up request goes first and is not counted.
+predictions or a failed connection.
+
+The timeout test (batching on, `mlflow models serve -t --timeout-s`): one request of
+`--timeout-rows` instructions and `--timeout-new-tokens` tokens, far more work than the timeout
+allows; after its 504, the CPU time of the server's processes is sampled every 0.25 s
+(/proc/<pid>/stat) until a 1 s window uses under 10% of one core: `seconds_to_idle_after_504`.
 """
 from __future__ import annotations
 
@@ -52,99 +62,209 @@ def stop(proc) -> None:
         proc.wait(timeout=30)
 
 
+def cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of every live process in process group `group` (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if int(fields[2]) == group:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+class Server:
+    """`mlflow models serve` of `model_uri` in its own process group, with `env` added."""
+
+    def __init__(self, args, model_uri: str, tmp: Path, name: str, env: dict, timeout_s=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"serve-{name}.log"
+        full = {**os.environ, **env}
+        full["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full.get('PATH', '')}"
+        if args.device == "cpu":
+            full["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(self.port),
+               "-w", str(args.workers), *(["-t", str(timeout_s)] if timeout_s else [])]
+        progress(f"{name}: starting {' '.join(cmd[1:])} ({env})")
+        with self.log.open("w") as fh:
+            self.proc = subprocess.Popen(cmd, env=full, stdout=fh, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.start_s = wait_ready(self.proc, self.url, self.log, args.start_timeout)
+        progress(f"{name}: ready in {self.start_s:.1f}s")
+
+    def post(self, session, body, timeout=300):
+        return session.post(f"{self.url}/invocations", json=body, timeout=timeout)
+
+
+def measure(args, server: Server, instructions: list[str], name: str) -> dict:
+    """A lone request's latency, then `--requests` requests from `--concurrency` clients."""
+    import requests
+
+    params = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    session = requests.Session()
+    t = time.perf_counter()
+    warm = server.post(session, {"inputs": instructions[:1], "params": params})
+    warm_ms = (time.perf_counter() - t) * 1000
+    if warm.status_code != 200:
+        raise SystemExit(f"warm-up request failed: {warm.status_code} {warm.text[:500]}")
+    lone = []
+    for i in range(args.lone):
+        t = time.perf_counter()
+        r = server.post(session, {"inputs": [instructions[i % len(instructions)]],
+                                  "params": params})
+        lone.append((time.perf_counter() - t) * 1000)
+        if r.status_code != 200:
+            raise SystemExit(f"lone request failed: {r.status_code} {r.text[:500]}")
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    next_i = iter(range(args.requests))
+
+    def client():
+        s = requests.Session()
+        while True:
+            with lock:
+                i = next(next_i, None)
+            if i is None:
+                return
+            body = {"inputs": [instructions[i % len(instructions)]], "params": params}
+            t0 = time.perf_counter()
+            try:
+                r = server.post(s, body)
+                ok = r.status_code == 200 and len(r.json()["predictions"]) == 1
+                why = "" if ok else f"{r.status_code}: {r.text[:200]}"
+            except Exception as e:  # connection refused, timeout, bad JSON
+                ok, why = False, f"{type(e).__name__}: {e}"
+            ms = (time.perf_counter() - t0) * 1000
+            with lock:
+                latencies.append(ms)
+                if not ok:
+                    errors.append(why)
+                if len(latencies) % 32 == 0:
+                    progress(f"{name}: {len(latencies)}/{args.requests} requests")
+
+    progress(f"{name}: {args.requests} requests from {args.concurrency} concurrent clients")
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    for e in errors[:5]:
+        progress(f"{name}: error: {e}")
+    p50, p99, lone_ms = percentile(latencies, 50), percentile(latencies, 99), percentile(lone, 50)
+    out = {"p50_ms": round(p50, 1), "p90_ms": round(percentile(latencies, 90), 1),
+           "p99_ms": round(p99, 1), "max_ms": round(max(latencies), 1),
+           "mean_ms": round(sum(latencies) / len(latencies), 1),
+           "p99_over_p50": round(p99 / p50, 3), "errors": len(errors),
+           "requests_per_second": round(len(latencies) / wall, 3), "lone_ms": round(lone_ms, 1),
+           "p50_over_lone": round(p50 / lone_ms, 3), "warmup_ms": round(warm_ms, 1),
+           "server_start_seconds": round(server.start_s, 1), "requests": len(latencies)}
+    progress(f"{name}: {out}")
+    return out
+
+
+def timeout_test(args, server: Server, instructions: list[str]) -> dict:
+    """One request far longer than the server's timeout; how soon the server is idle after its
+    504, and whether it answers the next request."""
+    import requests
+
+    rows = [instructions[i % len(instructions)] for i in range(args.timeout_rows)]
+    body = {"inputs": rows, "params": {"max_new_tokens": args.timeout_new_tokens,
+                                       "do_sample": False}}
+    session = requests.Session()
+    progress(f"timeout: {len(rows)} rows x {args.timeout_new_tokens} tokens, server timeout "
+             f"{args.timeout_s}s")
+    t0 = time.perf_counter()
+    r = server.post(session, body)
+    status, answered_s = r.status_code, time.perf_counter() - t0
+    group = server.proc.pid
+    samples = [(time.monotonic(), cpu_seconds(group))]
+    idle_s = None
+    while time.monotonic() - samples[0][0] < args.idle_timeout:
+        time.sleep(0.25)
+        samples.append((time.monotonic(), cpu_seconds(group)))
+        # the CPU used over the last second (4 samples)
+        t_then, c_then = next(((t, c) for t, c in samples if samples[-1][0] - t <= 1.0))
+        if samples[-1][0] - t_then >= 0.74 and (samples[-1][1] - c_then) / (
+                samples[-1][0] - t_then) < 0.10:
+            idle_s = t_then - samples[0][0]
+            break
+    t = time.perf_counter()
+    after = server.post(session, {"inputs": instructions[:1],
+                                  "params": {"max_new_tokens": args.max_new_tokens}})
+    after_ms = (time.perf_counter() - t) * 1000
+    out = {"timeout_status": status, "timeout_answered_s": round(answered_s, 2),
+           "seconds_to_idle_after_504": None if idle_s is None else round(idle_s, 2),
+           "next_request_status": after.status_code, "next_request_ms": round(after_ms, 1),
+           "timeout_rows": len(rows), "timeout_new_tokens": args.timeout_new_tokens,
+           "server_timeout_s": args.timeout_s}
+    progress(f"timeout: {out}")
+    return out
+
+
 def main() -> None:
     p = parser(__doc__)
     add_limit(p, default=1000)
-    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--requests", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--lone", type=int, default=8, help="Requests sent one after another.")
+    p.add_argument("--batch-wait-ms", type=int, default=None,
+                   help="DOLLY_SERVE_BATCH_WAIT_MS of the batched server (default: as logged).")
+    p.add_argument("--timeout-s", type=int, default=3, help="The timeout test's server timeout.")
+    p.add_argument("--timeout-rows", type=int, default=256)
+    p.add_argument("--timeout-new-tokens", type=int, default=64)
+    p.add_argument("--idle-timeout", type=float, default=120,
+                   help="Give up waiting for the server to fall idle after this many seconds.")
+    p.add_argument("--no-timeout-test", action="store_true")
     add_model_args(p)
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (MLflow's default 1).")
     p.add_argument("--start-timeout", type=float, default=300)
     args = p.parse_args()
     apply_threads(args)
-    import requests
 
     instructions = [r["instruction"] for r in load_records(args.data)]
-    params = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _, _, _, registered = tiny_registered_model(args, tmp, "bench-serving")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = tmp / "serve.log"
-        env = dict(os.environ)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        if args.device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", registered,
-               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
-               "-w", str(args.workers)]
-        progress(f"starting {' '.join(cmd[1:])}")
-        with log.open("w") as fh:
-            proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        try:
-            start_s = wait_ready(proc, url, log, args.start_timeout)
-            progress(f"server ready in {start_s:.1f}s")
-            session = requests.Session()
-            t = time.perf_counter()
-            warm = session.post(f"{url}/invocations", timeout=300,
-                                json={"inputs": instructions[:1], "params": params})
-            warm_ms = (time.perf_counter() - t) * 1000
-            if warm.status_code != 200:
-                raise SystemExit(f"warm-up request failed: {warm.status_code} {warm.text[:500]}")
-
-            latencies: list[float] = []
-            errors: list[str] = []
-            lock = threading.Lock()
-            next_i = iter(range(args.requests))
-
-            def client():
-                s = requests.Session()
-                while True:
-                    with lock:
-                        i = next(next_i, None)
-                    if i is None:
-                        return
-                    body = {"inputs": [instructions[i % len(instructions)]], "params": params}
-                    t0 = time.perf_counter()
-                    try:
-                        r = s.post(f"{url}/invocations", json=body, timeout=300)
-                        ok = r.status_code == 200 and len(r.json()["predictions"]) == 1
-                        why = "" if ok else f"{r.status_code}: {r.text[:200]}"
-                    except Exception as e:  # connection refused, timeout, bad JSON
-                        ok, why = False, f"{type(e).__name__}: {e}"
-                    ms = (time.perf_counter() - t0) * 1000
-                    with lock:
-                        latencies.append(ms)
-                        if not ok:
-                            errors.append(why)
-                        if len(latencies) % 16 == 0:
-                            progress(f"{len(latencies)}/{args.requests} requests")
-
-            progress(f"{args.requests} requests from {args.concurrency} concurrent clients")
-            t0 = time.perf_counter()
-            threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            wall = time.perf_counter() - t0
-        finally:
-            stop(proc)
-    for e in errors[:5]:
-        progress(f"error: {e}")
-    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-    finish({"bench": "serving", "requests": len(latencies), "concurrency": args.concurrency,
+        batched_env = ({} if args.batch_wait_ms is None
+                       else {"DOLLY_SERVE_BATCH_WAIT_MS": str(args.batch_wait_ms)})
+        for name, env in (("unbatched", {"DOLLY_SERVE_BATCH_WAIT_MS": "0"}),
+                          ("batched", batched_env)):
+            server = Server(args, registered, tmp, name, env)
+            try:
+                results[name] = measure(args, server, instructions, name)
+            finally:
+                stop(server.proc)
+        timeout = {}
+        if not args.no_timeout_test:
+            server = Server(args, registered, tmp, "timeout", batched_env, args.timeout_s)
+            try:
+                timeout = timeout_test(args, server, instructions)
+            finally:
+                stop(server.proc)
+    b, u = results["batched"], results["unbatched"]
+    finish({"bench": "serving", "concurrency": args.concurrency,
             "max_new_tokens": args.max_new_tokens, "tokenizer": args.tokenizer,
             "device": args.device, "workers": args.workers,
-            "p50_ms": round(p50, 1), "p90_ms": round(percentile(latencies, 90), 1),
-            "p99_ms": round(p99, 1), "max_ms": round(max(latencies), 1),
-            "mean_ms": round(sum(latencies) / len(latencies), 1),
-            "p99_over_p50": round(p99 / p50, 3), "errors": len(errors),
-            "requests_per_second": round(len(latencies) / wall, 3),
-            "warmup_ms": round(warm_ms, 1), "server_start_seconds": round(start_s, 1)})
+            "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else "logged",
+            **b, "errors": b["errors"] + u["errors"],
+            **{f"unbatched_{k}": v for k, v in u.items()},
+            "requests_per_second_over_unbatched": round(
+                b["requests_per_second"] / u["requests_per_second"], 3),
+            **timeout})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ One worker thread per batcher runs every generation. A call hands its rows in an
   decides which settings go next, so no call is passed over;
 - a batch holds at most `max_batch` rows: the waiting calls' rows in arrival order, each call's
   own rows shortest prompt first (a large call is cut into length-sorted batches); the worker
-  waits at most `wait_s` for more rows when a batch is not full;
+  waits at most `wait_s` for more rows when a batch is not full, and only while calls overlap
+  (one came while another was in flight in the last `OVERLAP_MEMORY_S`): a lone caller, or
+  callers taking turns, never wait;
 - a call whose deadline has passed is dropped before its rows start, and rows already running
   stop at the next token (`run` gets the deadlines: dolly.generation.DeadlineStop);
 - each call gets exactly its own answers, in its own order.
@@ -23,6 +25,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
+
+
+OVERLAP_MEMORY_S = 10.0
 
 
 class DeadlinePassed(Exception):
@@ -57,7 +62,7 @@ class RequestBatcher:
     (`time.monotonic()` seconds, or None) passes. `max_batch` >= 1 rows per batch; `wait_s` >= 0:
     the longest the worker holds a batch that is not full, counted from the later of the oldest
     call's arrival and the end of the previous batch (so callers answered by one batch can join
-    the next).
+    the next), while calls overlap.
     """
 
     def __init__(self, run: Callable[[list, Any, list], Sequence], max_batch: int,
@@ -68,6 +73,8 @@ class RequestBatcher:
         self._cv = threading.Condition()
         self._waiting: list[_Call] = []
         self._free_since = 0.0
+        self._in_flight = 0  # calls inside submit
+        self._overlap_at = float("-inf")  # when a call last came while another was in flight
         self._worker: threading.Thread | None = None
         self.batches: list[int] = []  # the size of every batch run (the last 1,000), for tests
 
@@ -87,9 +94,16 @@ class RequestBatcher:
                      deadline, time.monotonic(), left=len(rows), results=[None] * len(rows))
         with self._cv:
             self._start_worker()
+            if self._in_flight:
+                self._overlap_at = call.arrived
+            self._in_flight += 1
             self._waiting.append(call)
             self._cv.notify_all()
-        call.done.wait()
+        try:
+            call.done.wait()
+        finally:
+            with self._cv:
+                self._in_flight -= 1
         if call.error is not None:
             raise call.error
         return call.results
@@ -115,7 +129,8 @@ class RequestBatcher:
             head = self._waiting[0]
             same = [c for c in self._waiting if c.key == head.key]
             pending = sum(len(c.order) - c.handed for c in same)
-            until = max(head.arrived, self._free_since) + self.wait_s
+            overlapping = now - self._overlap_at < OVERLAP_MEMORY_S
+            until = max(head.arrived, self._free_since) + (self.wait_s if overlapping else 0.0)
             deadlines = [c.deadline for c in same if c.deadline is not None]
             if pending >= self.max_batch or now >= until:
                 break

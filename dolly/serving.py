@@ -60,6 +60,16 @@ def request_deadline(seconds: float | None):
         _DEADLINE.reset(token)
 
 
+def current_deadline() -> float | None:
+    """The deadline (`time.monotonic()` seconds) `predict` works to here, or None."""
+    return _DEADLINE.get()
+
+
+def set_deadline(at: float | None) -> None:
+    """Set the deadline of the current context (dolly.serving_http stamps each request)."""
+    _DEADLINE.set(at)
+
+
 def deadline_passed():
     """The error of a call whose deadline passed (HTTP 504, as MLflow's server answers)."""
     from mlflow.exceptions import MlflowException

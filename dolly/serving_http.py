@@ -14,18 +14,19 @@ parsed here and handed to the model as sent, and every error becomes a short bod
 server log. Other content types (CSV, Parquet) go to MLflow's own parser; their errors are
 shortened the same way.
 
-Every request carries a deadline, the server's own timeout (`MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`,
-`mlflow models serve -t`; 60 s by default): when it has answered 504, the model drops the
-request's rows from its queue or stops generating them (dolly.serving.request_deadline). With
-batching across requests on, the event loop's thread pool is enlarged so that no request waits
-for a free thread (asyncio's default, min(32, cores + 4), is 6 threads on 2 cores): its clock
-would run while it waits, and it could not join the batch being gathered.
+The server hands each request to a thread with `asyncio.to_thread`; the loader also gives the
+server module its own `to_thread` (`_server_asyncio`), which (1) stamps the request with its
+deadline, the server's own timeout (`MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`, `mlflow models serve
+-t`; 60 s by default) counted from when the body has arrived, so that once the server has
+answered 504 the model drops the request's rows from its queue or stops generating them
+(dolly.serving.request_deadline); and (2) with batching across requests on, runs requests in a
+pool large enough that none waits for a thread (asyncio's default pool, min(32, cores + 4), is 6
+threads on 2 cores): a waiting request could not join the batch being gathered.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 
 _logger = logging.getLogger(__name__)
@@ -115,7 +116,10 @@ def dolly_invocations(original):
                     return _error(response.status, "BAD_REQUEST", response.response)
                 return response
             records, params = parse_json_request(data)
-            with serving.request_deadline(request_timeout()):
+            if serving.current_deadline() is None:  # not stamped by _server_asyncio
+                with serving.request_deadline(request_timeout()):
+                    predictions = model.predict(records, params=params)
+            else:
                 predictions = model.predict(records, params=params)
             return InvocationsResponse(response=json.dumps({"predictions": list(predictions)}),
                                        status=200, mimetype="application/json")
@@ -141,21 +145,41 @@ def request_timeout() -> float:
         return 60.0
 
 
-def contain_scoring_server(batching: bool = False) -> None:
-    """Swap MLflow's scoring-server `invocations` for `dolly_invocations` (once per process).
-    Called by dolly.serving's loader; harmless outside a server (nothing calls it there). With
-    `batching`, inside the server (uvicorn loads the model in its running event loop) the loop
-    gets a thread pool large enough that every request reaches the model at once."""
+def _server_asyncio(batching: bool):
+    """The `asyncio` the scoring server module sees: asyncio itself, except that `to_thread`
+    stamps each request's deadline and, with `batching`, runs it in a large pool (see the module
+    docstring)."""
     import asyncio
+    import contextvars
+    import functools
+    import time
+    import types
     from concurrent.futures import ThreadPoolExecutor
 
+    from dolly import serving
+
+    pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="dolly-request") if batching else None
+
+    async def to_thread(func, /, *args, **kwargs):
+        context = contextvars.copy_context()
+        context.run(serving.set_deadline, time.monotonic() + request_timeout())
+        call = functools.partial(context.run, func, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(pool, call)
+
+    namespace = types.SimpleNamespace(**{k: getattr(asyncio, k) for k in dir(asyncio)
+                                         if not k.startswith("__")})
+    namespace.to_thread = to_thread
+    namespace.dolly = True
+    return namespace
+
+
+def contain_scoring_server(batching: bool = False) -> None:
+    """Swap MLflow's scoring-server `invocations` for `dolly_invocations` and its `asyncio` for
+    `_server_asyncio(batching)` (once per process). Called by dolly.serving's loader; harmless
+    outside a server (nothing calls them there)."""
     from mlflow.pyfunc import scoring_server
 
     if not getattr(scoring_server.invocations, "dolly", False):
         scoring_server.invocations = dolly_invocations(scoring_server.invocations)
-    if batching and os.environ.get(scoring_server._SERVER_MODEL_PATH):
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not loaded by the server's event loop
-            return
-        loop.set_default_executor(ThreadPoolExecutor(_THREADS, thread_name_prefix="dolly-request"))
+    if not getattr(scoring_server.asyncio, "dolly", False):
+        scoring_server.asyncio = _server_asyncio(batching)

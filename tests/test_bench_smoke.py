@@ -27,8 +27,13 @@ CASES = {
                          ["tokens_per_second", "baseline_tokens_per_second", "speedup"]),
     "scoring": (["--rows", "4", "--max-new-tokens", "2", "--batch-size", "2", *SMALL],
                 ["rows", "rows_per_second", "baseline_rows_per_second", "speedup"]),
-    "serving": (["--requests", "4", "--concurrency", "2", "--max-new-tokens", "2", *SMALL],
-                ["requests", "concurrency", "p50_ms", "p99_ms", "errors"]),
+    "serving": (["--requests", "4", "--concurrency", "2", "--max-new-tokens", "2", "--lone", "1",
+                 "--timeout-s", "1", "--timeout-rows", "8", "--timeout-new-tokens", "4",
+                 "--idle-timeout", "30", *SMALL],
+                ["requests", "concurrency", "p50_ms", "p99_ms", "errors", "lone_ms",
+                 "p50_over_lone", "unbatched_p50_ms", "unbatched_requests_per_second",
+                 "requests_per_second_over_unbatched", "timeout_status",
+                 "next_request_status"]),
     "register_memory": (["--n-layer", "1", "--n-embd", "64", "--n-head", "4", "--rotary-dim", "16",
                          "--min-params", "0", "--no-baseline"],
                         ["model_bytes", "peak_rss_bytes", "peak_rss_over_model_bytes"]),
@@ -76,6 +81,7 @@ def test_bench_script_ends_with_its_json(name, runs):
         assert isinstance(result[f], (int, float)), (f, result[f])
     if name == "serving":
         assert result["errors"] == 0 and result["requests"] == 4
+        assert result["unbatched_requests"] == 4 and result["next_request_status"] == 200
     if name == "scoring":
         assert result["rows"] == 4
     if name == "gpu_check":  # both generation paths gave the same greedy answers

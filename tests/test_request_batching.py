@@ -131,3 +131,12 @@ def test_the_deadlines_reach_the_generation_function():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         RequestBatcher(lambda *a: [], max_batch=0, wait_s=0.01)
+
+
+def test_a_lone_caller_does_not_wait_for_company():
+    run = Recorder(hold_first=False)
+    b = RequestBatcher(run, max_batch=8, wait_s=30.0)  # a wait that would time the test out
+    t0 = time.monotonic()
+    assert [b.submit([f"r{k}"], "g", "g") for k in range(3)] == [["g:r0"], ["g:r1"], ["g:r2"]]
+    assert time.monotonic() - t0 < 20
+    assert run.batches == [["r0"], ["r1"], ["r2"]]

@@ -292,6 +292,27 @@ def test_a_running_generation_stops_at_the_deadline(wrapped):
     assert len(model.predict(["Greet Mo."], {"max_new_tokens": 2})) == 1
 
 
+@pytest.mark.parametrize("batching, thread", [(True, "dolly-request"), (False, "asyncio")])
+def test_the_server_stamps_each_request_with_its_timeout_as_deadline(monkeypatch, batching,
+                                                                     thread):
+    import asyncio
+    import threading
+    import time
+
+    from dolly import serving_http
+
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "7")
+    server_asyncio = serving_http._server_asyncio(batching)
+    t0 = time.monotonic()
+    deadline, name = asyncio.run(server_asyncio.to_thread(
+        lambda: (serving.current_deadline(), threading.current_thread().name)))
+    assert t0 + 7 <= deadline < t0 + 8
+    # with batching, a pool of its own: no request waits for one of asyncio's 6 threads
+    assert name.startswith(thread)
+    assert serving.current_deadline() is None  # the caller's context is untouched
+    assert server_asyncio.wait_for is asyncio.wait_for  # the rest is asyncio itself
+
+
 def test_the_batching_wait_is_read_from_the_environment(wrapped, monkeypatch):
     monkeypatch.setenv(serving.BATCH_WAIT_ENV, "0")
     assert same_model(wrapped, 10).batcher is None
