@@ -412,6 +412,14 @@ class DollyPyfunc:
             settings["do_sample"] = False  # temperature 0: greedy, as most LLM APIs read it
         return settings
 
+    def _prompt_lengths(self, rows: list[tuple[str, str]]) -> list[int]:
+        """Tokens of each row's instruction and input (what orders rows into batches; the
+        template adds the same few to each). A text longer than the context is measured on its
+        last context x 64 characters, as dolly.generation shortens it."""
+        cap = self.context * 64
+        texts = [f"{a}\n{b}"[-cap:] for a, b in rows]
+        return [len(ids) for ids in self._tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
     def _generate(self, rows: list[tuple[str, str]], settings: dict,
                   deadlines: list[float | None]) -> list:
         """dolly.generation.generate for (instruction, input) rows: their Generations, in order."""
@@ -448,10 +456,9 @@ class DollyPyfunc:
             generations = self._generate(rows, settings, [deadline] * len(rows))
         else:
             try:
-                # characters stand in for prompt tokens here; generate sorts each batch by tokens
                 generations = self.batcher.submit(
                     rows, settings, tuple(sorted(settings.items())),
-                    lengths=[len(a) + len(b) for a, b in rows], deadline=deadline)
+                    lengths=self._prompt_lengths(rows), deadline=deadline)
             except DeadlinePassed:
                 raise deadline_passed() from None
         if any(g.expired for g in generations):
