@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -185,12 +186,26 @@ def _counts(read: int, rejected: list[dict]) -> dict[str, int]:
     return counts
 
 
+def _strict_json(value):
+    """`value` with every non-finite float (NaN, Infinity) as the text JSON readers know it by
+    ("NaN", "Infinity", "-Infinity"): json.dumps would write bare NaN/Infinity, which is not
+    JSON, and a strict reader (jq, Spark, JavaScript) refuses the whole file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def _write_rejected(rejected: list[dict], path: Path) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for r in rejected:
-            line = json.dumps(r, ensure_ascii=False, default=str)
+            r = _strict_json(r)
+            line = json.dumps(r, ensure_ascii=False, default=str, allow_nan=False)
             if not line.isascii() and readers.has_surrogates(line):  # a "\ud800" escape kept
-                line = json.dumps(r, default=str)
+                line = json.dumps(r, default=str, allow_nan=False)
             fh.write(line + "\n")
 
 

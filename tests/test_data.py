@@ -207,6 +207,12 @@ def test_nan_where_required_and_infinity_are_rejected_by_the_usual_rules(tmp_pat
     assert [(r["where"], r["reason"]) for r in rejected(tmp_path)] == [
         ("line 1", "missing_instruction"), ("line 2", "missing_response"),
         ("line 3", "non_string_field"), ("line 4", "non_string_field")]
+    # rejected.jsonl is strict JSON (bare Infinity is not): a non-finite number is its name
+    lines = (tmp_path / "prepared/rejected.jsonl").read_text().splitlines()
+    strict = [json.loads(l, parse_constant=lambda c: pytest.fail(f"bare {c}")) for l in lines]
+    assert [r["record"] for r in strict[2:]] == [
+        {"instruction": "b", "input": "Infinity", "output": "x"},
+        {"instruction": "c", "output": "-Infinity"}]
 
 
 def test_json_array_under_a_jsonl_name(tmp_path):
