@@ -1,10 +1,11 @@
 """What the evaluate run shows in the MLflow UI: base and tuned answers side by side, by family.
 
-The evaluate run's description (the `mlflow.note.content` tag, which the MLflow UI renders as
-Markdown at the top of the run page) holds a short comparison: per task family, the exact match
-of the base and the tuned model, and the first few evaluated records of each family with the
-reference, the base answer and the tuned answer. The same Markdown is logged as the artifact
-`comparison.md` (the UI's artifact viewer renders .md files).
+The evaluate run's description (the `mlflow.note.content` tag; the MLflow UI renders it as
+Markdown on the run page's Overview, its first lines at once and the rest after 'Show more')
+holds a short comparison: first the exact match of base and tuned, overall and per task family,
+in one paragraph (visible without a click), then per family its first few evaluated records with
+the reference, the base answer and the tuned answer. The same Markdown is logged as the artifact
+`comparison.md` (the Artifacts tab renders .md files).
 
 Answers are model output and inputs are user data: every cell goes through `md_cell`, which
 turns Markdown and HTML syntax into character references, so a `|`, a backtick, a newline or a
@@ -99,34 +100,37 @@ def comparison_markdown(table: pd.DataFrame, base_model: str, *, per_family: int
                         width: int = CELL_WIDTH, max_families: int = MAX_FAMILIES) -> str:
     """The comparison as Markdown.
 
+    The first paragraph holds every figure (exact match base -> tuned, overall and per family),
+    because the MLflow UI shows only the first lines of a run description until 'Show more' is
+    clicked; then what the base is, then per family its first `per_family` records as a table.
     `table` needs the columns instruction, input, reference, base_response, tuned_response,
     base_exact_match, tuned_exact_match (0/1 floats) and optionally category; one row per
     evaluated record. Per-family exact match is the mean over all of a family's rows."""
     fams = pd.Series(families(table), index=table.index)
     names = sorted(set(fams))
     shown = names[:max_families]
-    lines = ["### Base vs tuned on held-out records", "",
-             f"{what_it_shows(base_model)} {len(table)} held-out records, greedy decoding; "
-             "exact match ignores case, spacing and trailing punctuation.", "",
-             "| family | records | base exact match | tuned exact match |",
-             "|---|---:|---:|---:|"]
-    for f in shown:
-        rows = table[fams == f]
-        lines.append(f"| {md_cell(f, FAMILY_WIDTH)} | {len(rows)} | "
-                     f"{_score(rows['base_exact_match'].mean())} | "
-                     f"{_score(rows['tuned_exact_match'].mean())} |")
-    if len(table):
-        lines.append(f"| **all** | {len(table)} | {_score(table['base_exact_match'].mean())} | "
-                     f"{_score(table['tuned_exact_match'].mean())} |")
+
+    def scores(rows: pd.DataFrame) -> str:
+        return (f"{_score(rows['base_exact_match'].mean())} → "
+                f"{_score(rows['tuned_exact_match'].mean())}")
+
+    figures = [f"**all {scores(table)}**" if len(table) else "**no records**"]
+    figures += [f"{md_cell(f, FAMILY_WIDTH)} {scores(table[fams == f])}" for f in shown]
     if len(names) > len(shown):
-        lines += ["", f"{len(names) - len(shown)} more families: see the metrics "
-                      "`base/exact_match/<family>` and `tuned/exact_match/<family>`."]
+        figures.append(f"{len(names) - len(shown)} more families in the metrics "
+                       "base/exact&#95;match/&#60;family&#62;")
+    lines = [f"**Exact match, base → tuned**, {len(table)} held-out records: "
+             + " · ".join(figures), "",
+             f"{what_it_shows(base_model)} Greedy decoding; exact match ignores case, spacing "
+             "and trailing punctuation; ✓ / ✗: exact match. Every evaluated record is in the "
+             "artifact `eval_examples.json`."]
     if per_family > 0:
         picked = pick_examples(table, per_family)
         for f in shown:
-            rows = picked[f]
-            lines += ["", f"#### {md_cell(f, FAMILY_WIDTH)}: the first {len(rows)} of "
-                          f"{int((fams == f).sum())} records", "",
+            rows, every = picked[f], table[fams == f]
+            # bold, not a heading: the UI's description styles no heading
+            lines += ["", f"**{md_cell(f, FAMILY_WIDTH)}: {scores(every)}** (the first "
+                          f"{len(rows)} of {len(every)} records)", "",
                       "| instruction | input | reference | base answer | tuned answer |",
                       "|---|---|---|---|---|"]
             for _, r in rows.iterrows():
@@ -135,14 +139,12 @@ def comparison_markdown(table: pd.DataFrame, base_model: str, *, per_family: int
                     f"{md_cell(r['reference'], width)} | "
                     f"{md_cell(r['base_response'], width)}{_mark(r['base_exact_match'])} | "
                     f"{md_cell(r['tuned_response'], width)}{_mark(r['tuned_exact_match'])} |")
-    lines += ["", "✓ / ✗: exact match. Every evaluated record is in the artifact "
-                  "`eval_examples.json`."]
     return "\n".join(lines)
 
 
 def run_description(table: pd.DataFrame, base_model: str, limit: int = NOTE_LIMIT) -> str:
     """`comparison_markdown` within `limit` characters (a run description is a tag): fewer
-    rows per family and narrower cells until it fits, at worst only the per-family table."""
+    rows per family and narrower cells until it fits, at worst only the figures."""
     text = ""
     for per_family, width in ((PER_FAMILY, CELL_WIDTH), (PER_FAMILY, 40), (2, 30), (1, 24),
                               (0, 24)):

@@ -68,58 +68,59 @@ def test_pick_examples_takes_each_familys_first_records_in_order():
 def test_comparison_markdown():
     text = report.comparison_markdown(_table(), "EleutherAI/gpt-j-6b", per_family=2, width=12)
     assert text == "\n".join([
-        "### Base vs tuned on held-out records",
+        "**Exact match, base → tuned**, 7 held-out records: **all 0.14 → 0.86** · "
+        "(no category) 0.00 → 1.00 · count&#95;digit 0.00 → 0.50 · greet 0.00 → 1.00 · "
+        "repeat 0.33 → 1.00",
         "",
         "The base is EleutherAI/gpt-j-6b, EleutherAI's GPT-J 6B, pretrained on the Pile (no "
         "instruction tuning). Base vs tuned therefore shows what Dolly showed: a short "
         "instruction fine-tune teaches a pretrained language model to follow instructions; the "
         "base continues the prompt as text and does not answer Dolly-format instructions. "
-        "7 held-out records, greedy decoding; exact match ignores case, spacing and trailing "
-        "punctuation.",
+        "Greedy decoding; exact match ignores case, spacing and trailing punctuation; ✓ / ✗: "
+        "exact match. Every evaluated record is in the artifact `eval_examples.json`.",
         "",
-        "| family | records | base exact match | tuned exact match |",
-        "|---|---:|---:|---:|",
-        "| (no category) | 1 | 0.00 | 1.00 |",
-        "| count&#95;digit | 2 | 0.00 | 0.50 |",
-        "| greet | 1 | 0.00 | 1.00 |",
-        "| repeat | 3 | 0.33 | 1.00 |",
-        "| **all** | 7 | 0.14 | 0.86 |",
-        "",
-        "#### (no category): the first 1 of 1 records",
+        "**(no category): 0.00 → 1.00** (the first 1 of 1 records)",
         "",
         "| instruction | input | reference | base answer | tuned answer |",
         "|---|---|---|---|---|",
         "| Say a&#124;b | x | a&#124;b | &#96;a&#96; ✗ | a&#124;b ✓ |",
         "",
-        "#### count&#95;digit: the first 2 of 2 records",
+        "**count&#95;digit: 0.00 → 0.50** (the first 2 of 2 records)",
         "",
         "| instruction | input | reference | base answer | tuned answer |",
         "|---|---|---|---|---|",
         "| How many wo… | ka bo | 2 | *(empty)* ✗ | 2 ✓ |",
         "| How many wo… | ka bo du | 3 | &#60;b&#62;2&#60;/b&#62; ✗ | 4 ✗ |",
         "",
-        "#### greet: the first 1 of 1 records",
+        "**greet: 0.00 → 1.00** (the first 1 of 1 records)",
         "",
         "| instruction | input | reference | base answer | tuned answer |",
         "|---|---|---|---|---|",
         "| Greet sami. | *(empty)* | Hello, sami! | sami sami ✗ | Hello, sami! ✓ |",
         "",
-        "#### repeat: the first 2 of 3 records",
+        "**repeat: 0.33 → 1.00** (the first 2 of 3 records)",
         "",
         "| instruction | input | reference | base answer | tuned answer |",
         "|---|---|---|---|---|",
         "| Repeat the… | *(empty)* | kado | the kado of ✗ | kado ✓ |",
         "| Repeat the… | *(empty)* | bilu | bilu ✓ | bilu ✓ |",
-        "",
-        "✓ / ✗: exact match. Every evaluated record is in the artifact `eval_examples.json`.",
     ])
+
+
+def test_comparison_lists_at_most_max_families():
+    text = report.comparison_markdown(_table(), "tiny-gptj", per_family=1, max_families=2)
+    assert text.splitlines()[0] == (
+        "**Exact match, base → tuned**, 7 held-out records: **all 0.14 → 0.86** · "
+        "(no category) 0.00 → 1.00 · count&#95;digit 0.00 → 0.50 · 2 more families in the "
+        "metrics base/exact&#95;match/&#60;family&#62;")
+    assert text.count("| instruction |") == 2 and "**greet" not in text
 
 
 def test_comparison_says_what_the_tiny_base_is():
     text = report.comparison_markdown(_table(), "tiny-gptj", per_family=0)
     assert ("The base is a tiny GPT-J pretrained offline on a built-in corpus of running text "
             "(no instruction format).") in text
-    assert "####" not in text  # no examples asked for: only the per-family table
+    assert "| instruction |" not in text  # no examples asked for: only the figures
 
 
 def test_run_description_fits_a_tag():
