@@ -15,7 +15,7 @@ from typing import Callable
 from dolly import prompts
 from dolly.compare import EVAL_SET_TAG, WEIGHTS_TAG, logged_model_id, weights_digest
 from dolly.config import Config
-from dolly.report import base_description, md_cell, what_it_shows
+from dolly.report import md_cell, what_it_shows
 
 # What the model needs at serving time, pinned to what trained it (a logged torch model's
 # inferred requirements would drag in torchvision; see the notes).
@@ -175,7 +175,7 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
         "",
         what_it_shows(base_model),
         "",
-        f"- Base model: {base_description(base_model)}",
+        f"- Base model: {base_model}",
         f"- Training data: {dataset} (data hash {data_hash[:12] or 'unknown'})",
         f"- Licence: {licence}",
         f"- Train run: {train_run}; evaluation run: {eval_run}",

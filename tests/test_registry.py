@@ -47,7 +47,8 @@ def test_model_card():
                  "tuned/rouge_l": 0.7, "eval_records": 200})
     assert card.splitlines()[0] == "# Model card: dolly, version 4 (fine-tuned from EleutherAI/gpt-j-6b)"
     assert "not Databricks' Dolly model" in card and "by task family" not in card
-    assert "- Base model: EleutherAI/gpt-j-6b, EleutherAI's GPT-J 6B, pretrained on the Pile" in card
+    assert ("The base is EleutherAI/gpt-j-6b, EleutherAI's GPT-J 6B, pretrained on the Pile (no "
+            "instruction tuning).") in card
     for text in ("EleutherAI/gpt-j-6b", "tatsu-lab/alpaca", "CC BY-NC 4.0",
                  "abcdef012345", "| exact_match (gate) | 0.01 | 0.6 |", "200 records", "t1", "e1"):
         assert text in card
@@ -65,8 +66,7 @@ def test_model_card_says_what_the_base_is_and_shows_families():
             "instruction fine-tune teaches a pretrained language model to follow instructions; "
             "the base continues the prompt as text and does not answer Dolly-format "
             "instructions.") in card
-    assert ("- Base model: a tiny GPT-J pretrained offline on a built-in corpus of running "
-            "text (no instruction format)") in card
+    assert "\n- Base model: tiny-gptj\n" in card
     assert ("Exact match by task family:\n\n| family | base | tuned |\n|---|---|---|\n"
             "| count&#95;digit | n/a | 1 |\n| first | 0 | 0.925 |\n") in card
     assert "randomly initialised" not in card
