@@ -225,7 +225,11 @@ class Pipeline:
 
 def description(lines: list[str], runs: dict[str, Any], reused: dict[str, bool]) -> str:
     """The parent run's description (Markdown): the summary, and a link to every step's run,
-    reused ones included (links relative to the MLflow UI's page)."""
+    reused ones included (links relative to the MLflow UI's page). The summary's lines naming
+    the step runs are left out of it (the links say the same): the UI shows only the first lines
+    of a description until 'Show more', and those are the figures."""
+    step_lines = tuple(f"  {n:<10} run " for n in STEPS)
+    lines = [line for line in lines if not line.startswith(step_lines)]
     links = [f"- {n}: [{runs[n].info.run_name or runs[n].info.run_id}]"
              f"(#/experiments/{runs[n].info.experiment_id}/runs/{runs[n].info.run_id})"
              f"{' (reused)' if reused[n] else ''}"

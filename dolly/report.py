@@ -60,7 +60,8 @@ def base_description(base_model: str) -> str:
                 "(no instruction format)")
     low = base_model.lower()
     if "gpt-j" in low or "gptj" in low:
-        return f"{base_model}, EleutherAI's GPT-J 6B, pretrained on the Pile (no instruction tuning)"
+        return (f"{base_model}, EleutherAI's GPT-J 6B, pretrained on the Pile "
+                "(no instruction tuning)")
     return f"{base_model} (as loaded from the Hugging Face Hub or its folder)"
 
 

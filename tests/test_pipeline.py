@@ -97,3 +97,20 @@ def test_summary_without_families_has_no_family_line():
     reused = dict.fromkeys(runs, False)
     _, _, lines = pipeline.summary(load_config(None, {}), runs, reused, "models:/m-1")
     assert not any("by family" in line for line in lines)
+
+
+def test_description_puts_the_figures_first_and_links_every_step():
+    lines = ["main: summary", "  data_prep  run d1  (reused)", "  evaluate   run e1",
+             "  exact_match 0 -> 0.5  (base -> tuned)",
+             "  tuned exact match by family: first 0.93", "  registered dolly v3: promoted"]
+    runs = {n: SimpleNamespace(info=SimpleNamespace(run_id=f"{n[0]}1", run_name=f"{n} tiny",
+                                                    experiment_id="7"))
+            for n in ("data_prep", "evaluate")}
+    text = pipeline.description(lines, runs, {"data_prep": True, "evaluate": False})
+    assert text == "\n".join([
+        "```", "main: summary", "  exact_match 0 -> 0.5  (base -> tuned)",
+        "  tuned exact match by family: first 0.93", "  registered dolly v3: promoted", "```",
+        "", "Step runs:",
+        "- data_prep: [data_prep tiny](#/experiments/7/runs/d1) (reused)",
+        "- evaluate: [evaluate tiny](#/experiments/7/runs/e1): base and tuned answers side by "
+        "side, by family"])
