@@ -66,11 +66,17 @@ def base_description(base_model: str) -> str:
 
 
 def what_it_shows(base_model: str) -> str:
-    """One sentence on what base vs tuned therefore shows."""
-    return (f"The base is {base_description(base_model)}. Base vs tuned therefore shows what "
-            "Dolly showed: a short instruction fine-tune teaches a pretrained language model to "
-            "follow instructions; the base continues the prompt as text and does not answer "
-            "Dolly-format instructions.")
+    """One sentence on what base vs tuned therefore shows: Dolly's effect for a base known to be
+    a pretrained language model without instruction tuning (the tiny default, GPT-J), else only
+    what the fine-tune adds to that base."""
+    low = base_model.strip().lower()
+    if base_model.strip() == TINY_BASE_MODEL or "gpt-j" in low or "gptj" in low:
+        return (f"The base is {base_description(base_model)}. Base vs tuned therefore shows what "
+                "Dolly showed: a short instruction fine-tune teaches a pretrained language model "
+                "to follow instructions; the base continues the prompt as text and does not "
+                "answer Dolly-format instructions.")
+    return (f"The base is {base_description(base_model)}. Base vs tuned shows what this "
+            "instruction fine-tune adds to that base.")
 
 
 def families(table: pd.DataFrame) -> list[str]:

@@ -123,6 +123,13 @@ def test_comparison_says_what_the_tiny_base_is():
     assert "| instruction |" not in text  # no examples asked for: only the figures
 
 
+def test_what_it_shows_claims_dolly_s_effect_only_for_known_pretrained_bases():
+    assert report.what_it_shows("/models/my-llm") == (
+        "The base is /models/my-llm (as loaded from the Hugging Face Hub or its folder). Base vs "
+        "tuned shows what this instruction fine-tune adds to that base.")
+    assert "what Dolly showed" in report.what_it_shows("/models/gpt-j-6b")
+
+
 def test_run_description_fits_a_tag():
     long = _table()
     long["base_response"] = ["|" * 500] * len(long)  # each `|` is 6 characters escaped
