@@ -138,15 +138,21 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, *, max_new_tokens: int,
     return ModelEval(metrics, ex)
 
 
+FAMILY_METRICS = ("exact_match", "rouge_l")
+
+
 def category_metrics(test: pd.DataFrame, ex: pd.DataFrame) -> dict[str, float]:
-    """exact_match per task family (when the split has a non-empty `category` column)."""
+    """{'<metric>/<family>': mean over the family's records} for exact_match and rouge_l, per task
+    family (the split's `category`; records without one are left out; none when the split has no
+    `category` column). Family names are made metric-safe ('open qa' stays, 'a&b' -> 'a_b')."""
     if "category" not in test.columns:
         return {}
     cats = test["category"].fillna("").astype(str).to_numpy()
     out = {}
-    for cat in sorted(set(cats) - {""}):
-        sel = cats == cat
-        out[f"exact_match/{_metric_safe(cat)}"] = float(ex["exact_match"].to_numpy()[sel].mean())
+    for metric in FAMILY_METRICS:
+        values = ex[metric].to_numpy()
+        for cat in sorted(set(cats) - {""}):
+            out[f"{metric}/{_metric_safe(cat)}"] = float(values[cats == cat].mean())
     return out
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from dolly.config import Config, fields_where
 from dolly.errors import DollyError
+from dolly.report import family_line
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("data_prep", "train", "evaluate", "register")
@@ -224,20 +225,29 @@ class Pipeline:
 
 def description(lines: list[str], runs: dict[str, Any], reused: dict[str, bool]) -> str:
     """The parent run's description (Markdown): the summary, and a link to every step's run,
-    reused ones included (links relative to the MLflow UI's page)."""
+    reused ones included (links relative to the MLflow UI's page). The summary's lines naming
+    the step runs are left out of it (the links say the same): the UI shows only the first lines
+    of a description until 'Show more', and those are the figures."""
+    step_lines = tuple(f"  {n:<10} run " for n in STEPS)
+    lines = [line for line in lines if not line.startswith(step_lines)]
     links = [f"- {n}: [{runs[n].info.run_name or runs[n].info.run_id}]"
              f"(#/experiments/{runs[n].info.experiment_id}/runs/{runs[n].info.run_id})"
-             f"{' (reused)' if reused[n] else ''}" for n in STEPS if n in runs]
+             f"{' (reused)' if reused[n] else ''}"
+             f"{': base and tuned answers side by side, by family' if n == 'evaluate' else ''}"
+             for n in STEPS if n in runs]
     return "\n".join(["```", *lines, "```", "", "Step runs:", *links])
 
 
 def summary(cfg: Config, runs: dict[str, Any], reused: dict[str, bool],
             model_uri: str) -> tuple[dict[str, float], dict[str, str], list[str]]:
-    """(metrics, tags, printed lines) of a finished pipeline: base and tuned evaluation metrics,
-    the registered version and whether it was promoted, which steps were reused."""
+    """(metrics, tags, printed lines) of a finished pipeline: base and tuned evaluation metrics
+    (exact match per task family too, as a line each), the registered version and whether it
+    was promoted, which steps were reused."""
     m, t = runs["evaluate"].data.metrics, runs["register"].data.tags
     metrics = {f"{who}/{k}": m[f"{who}/{k}"] for who in ("base", "tuned")
                for k in SUMMARY_METRICS if f"{who}/{k}" in m}
+    metrics.update({k: v for k, v in m.items()
+                    if k.startswith(("base/exact_match/", "tuned/exact_match/"))})
     promoted = t.get("promoted") == "true"
     version = t.get("registered_version", "")
     if version:
@@ -255,6 +265,7 @@ def summary(cfg: Config, runs: dict[str, Any], reused: dict[str, bool],
     lines.append("  " + ", ".join(
         f"{k} {m[f'base/{k}']:.4g} -> {m[f'tuned/{k}']:.4g}" for k in SUMMARY_METRICS[:4]
         if f"base/{k}" in m and f"tuned/{k}" in m) + "  (base -> tuned)")
+    lines += [f"  {line}" for line in (family_line(m, "tuned"), family_line(m, "base")) if line]
     verdict = (f"promoted to @{cfg.champion_alias}" if promoted
                else f"not promoted ({t.get('gate_reason', '?')})")
     lines.append(f"  registered {t.get('registered_model', cfg.model_name)} v{version}: {verdict}"

@@ -15,6 +15,7 @@ from typing import Callable
 from dolly import prompts
 from dolly.compare import EVAL_SET_TAG, WEIGHTS_TAG, logged_model_id, weights_digest
 from dolly.config import Config
+from dolly.report import md_cell, what_it_shows
 
 # What the model needs at serving time, pinned to what trained it (a logged torch model's
 # inferred requirements would drag in torchvision; see the notes).
@@ -148,15 +149,20 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
                licence: str, metrics: dict[str, float], train_run: str, eval_run: str,
                primary_metric: str) -> str:
     """A short Markdown model card for the version description."""
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4g}"
+
     rows = []
     for m in _CARD_METRICS:
         b, t = metrics.get(f"base/{m}"), metrics.get(f"tuned/{m}")
         if b is None and t is None:
             continue
-        fmt = (lambda v: "n/a" if v is None else f"{v:.4g}")
         rows.append(f"| {m}{' (gate)' if m == primary_metric else ''} | {fmt(b)} | {fmt(t)} |")
     n = metrics.get("eval_records")
-    random_base = base_model.strip().lower() == "tiny-gptj"
+    families = sorted({k.split("/", 2)[2] for k in metrics
+                       if k.startswith(("base/exact_match/", "tuned/exact_match/"))})
+    family_rows = [f"| {md_cell(family)} | {fmt(metrics.get(f'base/exact_match/{family}'))} | "
+                   f"{fmt(metrics.get(f'tuned/exact_match/{family}'))} |" for family in families]
     return "\n".join([
         f"# Model card: {name}, version {version} (fine-tuned from {base_model})",
         "",
@@ -168,10 +174,8 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
         "generation params default to Dolly's (do_sample, top_p 0.92, top_k 0, "
         "max_new_tokens 256).",
         "",
-        *(["**The base is a randomly initialised tiny GPT-J** (the offline default): the base "
-           "column shows an untrained model, so the comparison only shows that training "
-           "happened, not that instruction tuning improved a pretrained model.", ""]
-          if random_base else []),
+        what_it_shows(base_model),
+        "",
         f"- Base model: {base_model}",
         f"- Training data: {dataset} (data hash {data_hash[:12] or 'unknown'})",
         f"- Licence: {licence}",
@@ -182,6 +186,8 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
         "| metric | base | tuned |",
         "|---|---|---|",
         *rows,
+        *(["", "Exact match by task family:", "", "| family | base | tuned |", "|---|---|---|",
+            *family_rows] if family_rows else []),
         "",
         "Limitations: answers are only as good as the training data; not for factual or "
         "safety-critical use.",

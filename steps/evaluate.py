@@ -2,8 +2,10 @@
 
 Inputs: -P model_uri=<the train run's logged model (models:/m-..., runs:/<run>/model, a registered
 model URI, or a saved folder)> -P prepared=<data_prep's prepared/ (runs:/<run>/prepared or a path)>.
-Logs base/<metric> and tuned/<metric> (see dolly/evaluation.py), per-family tuned exact match,
-a per-example table (eval_examples.json) and the tags data_hash, model_uri, train_run_id.
+Logs base/<metric> and tuned/<metric> (see dolly/evaluation.py), per task family
+base/exact_match/<family>, tuned/exact_match/<family> (and rouge_l), a per-example table
+(eval_examples.json), the tags data_hash, model_uri, train_run_id, and as the run's description
+(and comparison.md) base and tuned answers side by side by family (dolly/report.py).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import time
 import mlflow
 import pandas as pd
 
-from dolly import cli, compare, data, evaluation, modeling, tracking
+from dolly import cli, compare, data, evaluation, modeling, report, tracking
 from dolly.errors import DollyError
 from dolly.tokenizer import load_tokenizer
 
@@ -125,9 +127,18 @@ def main(argv: list[str]) -> None:
             "base_stopped": b["stopped"], "tuned_stopped": t["stopped"],
         })
         mlflow.log_table(data=table, artifact_file="eval_examples.json")
+        # The run page shows its description at once (rendered Markdown): the comparison goes
+        # there, and in comparison.md for the Artifacts tab.
+        note = report.run_description(table, base_cfg.base_model)
+        mlflow.set_tag("mlflow.note.content", note)
+        mlflow.log_text(note, "comparison.md")
         line = ", ".join(f"{m} {metrics[f'base/{m}']:.4g} -> {metrics[f'tuned/{m}']:.4g}"
                          for m in ("exact_match", "rouge_l", "perplexity", "stop_rate"))
         print(f"evaluate: {len(test)} records, base -> tuned: {line}", flush=True)
+        for who in ("tuned", "base"):
+            by_family = report.family_line(metrics, who)
+            if by_family:
+                print(f"evaluate: {by_family}", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,18 @@ def test_evaluate_model_metrics(tok):
     assert res.metrics["perplexity"] == pytest.approx(math.exp(res.metrics["eval_loss"]))
     assert len(res.examples) == 3
     assert 0 <= res.metrics["stop_rate"] <= 1 and 0 <= res.metrics["empty_rate"] <= 1
-    assert evaluation.category_metrics(test, res.examples).keys() == {"exact_match/c"}
+    assert evaluation.category_metrics(test, res.examples).keys() == {"exact_match/c",
+                                                                      "rouge_l/c"}
+
+
+def test_category_metrics_are_means_per_family():
+    test = pd.DataFrame({"category": ["first", "repeat", "first", None, "", "a&b", "first"]})
+    ex = pd.DataFrame({"exact_match": [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0],
+                       "rouge_l": [1.0, 0.5, 0.25, 1.0, 1.0, 0.0, 1.0]})
+    assert evaluation.category_metrics(test, ex) == {
+        "exact_match/a_b": 1.0, "exact_match/first": 2 / 3, "exact_match/repeat": 0.0,
+        "rouge_l/a_b": 0.0, "rouge_l/first": 0.75, "rouge_l/repeat": 0.5}
+    assert evaluation.category_metrics(test.drop(columns="category"), ex) == {}
 
 
 def test_base_config_follows_the_train_run():

@@ -60,14 +60,21 @@ def _run(run_id, metrics=None, tags=None):
 def test_summary_lists_metrics_verdict_and_reuse():
     runs = {"data_prep": _run("d1", tags={"data_hash": "h"}), "train": _run("t1"),
             "evaluate": _run("e1", {"base/exact_match": 0.0, "tuned/exact_match": 0.5,
-                                    "base/rouge_l": 0.1, "tuned/rouge_l": 0.6}),
+                                    "base/rouge_l": 0.1, "tuned/rouge_l": 0.6,
+                                    "tuned/exact_match/first": 0.925,
+                                    "tuned/exact_match/count_digit": 1.0,
+                                    "base/exact_match/first": 0.0,
+                                    "base/exact_match/count_digit": 0.05,
+                                    "tuned/rouge_l/first": 0.97}),
             "register": _run("r1", tags={"registered_model": "dolly", "registered_version": "3",
                                          "promoted": "true", "gate_reason": "better"})}
     reused = {"data_prep": True, "train": True, "evaluate": False, "register": False}
     metrics, tags, lines = pipeline.summary(load_config(None, {}), runs, reused, "models:/m-1")
     assert metrics == {"base/exact_match": 0.0, "base/rouge_l": 0.1, "tuned/exact_match": 0.5,
-                       "tuned/rouge_l": 0.6, "registered_version": 3.0, "promoted": 1.0,
-                       "steps_reused": 2.0}
+                       "tuned/rouge_l": 0.6, "tuned/exact_match/first": 0.925,
+                       "tuned/exact_match/count_digit": 1.0, "base/exact_match/first": 0.0,
+                       "base/exact_match/count_digit": 0.05, "registered_version": 3.0,
+                       "promoted": 1.0, "steps_reused": 2.0}
     assert tags["steps_reused"] == "data_prep,train" and tags["data_hash"] == "h"
     assert lines == [
         "main: summary",
@@ -76,5 +83,34 @@ def test_summary_lists_metrics_verdict_and_reuse():
         "  evaluate   run e1",
         "  register   run r1",
         "  exact_match 0 -> 0.5, rouge_l 0.1 -> 0.6  (base -> tuned)",
+        "  tuned exact match by family: count_digit 1.00, first 0.93",
+        "  base exact match by family: count_digit 0.05, first 0.00",
         "  registered dolly v3: promoted to @champion; gate on exact_match",
     ]
+
+
+def test_summary_without_families_has_no_family_line():
+    runs = {"data_prep": _run("d1"), "train": _run("t1"),
+            "evaluate": _run("e1", {"base/exact_match": 0.0, "tuned/exact_match": 0.5}),
+            "register": _run("r1", tags={"registered_version": "1", "promoted": "false",
+                                         "gate_reason": "worse"})}
+    reused = dict.fromkeys(runs, False)
+    _, _, lines = pipeline.summary(load_config(None, {}), runs, reused, "models:/m-1")
+    assert not any("by family" in line for line in lines)
+
+
+def test_description_puts_the_figures_first_and_links_every_step():
+    lines = ["main: summary", "  data_prep  run d1  (reused)", "  evaluate   run e1",
+             "  exact_match 0 -> 0.5  (base -> tuned)",
+             "  tuned exact match by family: first 0.93", "  registered dolly v3: promoted"]
+    runs = {n: SimpleNamespace(info=SimpleNamespace(run_id=f"{n[0]}1", run_name=f"{n} tiny",
+                                                    experiment_id="7"))
+            for n in ("data_prep", "evaluate")}
+    text = pipeline.description(lines, runs, {"data_prep": True, "evaluate": False})
+    assert text == "\n".join([
+        "```", "main: summary", "  exact_match 0 -> 0.5  (base -> tuned)",
+        "  tuned exact match by family: first 0.93", "  registered dolly v3: promoted", "```",
+        "", "Step runs:",
+        "- data_prep: [data_prep tiny](#/experiments/7/runs/d1) (reused)",
+        "- evaluate: [evaluate tiny](#/experiments/7/runs/e1): base and tuned answers side by "
+        "side, by family"])

@@ -46,18 +46,30 @@ def test_model_card():
         metrics={"base/exact_match": 0.01, "tuned/exact_match": 0.6, "base/rouge_l": 0.1,
                  "tuned/rouge_l": 0.7, "eval_records": 200})
     assert card.splitlines()[0] == "# Model card: dolly, version 4 (fine-tuned from EleutherAI/gpt-j-6b)"
-    assert "not Databricks' Dolly model" in card and "randomly initialised" not in card
+    assert "not Databricks' Dolly model" in card and "by task family" not in card
+    assert ("The base is EleutherAI/gpt-j-6b, EleutherAI's GPT-J 6B, pretrained on the Pile (no "
+            "instruction tuning).") in card
     for text in ("EleutherAI/gpt-j-6b", "tatsu-lab/alpaca", "CC BY-NC 4.0",
                  "abcdef012345", "| exact_match (gate) | 0.01 | 0.6 |", "200 records", "t1", "e1"):
         assert text in card
 
 
-def test_model_card_says_when_the_base_is_random():
+def test_model_card_says_what_the_base_is_and_shows_families():
     card = registry.model_card(
         name="dolly", version="1", base_model="tiny-gptj", dataset="builtin", data_hash="ab",
         licence=registry.PROJECT_DATA, train_run="t", eval_run="e", primary_metric="exact_match",
-        metrics={"base/exact_match": 0.0, "tuned/exact_match": 0.6})
-    assert "**The base is a randomly initialised tiny GPT-J**" in card
+        metrics={"base/exact_match": 0.0, "tuned/exact_match": 0.6,
+                 "base/exact_match/first": 0.0, "tuned/exact_match/first": 0.925,
+                 "tuned/exact_match/count_digit": 1.0, "tuned/rouge_l/first": 0.9})
+    assert ("The base is a tiny GPT-J pretrained offline on a built-in corpus of running text "
+            "(no instruction format). Base vs tuned therefore shows what Dolly showed: a short "
+            "instruction fine-tune teaches a pretrained language model to follow instructions; "
+            "the base continues the prompt as text and does not answer Dolly-format "
+            "instructions.") in card
+    assert "\n- Base model: tiny-gptj\n" in card
+    assert ("Exact match by task family:\n\n| family | base | tuned |\n|---|---|---|\n"
+            "| count&#95;digit | n/a | 1 |\n| first | 0 | 0.925 |\n") in card
+    assert "randomly initialised" not in card
 
 
 def test_license_note_names_both_licences_and_no_link():

@@ -38,6 +38,27 @@ def test_evaluate_entry_point(tiny_model):
     assert len(df) == 8
     assert {"instruction", "reference", "base_response", "tuned_response",
             "tuned_exact_match", "tuned_rouge_l"} <= set(df.columns)
+    # per task family: base and tuned exact match (and rouge_l), the means of the table's rows
+    families = sorted(set(df["category"]))
+    assert len(families) >= 3, families  # the built-in families rotate: 8 records hold several
+    for who in ("base", "tuned"):
+        for family in families:
+            rows = df[df["category"] == family]
+            assert m[f"{who}/exact_match/{family}"] == pytest.approx(
+                rows[f"{who}_exact_match"].mean())
+            assert m[f"{who}/rouge_l/{family}"] == pytest.approx(rows[f"{who}_rouge_l"].mean())
+    assert {k.split("/")[-1] for k in m if k.count("/") == 2} == set(families)
+    # the run's description: every figure in its first line, then each family's records
+    note = tags["mlflow.note.content"]
+    assert note.startswith("**Exact match, base → tuned**, 8 held-out records: **all ")
+    for family in families:
+        n = int((df["category"] == family).sum())
+        assert f"** (the first {min(n, 3)} of {n} records)" in note
+    assert note.count("| instruction | input | reference | base answer | tuned answer |") == \
+        len(families)
+    shown = tiny_model.client().download_artifacts(run.info.run_id, "comparison.md",
+                                                   str(tiny_model.root / "dl"))
+    assert Path(shown).read_text() == note
 
 
 @pytest.mark.timeout(420)
@@ -152,6 +173,9 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     # is a dataset input with its own digest (evaluate's: the eval_limit records it evaluated)
     note = parent.data.tags["mlflow.note.content"]
     assert "main: summary" in note and "(base -> tuned)" in note
+    assert "  tuned exact match by family: " in note and "  base exact match by family: " in note
+    assert children["evaluate"].data.tags["mlflow.note.content"].startswith(
+        "**Exact match, base → tuned**, 16 held-out records: ")
     for r in children.values():
         assert f"runs/{r.info.run_id})" in note
     inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset
@@ -185,6 +209,9 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     assert client.get_model_version("dolly", "1").tags["promoted"] == reg["promoted"]
     assert {"base/exact_match", "tuned/exact_match", "tuned/perplexity", "registered_version",
             "promoted"} <= set(m)
+    per_family = {k for k in children["evaluate"].data.metrics if "/exact_match/" in k}
+    assert per_family and {k: m[k] for k in per_family} == {
+        k: children["evaluate"].data.metrics[k] for k in per_family}
     assert m["tuned/perplexity"] < m["base/perplexity"]  # 10 steps already lower the loss
     assert client.get_model_version("dolly", "1").run_id == children["train"].info.run_id
     assert "main: summary" in proc.stdout
