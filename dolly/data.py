@@ -66,9 +66,15 @@ def read_source(cfg: Config):
 # --- split, tokenize, write --------------------------------------------------------------------
 
 def split_indices(n: int, test_size: float | int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded permutation cut into (train, test); the same n, size and seed give the same cut."""
+    """A seeded permutation cut into (train, test) index arrays; the same n, size and seed give
+    the same cut. A fraction rounds to at least 1 and at most n - 1 test records; a count must
+    leave at least one training record. Raises DataError otherwise, or for n < 2."""
     if n < 2:
         raise DataError(f"only {n} valid record(s): need at least 2 to make a train/test split")
+    if test_size >= 1 and int(test_size) >= n:
+        raise DataError(f"test_size={int(test_size)} asks for {int(test_size)} held-out records "
+                        f"but there are only {n} valid records: set a count below {n} or a "
+                        f"fraction, e.g. -P test_size=0.1")
     n_test = int(test_size) if test_size >= 1 else int(round(n * float(test_size)))
     n_test = min(max(n_test, 1), n - 1)
     order = np.random.default_rng(seed).permutation(n)

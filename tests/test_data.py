@@ -96,6 +96,11 @@ def test_split_is_seeded_and_deterministic():
     assert not (a[1] == c[1]).all()
     assert len(a[1]) == 20 and sorted([*a[0], *a[1]]) == list(range(100))
     assert len(data.split_indices(100, 7, seed=3)[1]) == 7
+    assert len(data.split_indices(100, 99, seed=3)[0]) == 1
+    # a count that leaves nothing to train on is an error, not silently one record fewer
+    with pytest.raises(DataError, match="test_size=100 asks for 100 held-out records but there "
+                                        "are only 100 valid records"):
+        data.split_indices(100, 100, seed=3)
 
 
 def test_dolly15k_layout_csv_parquet_and_folder(tmp_path):
