@@ -123,6 +123,18 @@ class Config:
         steps=TRAIN, checkpoint=True, base=True)
     trust_remote_code: bool = _f(False, "Allow model code from the Hub (off: safer).",
         steps=TRAIN, base=True)
+    pretrain_steps: int = _f(
+        600, "Steps of pretraining the tiny GPT-J as a plain causal LM on the built-in corpus "
+        "(dolly.corpus) before fine-tuning; built once per configuration and cached in "
+        "$DOLLY_BASE_CACHE (default ~/.cache/dolly/bases). 0 = a randomly initialised base.",
+        steps=TRAIN, checkpoint=True, base=True)
+    pretrain_batch_size: int = _f(16, "Sequences per pretraining step.",
+        steps=TRAIN, checkpoint=True, base=True)
+    pretrain_seq_len: int = _f(128, "Tokens per pretraining sequence (running text, packed).",
+        steps=TRAIN, checkpoint=True, base=True)
+    pretrain_learning_rate: float = _f(
+        2e-3, "Peak learning rate of pretraining (linear warmup over 10% of the steps, then "
+        "cosine decay to 0).", steps=TRAIN, checkpoint=True, base=True)
 
     # --- launch -----------------------------------------------------------------------------
     num_gpus: int = _f(
@@ -275,6 +287,12 @@ class Config:
                      "eval_batch_size", "eval_max_new_tokens", "rank_timeout_s",
                      "serve_max_rows", "serve_max_chars"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        for name in ("pretrain_batch_size", "pretrain_seq_len"):
+            _require(getattr(self, name) >= 2, name, getattr(self, name), "must be >= 2")
+        _require(self.pretrain_steps >= 0, "pretrain_steps", self.pretrain_steps,
+                 "must be >= 0 (0 = a randomly initialised base)")
+        _require(math.isfinite(self.pretrain_learning_rate) and self.pretrain_learning_rate > 0,
+                 "pretrain_learning_rate", self.pretrain_learning_rate, "must be > 0")
         _require(self.tiny_n_embd % self.tiny_n_head == 0, "tiny_n_head", self.tiny_n_head,
                  f"must divide tiny_n_embd ({self.tiny_n_embd})")
         _require(self.tiny_rotary_dim <= self.tiny_n_embd // self.tiny_n_head
