@@ -117,7 +117,7 @@ def base_licence(base_model: str) -> str:
     """The base model's licence, where the project knows it."""
     b = base_model.strip().lower()
     if b == "tiny-gptj":
-        return "none: a model initialised by this project (no third-party weights)"
+        return "none: a model initialised and pretrained by this project (no third-party weights)"
     if "gpt-j" in b or "gptj" in b:
         return "Apache-2.0 (EleutherAI's GPT-J 6B)"
     return "unknown: check the base model's own licence"
@@ -145,8 +145,9 @@ _CARD_METRICS = ("exact_match", "rouge_l", "perplexity", "eval_loss", "stop_rate
 
 def model_card(*, name: str, version: str, base_model: str, dataset: str, data_hash: str,
                licence: str, metrics: dict[str, float], train_run: str, eval_run: str,
-               primary_metric: str) -> str:
-    """A short Markdown model card for the version description."""
+               primary_metric: str, pretrain_steps: int = 0) -> str:
+    """A short Markdown model card for the version description. `pretrain_steps`: how long the
+    tiny-gptj base was pretrained on the built-in corpus (0: a randomly initialised base)."""
     rows = []
     for m in _CARD_METRICS:
         b, t = metrics.get(f"base/{m}"), metrics.get(f"tuned/{m}")
@@ -167,10 +168,17 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
         "generation params default to Dolly's (do_sample, top_p 0.92, top_k 0, "
         "max_new_tokens 256).",
         "",
-        *(["**The base is a randomly initialised tiny GPT-J** (the offline default): the base "
-           "column shows an untrained model, so the comparison only shows that training "
-           "happened, not that instruction tuning improved a pretrained model.", ""]
-          if random_base else []),
+        *(["**The base is a tiny GPT-J pretrained offline by this project** (the offline "
+           f"default): a plain causal language model trained for {pretrain_steps} steps on a "
+           "built-in corpus of running text over the tasks' words, with no instruction template. "
+           "The base column shows that language model given Dolly-format instructions (it "
+           "continues the text and does not follow them); the tuned column shows the same "
+           "weights after instruction tuning.", ""]
+          if random_base and pretrain_steps > 0 else []),
+        *(["**The base is a randomly initialised tiny GPT-J**: the base column shows an "
+           "untrained model, so the comparison only shows that training happened, not that "
+           "instruction tuning improved a pretrained model.", ""]
+          if random_base and pretrain_steps <= 0 else []),
         f"- Base model: {base_model}",
         f"- Training data: {dataset} (data hash {data_hash[:12] or 'unknown'})",
         f"- Licence: {licence}",
@@ -354,7 +362,7 @@ def register(model_uri: str, cfg: Config, *, eval_metrics: dict[str, float], eva
     card = model_card(name=name, version=version, base_model=base_model,
                       dataset=dataset, data_hash=data_hash, licence=licence,
                       metrics=eval_metrics, train_run=train_run, eval_run=eval_run,
-                      primary_metric=primary)
+                      primary_metric=primary, pretrain_steps=cfg.pretrain_steps)
     client.update_model_version(name, version, description=card)
     try:
         existing_licence = client.get_registered_model(name).tags.get("license")

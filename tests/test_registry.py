@@ -58,6 +58,17 @@ def test_model_card_says_when_the_base_is_random():
         licence=registry.PROJECT_DATA, train_run="t", eval_run="e", primary_metric="exact_match",
         metrics={"base/exact_match": 0.0, "tuned/exact_match": 0.6})
     assert "**The base is a randomly initialised tiny GPT-J**" in card
+    assert "pretrained offline" not in card
+
+
+def test_model_card_says_when_the_base_is_the_pretrained_tiny_model():
+    card = registry.model_card(
+        name="dolly", version="1", base_model="tiny-gptj", dataset="builtin", data_hash="ab",
+        licence=registry.PROJECT_DATA, train_run="t", eval_run="e", primary_metric="exact_match",
+        metrics={"base/exact_match": 0.0, "tuned/exact_match": 0.9}, pretrain_steps=600)
+    assert "**The base is a tiny GPT-J pretrained offline by this project**" in card
+    assert "trained for 600 steps on a built-in corpus" in card
+    assert "randomly initialised" not in card
 
 
 def test_license_note_names_both_licences_and_no_link():
