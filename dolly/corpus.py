@@ -43,22 +43,28 @@ def _say(rng, cast, words):
 
 
 def _list(rng, cast, words):
+    a, b = rng.sample(cast, 2)
     ws = rng.sample(words, rng.randint(2, 5))
-    n = NUMBER_WORDS[len(ws)]
+    n, phrase = NUMBER_WORDS[len(ws)], " ".join(ws)
     return rng.choice((
-        f"{rng.choice(cast)} wrote down {' '.join(ws)}. That is {n} words, and the first word is {ws[0]}.",
-        f"The list {' '.join(ws)} has {n} words ({len(ws)} in all); it starts with {ws[0]}.",
+        f"{a} wrote down {phrase}. {b} read it back: {phrase}. That is {n} words, and the "
+        f"first word is {ws[0]}.",
+        f"The list {phrase} has {n} words ({len(ws)} in all); it starts with {ws[0]}.",
         f"There were {n} of them: {_join(ws)}. {ws[0]} came first.",
     ))
 
 
 def _echo(rng, cast, words):
-    ws = rng.sample(words, rng.randint(2, 4))
+    ws = [rng.choice(words) for _ in range(rng.randint(3, 8))]
     phrase = " ".join(ws)
-    return f"{rng.choice(cast)} sang {phrase}, and everyone sang {phrase} again."
+    return rng.choice((f"{rng.choice(cast)} sang {phrase}, and everyone sang {phrase} again.",
+                       f"{rng.choice(cast)} said {phrase}. Then {rng.choice(cast)} said {phrase} too.",
+                       f"On the wall it said {phrase}; below, someone had copied {phrase}."))
 
 
-_SENTENCES = (_meet, _greet, _say, _list, _echo)
+# Copying dominates: most sentences repeat a phrase or a name seen earlier in the paragraph,
+# the pressure that makes a language model learn to copy from its context (induction heads).
+_SENTENCES = (_meet, _greet, _say, _list, _list, _echo, _echo, _echo)
 
 
 def paragraph(rng: random.Random, words: list[str]) -> str:

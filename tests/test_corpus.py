@@ -9,8 +9,10 @@ MARKERS = ("###", END_KEY, INSTRUCTION_KEY, INPUT_KEY, RESPONSE_KEY, INTRO_NO_IN
 
 def test_generate_is_seeded_and_literal():
     assert corpus.generate(1, seed=7, lexicon_size=20) == [
-        "Hello, dure! said lema. dure wrote the word rare twice: rare rare. lema waited for dure "
-        "all day. dure and lema walked home together. dure said hello to lema: Hello, lema!"]
+        "The list keve numi bebu kuze rare has five words (5 in all); it starts with keve. There "
+        "were five of them: dudi, rape, fudu, dure and nuni. dudi came first. dure said kuni dure "
+        "lapa mazu. Then dure said kuni dure lapa mazu too. dure saw lema and waved. The list "
+        "rare bamo has two words (2 in all); it starts with rare."]
     assert corpus.generate(50, seed=7) == corpus.generate(50, seed=7)
     assert corpus.generate(50, seed=7) != corpus.generate(50, seed=8)
     # a longer corpus starts with the shorter one: more steps read more of the same text
@@ -21,7 +23,7 @@ def test_held_out_text_is_other_text_over_the_same_words():
     train, held = corpus.generate(300, seed=3), corpus.held_out(300, seed=3)
     assert not set(train) & set(held)
     words = set(lexicon(400, 3))
-    used = {w.strip(".,:!()") for p in held for w in p.split()}
+    used = {w.strip(".,;:!()") for p in held for w in p.split()}
     assert len(used & words) > 350 and len(used - words) < 70  # the lexicon + connecting words
 
 
