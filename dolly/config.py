@@ -124,13 +124,13 @@ class Config:
     trust_remote_code: bool = _f(False, "Allow model code from the Hub (off: safer).",
         steps=TRAIN, base=True)
     pretrain_steps: int = _f(
-        600, "Steps of pretraining the tiny GPT-J as a plain causal LM on the built-in corpus "
+        400, "Steps of pretraining the tiny GPT-J as a plain causal LM on the built-in corpus "
         "(dolly.corpus) before fine-tuning; built once per configuration and cached in "
         "$DOLLY_BASE_CACHE (default ~/.cache/dolly/bases). 0 = a randomly initialised base.",
         steps=TRAIN, checkpoint=True, base=True)
     pretrain_batch_size: int = _f(16, "Sequences per pretraining step.",
         steps=TRAIN, checkpoint=True, base=True)
-    pretrain_seq_len: int = _f(128, "Tokens per pretraining sequence (running text, packed).",
+    pretrain_seq_len: int = _f(64, "Tokens per pretraining sequence (running text, packed).",
         steps=TRAIN, checkpoint=True, base=True)
     pretrain_learning_rate: float = _f(
         2e-3, "Peak learning rate of pretraining (linear warmup over 10% of the steps, then "

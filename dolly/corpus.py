@@ -62,9 +62,15 @@ def _echo(rng, cast, words):
                        f"On the wall it said {phrase}; below, someone had copied {phrase}."))
 
 
+def _chant(rng, cast, words):
+    ws = [rng.choice(words) for _ in range(rng.randint(4, 8))]
+    phrase = " ".join(ws)
+    return f"{rng.choice(cast)} chanted: {', '.join([phrase] * rng.randint(2, 4))}."
+
+
 # Copying dominates: most sentences repeat a phrase or a name seen earlier in the paragraph,
 # the pressure that makes a language model learn to copy from its context (induction heads).
-_SENTENCES = (_meet, _greet, _say, _list, _list, _echo, _echo, _echo)
+_SENTENCES = (_meet, _greet, _say, _list, _list, _echo, _echo, _chant, _chant, _chant)
 
 
 def paragraph(rng: random.Random, words: list[str]) -> str:

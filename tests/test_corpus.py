@@ -9,10 +9,11 @@ MARKERS = ("###", END_KEY, INSTRUCTION_KEY, INPUT_KEY, RESPONSE_KEY, INTRO_NO_IN
 
 def test_generate_is_seeded_and_literal():
     assert corpus.generate(1, seed=7, lexicon_size=20) == [
-        "The list keve numi bebu kuze rare has five words (5 in all); it starts with keve. There "
-        "were five of them: dudi, rape, fudu, dure and nuni. dudi came first. dure said kuni dure "
-        "lapa mazu. Then dure said kuni dure lapa mazu too. dure saw lema and waved. The list "
-        "rare bamo has two words (2 in all); it starts with rare."]
+        "The list keve numi bebu kuze rare has five words (5 in all); it starts with keve. lema "
+        "chanted: rape kuze dedu mazu dudi rape, rape kuze dedu mazu dudi rape. dure chanted: "
+        "lema dure kuni dure lapa mazu lapa, lema dure kuni dure lapa mazu lapa, lema dure kuni "
+        "dure lapa mazu lapa. dure sang rare numi dedu, and everyone sang rare numi dedu again. "
+        "dure waited for lema all day."]
     assert corpus.generate(50, seed=7) == corpus.generate(50, seed=7)
     assert corpus.generate(50, seed=7) != corpus.generate(50, seed=8)
     # a longer corpus starts with the shorter one: more steps read more of the same text
