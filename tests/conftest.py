@@ -239,14 +239,14 @@ class TinyModel:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> TinyModel:
-    """prepared/ data + a saved tiny model (left padding, eos = `### End`) logged with
+    """prepared/ data + the saved tiny base model (left padding, eos = `### End`) logged with
     registry.log_model into a run of experiment E2E_EXPERIMENT (artifacts under tmp)."""
     import mlflow
     from transformers import AutoTokenizer
 
     from dolly import data, registry, tracking
     from dolly.config import load_config
-    from dolly.modeling import build_tiny
+    from dolly.modeling import load_base_model
     from dolly.tokenizer import add_dolly_tokens, special_ids
 
     root = tmp_path_factory.mktemp("tiny_model")
@@ -256,7 +256,7 @@ def tiny_model(tmp_path_factory) -> TinyModel:
     # padding_side given at load time is what save_pretrained persists (setting it later is not).
     tok = add_dolly_tokens(AutoTokenizer.from_pretrained(root / "prepared" / "tokenizer",
                                                          padding_side="left"))
-    model = build_tiny(cfg, tok)
+    model = load_base_model(cfg, tok)  # the base cfg names (pretrained: from the session cache)
     model.generation_config.eos_token_id = special_ids(tok)[1]
     model.generation_config.pad_token_id = tok.pad_token_id
     final = root / "final"
@@ -283,13 +283,13 @@ def other_model(tiny_model) -> str:
 
     from dolly import registry
     from dolly.config import load_config
-    from dolly.modeling import build_tiny
+    from dolly.modeling import load_base_model
     from dolly.tokenizer import add_dolly_tokens, special_ids
 
     cfg = load_config(None, {**TINY_OVERRIDES, "seed": 7})
     tok = add_dolly_tokens(AutoTokenizer.from_pretrained(tiny_model.prepared / "tokenizer",
                                                          padding_side="left"))
-    model = build_tiny(cfg, tok)
+    model = load_base_model(cfg, tok)  # the base cfg names (pretrained: from the session cache)
     model.generation_config.eos_token_id = special_ids(tok)[1]
     model.generation_config.pad_token_id = tok.pad_token_id
     final = tiny_model.root / "final_seed7"
