@@ -32,6 +32,7 @@ TRAIN = ("train", "evaluate", "register")              # shapes the trained (and
 EVAL = ("evaluate", "register")                        # what evaluation measures
 REGISTER = ("register",)
 SCORE = ("batch_score",)
+_BASE = {"steps": TRAIN, "checkpoint": True, "base": True}  # shapes the (pretrained) base model
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, *, steps: tuple[str, ...],
@@ -123,6 +124,16 @@ class Config:
         steps=TRAIN, checkpoint=True, base=True)
     trust_remote_code: bool = _f(False, "Allow model code from the Hub (off: safer).",
         steps=TRAIN, base=True)
+    pretrain_steps: int = _f(
+        400, "Steps of pretraining the tiny GPT-J as a plain causal LM on the built-in corpus "
+        "(dolly.corpus) before fine-tuning; built once per configuration and cached in "
+        "$DOLLY_BASE_CACHE (default ~/.cache/dolly/bases). 0 = a randomly initialised base.",
+        **_BASE)
+    pretrain_batch_size: int = _f(16, "Sequences per pretraining step.", **_BASE)
+    pretrain_seq_len: int = _f(64, "Tokens per pretraining sequence (running text, packed).", **_BASE)
+    pretrain_learning_rate: float = _f(
+        2e-3, "Peak learning rate of pretraining (linear warmup over 10% of the steps, then "
+        "cosine decay to 0).", **_BASE)
 
     # --- launch -----------------------------------------------------------------------------
     num_gpus: int = _f(
@@ -281,8 +292,10 @@ class Config:
                      "cpu_ranks", "num_nodes", "per_device_batch_size",
                      "gradient_accumulation_steps", "logging_steps", "save_total_limit",
                      "eval_batch_size", "eval_max_new_tokens", "rank_timeout_s",
-                     "serve_max_rows", "serve_max_chars"):
+                     "serve_max_rows", "serve_max_chars", "pretrain_batch_size"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _require(self.pretrain_seq_len >= 2, "pretrain_seq_len", self.pretrain_seq_len,
+                 "must be >= 2")
         _require(self.tiny_n_embd % self.tiny_n_head == 0, "tiny_n_head", self.tiny_n_head,
                  f"must divide tiny_n_embd ({self.tiny_n_embd})")
         _require(self.tiny_rotary_dim <= self.tiny_n_embd // self.tiny_n_head
@@ -296,10 +309,11 @@ class Config:
         _require(self.num_gpus >= -1, "num_gpus", self.num_gpus, "must be -1 (all) or >= 0")
         _require(self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs,
                  "must be > 0 unless max_steps is set")
-        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
-                 self.learning_rate, "must be > 0")
+        for name in ("learning_rate", "pretrain_learning_rate"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, name, value, "must be > 0")
         for name in ("warmup_steps", "eval_steps", "save_steps", "eval_limit", "max_grad_norm",
-                     "weight_decay", "serve_batch_wait_ms"):
+                     "weight_decay", "serve_batch_wait_ms", "pretrain_steps"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         _require(0 < self.adam_beta1 < 1 and 0 < self.adam_beta2 < 1, "adam_beta2",
                  self.adam_beta2, "betas must be in (0, 1)")

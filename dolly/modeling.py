@@ -1,4 +1,5 @@
-"""Base models: the tiny GPT-J built locally from config, or a GPT-J-class model from Hub/folder."""
+"""Base models: the tiny GPT-J (pretrained on the built-in corpus, or randomly initialised),
+or a GPT-J-class model from the Hub or a folder."""
 from __future__ import annotations
 
 import torch
@@ -37,9 +38,25 @@ def build_tiny(cfg: Config, tokenizer) -> GPTJForCausalLM:
     return model
 
 
-def load_base_model(cfg: Config, tokenizer, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """The base model `cfg.base_model` names, its embeddings large enough for `tokenizer`."""
+def load_base_model(cfg: Config, tokenizer, dtype: torch.dtype | None = None,
+                    pretrain_missing: bool = True) -> PreTrainedModel:
+    """The base model `cfg.base_model` names, its embeddings large enough for `tokenizer`.
+
+    The tiny GPT-J with `pretrain_steps > 0` is the one pretrained on the built-in corpus, read
+    from its cache (dolly.pretraining); when it is not cached yet this process pretrains it, or,
+    with `pretrain_missing=False` (a training rank: pretraining belongs to one process, the train
+    step's parent), raises DollyError."""
     if cfg.base_model == TINY_BASE_MODEL:
+        if cfg.pretrain_steps > 0:
+            from dolly import pretraining
+
+            folder = (pretraining.ensure_base(cfg, tokenizer) if pretrain_missing
+                      else pretraining.cached_base(cfg, tokenizer))
+            if folder is None:
+                raise DollyError(f"the pretrained tiny base {pretraining.base_key(cfg, tokenizer)} "
+                                 f"is not in {pretraining.cache_root()} (the train step builds it "
+                                 "before starting its ranks)")
+            return GPTJForCausalLM.from_pretrained(folder, dtype=dtype)
         model = build_tiny(cfg, tokenizer)
         return model.to(dtype) if dtype is not None else model
     try:

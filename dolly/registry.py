@@ -14,7 +14,7 @@ from typing import Callable
 
 from dolly import prompts
 from dolly.compare import EVAL_SET_TAG, WEIGHTS_TAG, logged_model_id, weights_digest
-from dolly.config import Config
+from dolly.config import TINY_BASE_MODEL, Config
 from dolly.report import md_cell, what_it_shows
 
 # What the model needs at serving time, pinned to what trained it (a logged torch model's
@@ -119,7 +119,7 @@ def base_licence(base_model: str) -> str:
     """The base model's licence, where the project knows it."""
     b = base_model.strip().lower()
     if b == "tiny-gptj":
-        return "none: a model initialised by this project (no third-party weights)"
+        return "none: a model initialised and pretrained by this project (no third-party weights)"
     if "gpt-j" in b or "gptj" in b:
         return "Apache-2.0 (EleutherAI's GPT-J 6B)"
     return "unknown: check the base model's own licence"
@@ -147,8 +147,9 @@ _CARD_METRICS = ("exact_match", "rouge_l", "perplexity", "eval_loss", "stop_rate
 
 def model_card(*, name: str, version: str, base_model: str, dataset: str, data_hash: str,
                licence: str, metrics: dict[str, float], train_run: str, eval_run: str,
-               primary_metric: str) -> str:
-    """A short Markdown model card for the version description."""
+               primary_metric: str, pretrain_steps: int = 0) -> str:
+    """A short Markdown model card for the version description. `pretrain_steps`: how long the
+    tiny-gptj base was pretrained on the built-in corpus (0: a randomly initialised base)."""
     def fmt(v):
         return "n/a" if v is None else f"{v:.4g}"
 
@@ -174,8 +175,11 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
         "generation params default to Dolly's (do_sample, top_p 0.92, top_k 0, "
         "max_new_tokens 256).",
         "",
-        what_it_shows(base_model),
-        "",
+        *([what_it_shows(base_model), ""] if base_model != TINY_BASE_MODEL or pretrain_steps > 0
+          else ["**The base is a randomly initialised tiny GPT-J** (`pretrain_steps=0`): the "
+                "base column shows an untrained model, so the comparison only shows that "
+                "training happened, not that instruction tuning improved a pretrained model.",
+                ""]),
         f"- Base model: {base_model}",
         f"- Training data: {dataset} (data hash {data_hash[:12] or 'unknown'})",
         f"- Licence: {licence}",
@@ -361,7 +365,7 @@ def register(model_uri: str, cfg: Config, *, eval_metrics: dict[str, float], eva
     card = model_card(name=name, version=version, base_model=base_model,
                       dataset=dataset, data_hash=data_hash, licence=licence,
                       metrics=eval_metrics, train_run=train_run, eval_run=eval_run,
-                      primary_metric=primary)
+                      primary_metric=primary, pretrain_steps=cfg.pretrain_steps)
     client.update_model_version(name, version, description=card)
     try:
         existing_licence = client.get_registered_model(name).tags.get("license")

@@ -206,7 +206,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     collator = CompletionCollator(pad_token_id=tok.pad_token_id, response_key_id=resp_id)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    model = load_base_model(cfg, tok, dtype=dtype)
+    model = load_base_model(cfg, tok, dtype=dtype, pretrain_missing=False)  # the parent built it
     model.config.use_cache = False  # no generation during training
     model.config.pad_token_id = tok.pad_token_id
 

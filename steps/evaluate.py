@@ -15,7 +15,7 @@ import time
 import mlflow
 import pandas as pd
 
-from dolly import cli, compare, data, evaluation, modeling, report, tracking
+from dolly import cli, compare, data, evaluation, modeling, pretraining, report, tracking
 from dolly.errors import DollyError
 from dolly.tokenizer import load_tokenizer
 
@@ -87,6 +87,12 @@ def main(argv: list[str]) -> None:
         t0 = time.perf_counter()
         base_tok = load_tokenizer(str(prepared / "tokenizer"))
         base = modeling.load_base_model(base_cfg, base_tok, dtype=dtype).to(dev)
+        if pretraining.is_pretrained_tiny(base_cfg):  # the same pretrained base train used
+            key = pretraining.base_key(base_cfg, base_tok)
+            if train_tags.get("base_key") and train_tags["base_key"] != key:
+                print(f"evaluate: warning: the model was trained from base {train_tags['base_key']}, "
+                      f"evaluating base {key}", flush=True)
+            pretraining.log_base(pretraining.cache_root() / key)
         results["base"] = evaluation.evaluate_model(base, base_tok, test, **kw)
         _free(base)
         print(f"evaluate: base done in {time.perf_counter() - t0:.1f}s", flush=True)

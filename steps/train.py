@@ -9,8 +9,9 @@ from pathlib import Path
 
 import mlflow
 
-from dolly import cli, data, launch, memory_plan, registry, tracking
+from dolly import cli, data, launch, memory_plan, pretraining, registry, tracking
 from dolly.errors import DollyError
+from dolly.tokenizer import load_tokenizer
 
 
 def main(argv: list[str]) -> None:
@@ -27,6 +28,10 @@ def main(argv: list[str]) -> None:
         for note in plan.notes:
             print(f"train: {note}", flush=True)
         tracking.log_config(plan.cfg)
+        base = pretraining.ensure_base(plan.cfg, load_tokenizer(str(prepared / "tokenizer")),
+                                       log=lambda line: print(f"train: {line}", flush=True))
+        if base is not None:  # the ranks load it from the cache; this run says which one
+            pretraining.log_base(base)
         mlflow.log_param("prepared", inputs["prepared"][:500])
         tracking.log_split(plan.cfg, train_df, "train", summary.get("data_hash", ""))
         print(f"train: {plan.world_size} rank(s) ({'GPU' if plan.gpu else 'CPU, gloo'}), "

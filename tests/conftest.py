@@ -135,11 +135,34 @@ def prepared_run(root: Path, overrides: dict, experiment: str) -> tuple[str, str
     return uri, f"runs:/{run.info.run_id}/prepared", local
 
 
+# A pretrained tiny base in a few token batches, not the default's minutes: end-to-end tests
+# exercise pretraining and its cache, and pay for it once per configuration per session.
+TINY_PRETRAIN = {"pretrain_steps": 4, "pretrain_batch_size": 4, "pretrain_seq_len": 32}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def base_cache(tmp_path_factory) -> Path:
+    """One pretrained-base cache (dolly.pretraining) for the whole session, in tmp: tests and
+    the `mlflow run` processes they start (which inherit the variable) share it, and nothing is
+    written to the user's ~/.cache."""
+    from dolly.pretraining import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("base_cache")
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
 # --- evaluate / register / serving / Spark e2e: one tiny logged model per session -------------
 
 # A tiny GPT-J (2 layers, 64 wide) on 200 built-in records: fast to build, log, load and serve.
 TINY_OVERRIDES = {"builtin_records": 200, "tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4,
-                  "tiny_rotary_dim": 16, "tiny_n_positions": 256, "max_length": 128}
+                  "tiny_rotary_dim": 16, "tiny_n_positions": 256, "max_length": 128,
+                  **TINY_PRETRAIN}
 E2E_EXPERIMENT = "dolly-e2e"
 
 
@@ -216,14 +239,14 @@ class TinyModel:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> TinyModel:
-    """prepared/ data + a saved tiny model (left padding, eos = `### End`) logged with
+    """prepared/ data + the saved tiny base model (left padding, eos = `### End`) logged with
     registry.log_model into a run of experiment E2E_EXPERIMENT (artifacts under tmp)."""
     import mlflow
     from transformers import AutoTokenizer
 
     from dolly import data, registry, tracking
     from dolly.config import load_config
-    from dolly.modeling import build_tiny
+    from dolly.modeling import load_base_model
     from dolly.tokenizer import add_dolly_tokens, special_ids
 
     root = tmp_path_factory.mktemp("tiny_model")
@@ -233,7 +256,7 @@ def tiny_model(tmp_path_factory) -> TinyModel:
     # padding_side given at load time is what save_pretrained persists (setting it later is not).
     tok = add_dolly_tokens(AutoTokenizer.from_pretrained(root / "prepared" / "tokenizer",
                                                          padding_side="left"))
-    model = build_tiny(cfg, tok)
+    model = load_base_model(cfg, tok)  # the base cfg names (pretrained: from the session cache)
     model.generation_config.eos_token_id = special_ids(tok)[1]
     model.generation_config.pad_token_id = tok.pad_token_id
     final = root / "final"
@@ -260,13 +283,13 @@ def other_model(tiny_model) -> str:
 
     from dolly import registry
     from dolly.config import load_config
-    from dolly.modeling import build_tiny
+    from dolly.modeling import load_base_model
     from dolly.tokenizer import add_dolly_tokens, special_ids
 
     cfg = load_config(None, {**TINY_OVERRIDES, "seed": 7})
     tok = add_dolly_tokens(AutoTokenizer.from_pretrained(tiny_model.prepared / "tokenizer",
                                                          padding_side="left"))
-    model = build_tiny(cfg, tok)
+    model = load_base_model(cfg, tok)  # the base cfg names (pretrained: from the session cache)
     model.generation_config.eos_token_id = special_ids(tok)[1]
     model.generation_config.pad_token_id = tok.pad_token_id
     final = tiny_model.root / "final_seed7"

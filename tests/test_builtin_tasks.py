@@ -44,3 +44,24 @@ def test_answers_follow_from_instruction_and_input():
             assert out == f"Hello, {ins.rstrip('.').split()[-1]}!"
         else:
             raise AssertionError(r["category"])
+
+
+def test_held_out_inputs_of_the_shipped_default_are_unseen_in_fine_tuning():
+    """The default profile's own records, seed and split (what `mlflow run .` evaluates on):
+    no held-out record's input, nor a no-input instruction's word in its family, occurs in the
+    training split."""
+    from dolly.config import Config
+    from dolly.data import split_indices
+
+    cfg = Config()
+    records = builtin_tasks.generate(cfg.builtin_records, cfg.seed)
+    train, test = split_indices(len(records), cfg.test_count_or_fraction, cfg.seed)
+
+    def key(r):
+        return r["input"] or (r["category"], r["instruction"].split()[-1].strip(".:!"))
+
+    seen = {key(records[i]) for i in train}
+    assert len(test) == round(cfg.builtin_records * cfg.test_size)
+    assert [key(records[i]) for i in test if key(records[i]) in seen] == []
+    # every family is held out, so each one's exact match measures unseen inputs
+    assert {records[i]["category"] for i in test} == set(builtin_tasks.FAMILIES)

@@ -97,13 +97,15 @@ def test_derived_field_lists():
         "test_size", "seed", "base_model", "tokenizer", "tokenizer_vocab_size")
     assert fields_where(checkpoint=True) == (
         "seed", "base_model", "tokenizer", "tiny_n_layer", "tiny_n_embd", "tiny_n_head",
-        "tiny_rotary_dim", "tiny_n_positions", "tiny_tie_embeddings", "per_device_batch_size",
-        "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
+        "tiny_rotary_dim", "tiny_n_positions", "tiny_tie_embeddings", "pretrain_steps",
+        "pretrain_batch_size", "pretrain_seq_len", "pretrain_learning_rate",
+        "per_device_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
         "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "batching",
         "length_group_batches")
     assert fields_where(base=True) == (
         "seed", "base_model", "tiny_n_layer", "tiny_n_embd", "tiny_n_head", "tiny_rotary_dim",
-        "tiny_n_positions", "tiny_tie_embeddings", "trust_remote_code")
+        "tiny_n_positions", "tiny_tie_embeddings", "trust_remote_code", "pretrain_steps",
+        "pretrain_batch_size", "pretrain_seq_len", "pretrain_learning_rate")
     assert fields_where(step="register") == tuple(
         n for n in fields_where()
         if n not in ("profile", "experiment_name", "spark_master", "gpu_memory_gb", "plan_check",

@@ -60,7 +60,8 @@ def test_model_card_says_what_the_base_is_and_shows_families():
         licence=registry.PROJECT_DATA, train_run="t", eval_run="e", primary_metric="exact_match",
         metrics={"base/exact_match": 0.0, "tuned/exact_match": 0.6,
                  "base/exact_match/first": 0.0, "tuned/exact_match/first": 0.925,
-                 "tuned/exact_match/count_digit": 1.0, "tuned/rouge_l/first": 0.9})
+                 "tuned/exact_match/count_digit": 1.0, "tuned/rouge_l/first": 0.9},
+        pretrain_steps=400)
     assert ("The base is a tiny GPT-J pretrained offline on a built-in corpus of running text "
             "(no instruction format). Base vs tuned therefore shows what Dolly showed: a short "
             "instruction fine-tune teaches a pretrained language model to follow instructions; "
@@ -70,6 +71,15 @@ def test_model_card_says_what_the_base_is_and_shows_families():
     assert ("Exact match by task family:\n\n| family | base | tuned |\n|---|---|---|\n"
             "| count&#95;digit | n/a | 1 |\n| first | 0 | 0.925 |\n") in card
     assert "randomly initialised" not in card
+
+
+def test_model_card_says_when_the_tiny_base_is_randomly_initialised():
+    card = registry.model_card(
+        name="dolly", version="1", base_model="tiny-gptj", dataset="builtin", data_hash="ab",
+        licence=registry.PROJECT_DATA, train_run="t", eval_run="e", primary_metric="exact_match",
+        metrics={"base/exact_match": 0.0, "tuned/exact_match": 0.6}, pretrain_steps=0)
+    assert "**The base is a randomly initialised tiny GPT-J** (`pretrain_steps=0`)" in card
+    assert "pretrained offline" not in card
 
 
 def test_license_note_names_both_licences_and_no_link():

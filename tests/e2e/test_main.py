@@ -7,8 +7,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import (TEMPLATE_BITS, TINY_OVERRIDES, free_port, mlflow_run, mlflow_run_cmd,
-                      project_copy, project_env, runs_in, tracking_to)
+from conftest import (TEMPLATE_BITS, TINY_OVERRIDES, TINY_PRETRAIN, free_port, mlflow_run,
+                      mlflow_run_cmd, project_copy, project_env, runs_in, tracking_to)
 from dolly.errors import DollyError
 
 
@@ -140,7 +140,7 @@ def test_champion_pyfunc_returns_only_responses(tiny_model, champion):
 # --- the whole pipeline: `mlflow run .` ------------------------------------------------------
 
 MAIN_PARAMS = {"builtin_records": 200, "max_steps": 10, "eval_limit": 16,
-               "eval_max_new_tokens": 8, "eval_batch_size": 16}
+               "eval_max_new_tokens": 8, "eval_batch_size": 16, **TINY_PRETRAIN}
 
 
 @pytest.mark.timeout(1200)

@@ -87,7 +87,7 @@ def test_zero3_partitions_parameters_and_saves_the_trained_weights(runs):
     from transformers import GPTJForCausalLM
 
     from dolly.config import load_config
-    from dolly.modeling import build_tiny
+    from dolly.modeling import load_base_model
 
     ranks = [json.loads((runs.out / f"zero3_rank{r}.json").read_text()) for r in (0, 1)]
     final = GPTJForCausalLM.from_pretrained(runs.out / "final")
@@ -108,7 +108,7 @@ def test_zero3_partitions_parameters_and_saves_the_trained_weights(runs):
     batch, tok = _probe_batch(runs.prepared, result["probe_records"])
     with torch.no_grad():
         saved = final(**batch).loss.item()
-        initial = build_tiny(load_config(None, TRAIN), tok)(**batch).loss.item()
+        initial = load_base_model(load_config(None, TRAIN), tok)(**batch).loss.item()
     # the consolidated safetensors reproduce the trained (partitioned) model's loss exactly ...
     assert saved == pytest.approx(result["probe_loss"], rel=1e-4)
     # ... and they are trained weights, not the initial ones
@@ -226,14 +226,15 @@ def _weight_delta(runs: Runs, a_file: Path, b_file: Path) -> float:
     from safetensors.torch import load_file
 
     from dolly.config import load_config
-    from dolly.modeling import build_tiny
+    from dolly.modeling import load_base_model
     from dolly.tokenizer import load_tokenizer
 
     a, b = load_file(a_file), load_file(b_file)
     assert a.keys() == b.keys()
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     # both trained: far from the (deterministic) initial weights, compared to their difference
-    initial = build_tiny(load_config(None, TRAIN), load_tokenizer(str(runs.prepared / "tokenizer")))
+    initial = load_base_model(load_config(None, TRAIN),
+                              load_tokenizer(str(runs.prepared / "tokenizer")))
     key = "transformer.h.0.mlp.fc_in.weight"
     moved = (a[key].float() - initial.state_dict()[key].float()).abs().max().item()
     print(f"\nmax |w_a - w_b| over {len(a)} tensors: {diff:.3g} "

@@ -33,8 +33,10 @@ pytestmark = pytest.mark.timeout(900)
 EXPERIMENT = "train-golden"
 # 2 layers x 64 wide on 120 built-in records (108 train, 12 test): 6 steps of 2 ranks x 8
 # records, two warmup steps, then cosine decay to 0 at step 6.
+# pretrain_steps=0: the randomly initialised base these losses were pinned on (pretraining and
+# its determinism are pinned by tests/test_pretraining.py); a pretrained base would move them.
 DATA = {"builtin_records": 120, "tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4,
-        "tiny_rotary_dim": 16, "tiny_n_positions": 128, "max_length": 128}
+        "tiny_rotary_dim": 16, "tiny_n_positions": 128, "max_length": 128, "pretrain_steps": 0}
 TRAIN = {"per_device_batch_size": 8, "max_steps": 6, "logging_steps": 1, "save_steps": 3,
          "save_total_limit": 2, "eval_steps": 0, "warmup_steps": 2, "learning_rate": 3e-3,
          "lr_scheduler": "cosine", "rank_timeout_s": 120}
