@@ -132,8 +132,8 @@ class Config:
     pretrain_batch_size: int = _f(16, "Sequences per pretraining step.", **_BASE)
     pretrain_seq_len: int = _f(64, "Tokens per pretraining sequence (running text, packed).", **_BASE)
     pretrain_learning_rate: float = _f(
-        2e-3, "Peak learning rate of pretraining (linear warmup over 10% of the steps, then "
-        "cosine decay to 0).", **_BASE)
+        1e-3, "Learning rate of pretraining (linear warmup over 10% of the steps, then "
+        "constant).", **_BASE)
 
     # --- launch -----------------------------------------------------------------------------
     num_gpus: int = _f(

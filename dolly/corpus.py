@@ -88,6 +88,22 @@ def generate(n: int, seed: int = 42, lexicon_size: int = 400) -> list[str]:
     return [paragraph(rng, words) for _ in range(n)]
 
 
+def read_back_lines(n: int, seed: int = 42, lexicon_size: int = 400,
+                    words_per_list: int = 8) -> list[str]:
+    """`n` lines that read a list back: `words_per_list` words drawn from the lexicon (repeats
+    allowed), a space and a semicolon, and the same words again, e.g. 'kela mopi zutu ;kela mopi
+    zutu' (with 3 words). Half of each line can only be predicted by copying from earlier in the
+    line: the dense copying signal that forms induction heads within a few hundred steps, where
+    running prose, whose repeats are sparse, did not. Seeded; the same for the same arguments."""
+    words = lexicon(lexicon_size, seed)
+    rng = random.Random(f"read-back-{seed}")
+    lines = []
+    for _ in range(n):
+        phrase = " ".join(rng.choice(words) for _ in range(words_per_list))
+        lines.append(f"{phrase} ;{phrase}")
+    return lines
+
+
 def held_out(n: int, seed: int = 42, lexicon_size: int = 400) -> list[str]:
     """`n` paragraphs over the same lexicon as `generate(..., seed)` from another random stream:
     text the base model never trained on, for its perplexity."""

@@ -31,7 +31,7 @@ def test_pretraining_fields_shape_the_base():
 def test_key_changes_with_base_fields_only(tok):
     key = pretraining.base_key(SMALL, tok)
     assert len(key) == 20 and key == pretraining.base_key(dataclasses.replace(SMALL), tok)
-    for name, value in {"pretrain_steps": 4, "pretrain_learning_rate": 1e-3, "seed": 1,
+    for name, value in {"pretrain_steps": 4, "pretrain_learning_rate": 5e-4, "seed": 1,
                         "tiny_n_embd": 64, "pretrain_seq_len": 32}.items():
         assert pretraining.base_key(dataclasses.replace(SMALL, **{name: value}), tok) != key, name
     for name, value in {"learning_rate": 5e-4, "epochs": 1.0, "max_steps": 7,
