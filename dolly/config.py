@@ -125,9 +125,10 @@ class Config:
     trust_remote_code: bool = _f(False, "Allow model code from the Hub (off: safer).",
         steps=TRAIN, base=True)
     pretrain_steps: int = _f(
-        400, "Steps of pretraining the tiny GPT-J as a plain causal LM on the built-in corpus "
-        "(dolly.corpus) before fine-tuning; built once per configuration and cached in "
-        "$DOLLY_BASE_CACHE (default ~/.cache/dolly/bases). 0 = a randomly initialised base.",
+        600, "Steps of pretraining the tiny GPT-J as a plain causal LM on the built-in corpus "
+        "(dolly.corpus: running text, and read-back word lists every other step) before "
+        "fine-tuning; built once per configuration and cached in $DOLLY_BASE_CACHE (default "
+        "~/.cache/dolly/bases). 0 = a randomly initialised base.",
         **_BASE)
     pretrain_batch_size: int = _f(16, "Sequences per pretraining step.", **_BASE)
     pretrain_seq_len: int = _f(64, "Tokens per pretraining sequence (running text, packed).", **_BASE)

@@ -37,12 +37,13 @@ from dolly.errors import DollyError
 CACHE_ENV = "DOLLY_BASE_CACHE"
 # Bump when dolly.corpus or the pretraining loop changes what a key's weights are.
 CORPUS_VERSION = "2"
-# Read-back lines (corpus.read_back_lines) per pretraining step, besides the running text.
-# Measured on the default shape (2026-11-29): 32 such lines a step at a constant 1e-3 form a
-# copying circuit within ~250 steps (loss on the copied half 6.9 -> 0.06 by step 300), after
-# which instruction tuning learns the copy families (repeat, greet, first word: 0.8-1.0 within
-# 200-400 steps); the running-text corpus alone, with its sparse repeats, never formed one in
-# 400-800 steps, and neither did fewer read-back lines packed between prose with a decaying rate.
+# Every other pretraining step trains on READ_BACK_LINES read-back lines (corpus.read_back_lines),
+# the others on running text. Measured on the default shape (2026-11-29, loss on the copied
+# half of held-out read-back lines): alternating steps at a constant 1e-3 form a copying circuit
+# by step ~300 (6.1 -> 0.11) and keep it; the running text alone never formed one in 400-800
+# steps; summing both losses in every step did not either (the prose gradient dominates the
+# clipped update); and read-back lines first, then running text only, formed it (0.10 at step
+# 250) and lost it again within 200 prose steps (5.6).
 READ_BACK_LINES = 32
 INFO_FILE = "base_info.json"
 BASE_FIELDS = fields_where(base=True)
@@ -140,8 +141,8 @@ def held_out_chunks(cfg: Config, tok):
 
 def pretrain(cfg: Config, tok, log: Callable[[str], None] = print):
     """Train the tiny GPT-J of `cfg` on the built-in corpus for `cfg.pretrain_steps` steps of
-    `cfg.pretrain_batch_size` x `cfg.pretrain_seq_len` tokens of running text plus
-    READ_BACK_LINES read-back lines (the two losses summed), AdamW at `pretrain_learning_rate`
+    `cfg.pretrain_batch_size` x `cfg.pretrain_seq_len` tokens of running text, every other step
+    READ_BACK_LINES read-back lines instead, AdamW at `pretrain_learning_rate`
     after a linear warmup over 10% of the steps, constant after it (the copying circuit forms
     late, ~250 steps, and a decaying rate stalled it). Returns (model, info)."""
     import torch
@@ -158,7 +159,7 @@ def pretrain(cfg: Config, tok, log: Callable[[str], None] = print):
         ids = _token_stream(tok, texts)
     train_chunks = _chunks(ids, cfg.pretrain_seq_len)
     n_lines = READ_BACK_LINES
-    read_back = _read_back_rows(tok, cfg, max(1, cfg.pretrain_steps * n_lines))
+    read_back = _read_back_rows(tok, cfg, max(1, (cfg.pretrain_steps + 1) // 2 * n_lines))
     eval_chunks = held_out_chunks(cfg, tok)
     model = build_tiny(cfg, tok)
     random_ppl = perplexity(model, eval_chunks)
@@ -178,12 +179,14 @@ def pretrain(cfg: Config, tok, log: Callable[[str], None] = print):
     loss = float("nan")
     try:
         for step in range(cfg.pretrain_steps):
-            pick = [order[(step * cfg.pretrain_batch_size + j) % len(order)]
-                    for j in range(cfg.pretrain_batch_size)]
-            batch = train_chunks[pick]
+            half = step // 2
+            if step % 2:
+                batch = train_chunks[[order[(half * cfg.pretrain_batch_size + j) % len(order)]
+                                      for j in range(cfg.pretrain_batch_size)]]
+            else:
+                batch = read_back[[(half * n_lines + j) % len(read_back) for j in range(n_lines)]]
             out = model(input_ids=batch, labels=batch)
-            lines = read_back[[(step * n_lines + j) % len(read_back) for j in range(n_lines)]]
-            (out.loss + model(input_ids=lines, labels=lines).loss).backward()
+            out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
