@@ -14,9 +14,9 @@ def test_the_profiles_are_all_there():
             "tiny"} <= {p.stem for p in PROFILES}
 
 
-def test_default_profile_is_the_dataclass_defaults():
+def test_default_profile_is_the_dataclass_defaults_but_random_batches():
     cfg = load_config(ROOT / "configs/tiny.yaml")
-    assert cfg.to_dict() == {**Config().to_dict(), "profile": "tiny"}
+    assert cfg.to_dict() == {**Config().to_dict(), "profile": "tiny", "batching": "random"}
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -122,7 +122,7 @@ def test_strings_round_trip_every_value():
     assert all(isinstance(v, str) for v in text.values())
     assert Config.from_strings(text) == cfg
     changed = cfg.to_strings(changed_from=Config())
-    assert changed == {"columns": "instruction=q", "seed": "7",
+    assert changed == {"columns": "instruction=q", "seed": "7", "batching": "random",
                        "epochs": repr(1 / 3), "gradient_checkpointing": "True"}
     assert Config.from_strings(changed) == cfg
 

@@ -36,7 +36,10 @@ EXPERIMENT = "train-golden"
 # pretrain_steps=0: the randomly initialised base these losses were pinned on (pretraining and
 # its determinism are pinned by tests/test_pretraining.py); a pretrained base would move them.
 DATA = {"builtin_records": 120, "tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4,
-        "tiny_rotary_dim": 16, "tiny_n_positions": 128, "max_length": 128, "pretrain_steps": 0}
+        "tiny_rotary_dim": 16, "tiny_n_positions": 128, "max_length": 128, "pretrain_steps": 0,
+        # the length-grouped batches these losses were pinned on (the tiny profile's default
+        # is random batches since the copy families needed them)
+        "batching": "length_grouped"}
 TRAIN = {"per_device_batch_size": 8, "max_steps": 6, "logging_steps": 1, "save_steps": 3,
          "save_total_limit": 2, "eval_steps": 0, "warmup_steps": 2, "learning_rate": 3e-3,
          "lr_scheduler": "cosine", "rank_timeout_s": 120}
