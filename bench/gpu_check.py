@@ -105,6 +105,8 @@ def prepare(args, work: Path, shape: dict, n: int):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", {
         "dataset": str(src), "tokenizer": "gpt-j", "max_length": 1024 if not args.smoke else 256,
         "too_long": "truncate", "test_size": 2, "output_dir": str(work / "train"),
+        # the check measures a randomly initialised model of GPT-J's shape: no pretrained base
+        "pretrain_steps": 0,
         "deepspeed_config": str(ROOT / "configs" / "deepspeed" / "zero3.json"), **shape})
     data.prepare(cfg, work / "prepared", progress=False)
     return cfg, work / "prepared", load_tokenizer(str(work / "prepared" / "tokenizer"))
