@@ -66,27 +66,44 @@ FAMILIES = {"repeat": _repeat, "greet": _greet, "first": _first, "count_word": _
             "count_digit": _count_digit, "more_than": _more_than}
 
 
+# Draws in a row that may all repeat a used input before a family counts as used up: a no-input
+# family has only `lexicon_size` distinct records (one per word).
+_MAX_REPEATS = 1000
+
+
 def generate(n: int, seed: int = 42, lexicon_size: int = 400) -> list[dict]:
-    """`n` records {instruction, input, output, category}, the same for the same seed."""
+    """`n` records {instruction, input, output, category}, the same for the same seed.
+
+    Families take turns, so each has an equal share until one runs out of distinct records (the
+    no-input families have one per lexicon word); the others then share its turns. A draw that
+    repeats a used input is drawn again *for the same family*: moving on to the next family, as
+    this once did, left greet and repeat with 9% and 8% of 3,000 records instead of 13% each, and
+    the copy after `Hello, ` was the last family a default run learned. Raises ValueError when
+    every family has run out before `n` records.
+    """
     rng = random.Random(seed)
     words = lexicon(lexicon_size, seed)
     used: set[tuple] = set()
     records: list[dict] = []
-    names = list(FAMILIES)
-    misses = 0
+    active = list(FAMILIES)
+    turn = 0
     while len(records) < n:
-        family = names[(len(records) + misses) % len(names)]
-        instruction, input_, output = FAMILIES[family](rng, words)
-        # An input occurs once in the dataset (whatever the instruction), and a no-input
-        # instruction once: whatever the split, a held-out record's input is unseen.
-        key = input_ if input_ else (family, instruction.split()[-1].strip(".:!?"))
-        if key in used:
-            misses += 1
-            if misses > 100 * n:
-                raise ValueError(f"cannot make {n} distinct records from {lexicon_size} words")
+        if not active:
+            raise ValueError(f"cannot make {n} distinct records from {lexicon_size} words")
+        family = active[turn % len(active)]
+        for _ in range(_MAX_REPEATS):
+            instruction, input_, output = FAMILIES[family](rng, words)
+            # An input occurs once in the dataset (whatever the instruction), and a no-input
+            # instruction once: whatever the split, a held-out record's input is unseen.
+            key = input_ if input_ else (family, instruction.split()[-1].strip(".:!?"))
+            if key not in used:
+                break
+        else:
+            active.remove(family)  # used up: the others share its turns
             continue
         used.add(key)
         records.append({"instruction": instruction, "input": input_, "output": output,
                         "category": family})
+        turn += 1
     rng.shuffle(records)
     return records

@@ -16,6 +16,25 @@ def test_families_mix_inputs_and_no_inputs():
     assert any(r["input"] for r in records) and any(not r["input"] for r in records)
 
 
+def test_families_take_equal_turns_until_a_no_input_family_runs_out():
+    """A repeated draw is drawn again for the same family: the default's 3,000 records hold every
+    word of the 400-word lexicon once in greet and once in repeat, and the other four families
+    share the rest equally (before, a repeat moved the draw to the next family: greet 302,
+    repeat 263)."""
+    counts = Counter(r["category"] for r in builtin_tasks.generate(3000, seed=42))
+    assert counts == {"count_digit": 550, "count_word": 550, "first": 550, "more_than": 550,
+                      "greet": 400, "repeat": 400}
+    assert Counter(r["category"] for r in builtin_tasks.generate(600)) == {
+        family: 100 for family in builtin_tasks.FAMILIES}
+
+
+def test_too_many_records_for_the_lexicon_is_an_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="cannot make 10000 distinct records from 6 words"):
+        builtin_tasks.generate(10000, lexicon_size=6)
+
+
 def test_no_input_occurs_twice_so_held_out_inputs_are_unseen():
     records = builtin_tasks.generate(2000)
     inputs = Counter(r["input"] for r in records if r["input"])
