@@ -395,3 +395,29 @@ def test_json_kind_names_values_as_json_does():
 
     assert [json_kind(v) for v in (1, 2.5, True, np.int64(3), np.bool_(True), [1], {"a": 1})] == [
         "a number", "a number", "a boolean", "a number", "a boolean", "a list", "an object"]
+
+
+def test_the_model_is_loaded_in_a_thread_that_has_ended_and_its_errors_reach_the_caller():
+    """With batching on, _load_pyfunc loads through serving._in_ended_thread, so the server's
+    own thread starts no OpenMP pool that would slow the batcher's worker (see _load_pyfunc)."""
+    import contextvars
+    import threading
+
+    var = contextvars.ContextVar("dolly_test_var", default="unset")
+    var.set("caller's")
+    seen = {}
+
+    def load():
+        seen["thread"] = threading.current_thread()
+        seen["var"] = var.get()
+        return "model"
+
+    assert serving._in_ended_thread(load) == "model"
+    assert seen["thread"] is not threading.current_thread() and not seen["thread"].is_alive()
+    assert seen["var"] == "caller's"
+
+    def broken():
+        raise OSError("no such model")
+
+    with pytest.raises(OSError, match="no such model"):
+        serving._in_ended_thread(broken)
