@@ -45,7 +45,9 @@ TRAIN = {"per_device_batch_size": 8, "max_steps": 6, "logging_steps": 1, "save_s
          "lr_scheduler": "cosine", "rank_timeout_s": 120}
 
 # steps 1-6. The Trainer's linear warmup starts at 0, so step 1 does not move the weights.
-GOLDEN_LOSS = [6.404072, 6.411949, 6.048073, 5.665066, 5.471315, 5.226581]
+# Re-measured 2026-11-29 when the built-in tasks stopped skipping to the next family on a repeated
+# draw (other records, same shapes): the resumed run's steps 4-6 matched these bit for bit.
+GOLDEN_LOSS = [6.301619, 6.407407, 6.054295, 5.694197, 5.477450, 5.336942]
 GOLDEN_LR = [0.0, 0.0015, 0.003, 0.002560660, 0.0015, 0.0004393398]
 RTOL = 1e-4
 
