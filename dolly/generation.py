@@ -108,6 +108,12 @@ def shorten_prompt_ids(tokenizer, instruction: str, input: str | None,
     return out, True
 
 
+def expired(deadlines: Sequence[float | None]) -> list[bool]:
+    """For each deadline (`time.monotonic()` seconds; None = none), whether it has passed."""
+    now = time.monotonic()
+    return [d is not None and now >= d for d in deadlines]
+
+
 class DeadlineStop(StoppingCriteria):
     """A stopping criterion (transformers' `StoppingCriteria` protocol): a row whose deadline
     (`time.monotonic()` seconds; None = none) has passed counts as finished at the next step
@@ -119,8 +125,7 @@ class DeadlineStop(StoppingCriteria):
         self.seen_at: list[int | None] = [None] * len(self.deadlines)
 
     def expired(self) -> list[bool]:
-        now = time.monotonic()
-        return [d is not None and now >= d for d in self.deadlines]
+        return expired(self.deadlines)
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         late = self.expired()
@@ -204,7 +209,7 @@ def generate(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            late = DeadlineStop([deadlines[i] for i in idx]).expired()
+            late = expired([deadlines[i] for i in idx])
             for i in (i for i, gone in zip(idx, late) if gone):  # nobody waits: not started
                 results[i] = Generation("", False, 0, len(encoded[i][0]), encoded[i][1], True)
             idx = [i for i, gone in zip(idx, late) if not gone]

@@ -462,6 +462,7 @@ class DollyPyfunc:
         concurrent calls that use the same generation settings. Raises MlflowException: 400 for
         input it cannot answer, DEADLINE_EXCEEDED (504) when `request_deadline` passes first.
         """
+        from dolly.generation import expired
         from dolly.request_batching import DeadlinePassed
 
         frame = as_frame(data)
@@ -472,7 +473,7 @@ class DollyPyfunc:
             return answers
         rows = [(frame[INSTRUCTION].iat[i], frame[INPUT].iat[i]) for i in todo]
         deadline = _DEADLINE.get()
-        if deadline is not None and time.monotonic() >= deadline:
+        if expired([deadline])[0]:
             raise deadline_passed()
         if self.batcher is None:
             generations = self._generate(rows, settings, [deadline] * len(rows))

@@ -25,6 +25,7 @@ threads on 2 cores): a waiting request could not join the batch being gathered.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -116,10 +117,9 @@ def dolly_invocations(original):
                     return _error(response.status, "BAD_REQUEST", response.response)
                 return response
             records, params = parse_json_request(data)
-            if serving.current_deadline() is None:  # not stamped by _server_asyncio
-                with serving.request_deadline(request_timeout()):
-                    predictions = model.predict(records, params=params)
-            else:
+            stamped = serving.current_deadline() is not None  # by _server_asyncio
+            with (contextlib.nullcontext() if stamped
+                  else serving.request_deadline(request_timeout())):
                 predictions = model.predict(records, params=params)
             return InvocationsResponse(response=json.dumps({"predictions": list(predictions)}),
                                        status=200, mimetype="application/json")
