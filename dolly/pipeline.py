@@ -27,7 +27,7 @@ from typing import Any
 
 from dolly.config import Config, fields_where
 from dolly.errors import DollyError
-from dolly.report import family_line
+from dolly.report import by_family, family_line
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("data_prep", "train", "evaluate", "register")
@@ -246,8 +246,8 @@ def summary(cfg: Config, runs: dict[str, Any], reused: dict[str, bool],
     m, t = runs["evaluate"].data.metrics, runs["register"].data.tags
     metrics = {f"{who}/{k}": m[f"{who}/{k}"] for who in ("base", "tuned")
                for k in SUMMARY_METRICS if f"{who}/{k}" in m}
-    metrics.update({k: v for k, v in m.items()
-                    if k.startswith(("base/exact_match/", "tuned/exact_match/"))})
+    metrics.update({f"{who}/exact_match/{family}": v for who in ("base", "tuned")
+                    for family, v in by_family(m, who).items()})
     promoted = t.get("promoted") == "true"
     version = t.get("registered_version", "")
     if version:

@@ -15,7 +15,7 @@ from typing import Callable
 from dolly import prompts
 from dolly.compare import EVAL_SET_TAG, WEIGHTS_TAG, logged_model_id, weights_digest
 from dolly.config import TINY_BASE_MODEL, Config
-from dolly.report import md_cell, what_it_shows
+from dolly.report import by_family, md_cell, what_it_shows
 
 # What the model needs at serving time, pinned to what trained it (a logged torch model's
 # inferred requirements would drag in torchvision; see the notes).
@@ -160,10 +160,9 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
             continue
         rows.append(f"| {m}{' (gate)' if m == primary_metric else ''} | {fmt(b)} | {fmt(t)} |")
     n = metrics.get("eval_records")
-    families = sorted({k.split("/", 2)[2] for k in metrics
-                       if k.startswith(("base/exact_match/", "tuned/exact_match/"))})
-    family_rows = [f"| {md_cell(family)} | {fmt(metrics.get(f'base/exact_match/{family}'))} | "
-                   f"{fmt(metrics.get(f'tuned/exact_match/{family}'))} |" for family in families]
+    base, tuned = by_family(metrics, "base"), by_family(metrics, "tuned")
+    family_rows = [f"| {md_cell(family)} | {fmt(base.get(family))} | {fmt(tuned.get(family))} |"
+                   for family in sorted(base.keys() | tuned.keys())]
     return "\n".join([
         f"# Model card: {name}, version {version} (fine-tuned from {base_model})",
         "",

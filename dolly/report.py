@@ -161,12 +161,18 @@ def run_description(table: pd.DataFrame, base_model: str, limit: int = NOTE_LIMI
     return text[:limit - 1] + "…"
 
 
+def by_family(metrics: dict[str, float], who: str, metric: str = "exact_match") -> dict[str, float]:
+    """{family: value} from the metrics `<who>/<metric>/<family>` that evaluate logs, in family
+    name order; {} when there are none."""
+    prefix = f"{who}/{metric}/"
+    return dict(sorted((k[len(prefix):], v) for k, v in metrics.items() if k.startswith(prefix)))
+
+
 def family_line(metrics: dict[str, float], who: str, metric: str = "exact_match") -> str:
     """'<who> exact match by family: count_digit 1.00, first 0.93' from the metrics
     `<who>/<metric>/<family>` (in name order); '' when there are none."""
-    prefix = f"{who}/{metric}/"
-    found = sorted((k[len(prefix):], v) for k, v in metrics.items() if k.startswith(prefix))
+    found = by_family(metrics, who, metric)
     if not found:
         return ""
     return (f"{who} {metric.replace('_', ' ')} by family: "
-            + ", ".join(f"{f} {_score(v)}" for f, v in found))
+            + ", ".join(f"{f} {_score(v)}" for f, v in found.items()))

@@ -152,3 +152,14 @@ def test_family_line():
         "tuned exact match by family: count_digit 1.00, first 0.93")
     assert report.family_line(metrics, "base") == "base exact match by family: first 0.00"
     assert report.family_line({"tuned/exact_match": 0.9}, "tuned") == ""
+
+
+def test_by_family_reads_one_model_and_metric_in_family_order():
+    metrics = {"tuned/exact_match/first": 0.925, "tuned/exact_match/count_digit": 1.0,
+               "base/exact_match/first": 0.0, "tuned/exact_match": 0.9,
+               "tuned/rouge_l/first": 0.5}
+    assert list(report.by_family(metrics, "tuned").items()) == [("count_digit", 1.0),
+                                                                ("first", 0.925)]
+    assert report.by_family(metrics, "tuned", "rouge_l") == {"first": 0.5}
+    assert report.by_family(metrics, "base") == {"first": 0.0}
+    assert report.by_family({"tuned/exact_match": 0.9}, "tuned") == {}
