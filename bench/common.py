@@ -187,8 +187,8 @@ def save_tiny_model(cfg, tok, folder: str | Path, dtype=None) -> Path:
     generation stopping at `### End`."""
     from transformers import GenerationConfig
 
-    from dolly.modeling import build_tiny
-    from dolly.tokenizer import special_ids
+    from dolly.models.tiny import build_tiny
+    from dolly.prompts import special_ids
 
     folder = Path(folder)
     model = build_tiny(cfg, tok)

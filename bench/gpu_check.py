@@ -3,12 +3,12 @@
     python bench/gpu_check.py            # on one 80-141 GB GPU, no network: a few minutes
     python bench/gpu_check.py --smoke    # the same code at tiny shapes on CPU (the test suite)
 
-(a) Training: `dolly.training.train` (the function every rank of the train step runs: HF Trainer
+(a) Training: `dolly.train.rank.train` (the function every rank of the train step runs: HF Trainer
     + DeepSpeed ZeRO-3, length-grouped batches, completion-only labels) in this one process
     (world size 1), bf16, on a randomly initialised GPT-J of 6B's shape (the tiny-gptj path with
     tiny_* = 28 x 4096, 16 heads, rotary 64, untied; GPT-J's BPE, 50,260 rows), on Alpaca-like
     records (--data, else a seeded synthetic set with Alpaca's length profile). The memory plan
-    (dolly.memory_plan.choose) picks the micro-batch and gradient checkpointing for the GPU; if
+    (dolly.train.memory_plan.choose) picks the micro-batch and gradient checkpointing for the GPU; if
     GPT-J 6B's states do not fit one GPU at all (an 80 GB H100 without offload), it keeps the
     shape's width and uses the most layers that do (`n_layer` in the JSON). The first
     `--timed-steps` steps are warm-up; the next `--timed-steps` are measured by the trainer's own
@@ -115,10 +115,10 @@ def prepare(args, work: Path, shape: dict, n: int):
 # ------------------------------------------------------------------------------ training ------
 
 def plan_training(cfg, longest: int, gpu: bool, smoke: bool):
-    """(cfg with micro-batch / checkpointing / layers chosen, the plan) from dolly.memory_plan."""
+    """(cfg with micro-batch / checkpointing / layers chosen, the plan) from dolly.train.memory_plan."""
     import dataclasses
 
-    from dolly import memory_plan as mp
+    from dolly.train import memory_plan as mp
 
     if not gpu:  # CPU: nothing to plan against; a fixed tiny setting, the plan for the record
         cfg = dataclasses.replace(cfg, per_device_batch_size=2, precision="fp32")
@@ -148,7 +148,7 @@ def train_part(args, work: Path, gpu: bool) -> dict:
 
     import torch
 
-    from dolly import training
+    from dolly.train import rank as training
 
     n = args.records or (64 if args.smoke else 4 * 64 * args.timed_steps)
     cfg, prepared, _ = prepare(args, work, SMOKE if args.smoke else GPTJ_6B, n)
@@ -211,7 +211,7 @@ def generate_part(args, gpu: bool) -> dict:
 
     from dolly.config import load_config
     from dolly.generation import generate
-    from dolly.modeling import tiny_config
+    from dolly.models.tiny import tiny_config
     from dolly.tokenizer import build_tokenizer
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml",

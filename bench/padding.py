@@ -4,9 +4,9 @@ Both sides batch the same prepared training split (GPT-J's tokenizer, Dolly's tr
 8 records a batch, one epoch, and count from the collated tensors themselves:
 padding efficiency = real tokens (attention mask 1) / tokens computed (the batch tensor's size).
 
-- ours: dolly.batching.LengthGroupedSampler with the config's defaults (length_group_batches,
+- ours: dolly.data.batching.LengthGroupedSampler with the config's defaults (length_group_batches,
   seed), its order cut into batches of 8 as the Trainer's DataLoader does, collated by
-  dolly.collator.CompletionCollator. The primary figure is one device (world size 1); with more
+  dolly.data.collator.CompletionCollator. The primary figure is one device (world size 1); with more
   ranks a megabatch spans batch * world records and each rank takes every world-th batch, which
   is reported as padding_efficiency_world<N>.
 - Dolly v1: the Trainer's RandomSampler (a seeded permutation), collated by Dolly's
@@ -21,10 +21,10 @@ import time
 from common import (DollyV1Collator, add_limit, batches, finish, parser, prepare, progress,
                     random_order)
 
-from dolly.batching import LengthGroupedSampler
-from dolly.collator import CompletionCollator
-from dolly.tokenizer import special_ids
-from dolly.training import PreparedDataset
+from dolly.data.batching import LengthGroupedSampler
+from dolly.data.collator import CompletionCollator
+from dolly.prompts import special_ids
+from dolly.train.rank import PreparedDataset
 
 
 def efficiency(records: PreparedDataset, order, batch_size: int, collate) -> tuple[float, int, int]:

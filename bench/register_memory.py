@@ -110,7 +110,8 @@ def build(folder: Path, args) -> int:
     from transformers import GenerationConfig, GPTJConfig, GPTJForCausalLM
 
     from common import config
-    from dolly.tokenizer import build_tokenizer, special_ids
+    from dolly.tokenizer import build_tokenizer
+    from dolly.prompts import special_ids
 
     tok = build_tokenizer(config({"tokenizer": "gpt-j"}))
     config = GPTJConfig(vocab_size=args.vocab, n_positions=2048, n_embd=args.n_embd,

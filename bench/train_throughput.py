@@ -5,7 +5,7 @@ the same optimizer steps of `--batch-size` records, over exactly the same record
 sample of `steps * batch_size` training records, one pass), so both see the same real tokens.
 They differ only in what the trainers do with those records:
 
-- ours: dolly.batching.LengthGroupedSampler (config defaults) + dolly.collator.CompletionCollator;
+- ours: dolly.data.batching.LengthGroupedSampler (config defaults) + dolly.data.collator.CompletionCollator;
 - Dolly v1: the Trainer's RandomSampler + Dolly's DataCollatorForCompletionOnlyLM (transformers'
   LM collator, pad_to_multiple_of=8).
 
@@ -33,12 +33,12 @@ import numpy as np
 from common import (add_model_args, ROOT, DollyV1Collator, add_limit, apply_threads, batches, finish, free_port,
                     parser, prepare, progress, random_order, sync)
 
-from dolly import throughput
-from dolly.batching import LengthGroupedSampler
-from dolly.collator import CompletionCollator
-from dolly.modeling import build_tiny
-from dolly.tokenizer import special_ids
-from dolly.training import PreparedDataset
+from dolly.train import throughput
+from dolly.data.batching import LengthGroupedSampler
+from dolly.data.collator import CompletionCollator
+from dolly.models.tiny import build_tiny
+from dolly.prompts import special_ids
+from dolly.train.rank import PreparedDataset
 
 
 def run_side(name, cfg, tok, records, order, warm, collate, args):

@@ -126,7 +126,7 @@ class Config:
         steps=TRAIN, base=True)
     pretrain_steps: int = _f(
         600, "Steps of pretraining the tiny GPT-J as a plain causal LM on the built-in corpus "
-        "(dolly.corpus: running text, and read-back word lists every other step) before "
+        "(dolly.data.corpus: running text, and read-back word lists every other step) before "
         "fine-tuning; built once per configuration and cached in $DOLLY_BASE_CACHE (default "
         "~/.cache/dolly/bases). 0 = a randomly initialised base.",
         **_BASE)
@@ -257,7 +257,7 @@ class Config:
         steps=TRAIN, checkpoint=True,
     )
 
-    # --- memory plan (dolly/memory_plan.py; `mlflow run . -e plan`) ----------------------------
+    # --- memory plan (dolly/train/memory_plan.py; `mlflow run . -e plan`) ----------------------------
     gpu_memory_gb: float = _f(
         0.0, "Memory of one GPU in GiB for `-e plan` (nvidia-smi's total MiB / 1024); 0 = the "
         "visible GPU's. The train step's check uses the GPU it runs on.", steps=())

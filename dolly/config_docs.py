@@ -1,4 +1,4 @@
-"""The config keys as documentation: `mlflow run . -e config` and the README's table."""
+"""The config keys as documentation: `mlflow run . -e config` and the table in docs/configuration.md."""
 from __future__ import annotations
 
 from dolly.config import FIELDS, field_type, to_text
@@ -18,7 +18,7 @@ def describe() -> list[dict[str, str]]:
 
 
 def markdown_table() -> str:
-    """The README's table of config keys (tests keep the README equal to this)."""
+    """docs/configuration.md's table of config keys (a test keeps that file equal to this)."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 

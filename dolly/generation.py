@@ -1,6 +1,6 @@
 """Batched generation in Dolly's format: left-padded prompts, stop at `### End`, parsed answers.
 
-Evaluation and the registered model's pyfunc (dolly.serving) both generate with this module, so
+Evaluation and the registered model's pyfunc (dolly.serve.pyfunc) both generate with this module, so
 evaluation measures what users get. Prompts come from dolly.prompts, so the model is asked in
 exactly the format it was trained on. Generation never runs past the model's context: the token
 budget is capped to the room left after the prompt, and a prompt too long to leave room for an
@@ -16,7 +16,6 @@ import torch
 from transformers import StoppingCriteria
 
 from dolly import prompts
-from dolly.tokenizer import special_ids
 
 
 
@@ -72,7 +71,7 @@ def shorten_prompt_ids(tokenizer, instruction: str, input: str | None,
     (ids: list of int, whether the prompt had to be shortened).
 
     The one way a too-long prompt is shortened, in evaluation and in the served model
-    (dolly.serving), so evaluation measures what users get. A prompt that fits is tokenized whole
+    (dolly.serve.pyfunc), so evaluation measures what users get. A prompt that fits is tokenized whole
     (the very ids training saw for that record's prompt). One over budget keeps the template
     whole and the *end* of the instruction (where the question usually is) and of the input:
     the instruction first, the input gets what is left (at least one token). If even the
@@ -128,6 +127,8 @@ class DeadlineStop(StoppingCriteria):
         return expired(self.deadlines)
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        """`input_ids: (batch, seq) int64` so far, `scores: (batch, vocab) float` -> `(batch,)`
+        bool on input_ids' device: True for each row whose deadline has passed."""
         late = self.expired()
         for j, gone in enumerate(late):
             if gone and self.seen_at[j] is None:
@@ -187,7 +188,7 @@ def generate(
     deadlines = list(deadlines) if deadlines is not None else [None] * len(instructions)
     if len(deadlines) != len(instructions):
         raise ValueError("instructions and deadlines differ in length")
-    _, end_id = special_ids(tokenizer)
+    _, end_id = prompts.special_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = {end_id}
     if tokenizer.eos_token_id is not None:

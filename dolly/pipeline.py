@@ -27,7 +27,7 @@ from typing import Any
 
 from dolly.config import Config, fields_where
 from dolly.errors import DollyError
-from dolly.report import by_family, family_line
+from dolly.eval.report import by_family, family_line
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("data_prep", "train", "evaluate", "register")
@@ -62,12 +62,12 @@ def code_version() -> str:
 
 
 def input_fingerprint(cfg: Config) -> str:
-    """What the dataset is (dolly.readers' one source listing): 'builtin', 'files:<sha256 of the
+    """What the dataset is (dolly.data.readers' one source listing): 'builtin', 'files:<sha256 of the
     data files' names and bytes>', or 'hub:<id>[<split>]' (a Hub dataset is taken as immutable;
     -P reuse=false after it changes). A local path that cannot be listed gets 'unresolved:...':
     data_prep then runs and reports why."""
     from dolly.errors import DollyError
-    from dolly.readers import resolve_source
+    from dolly.data.readers import resolve_source
 
     try:
         return resolve_source(cfg.dataset, cfg.dataset_split).fingerprint()

@@ -33,7 +33,7 @@ GENERATION_DEFAULTS = {
 }
 
 # The no-input prompt as MLflow's transformers flavor records it (`{prompt}` = the instruction):
-# logged with the model for `mlflow.transformers.load_model` users; dolly.serving formats each
+# logged with the model for `mlflow.transformers.load_model` users; dolly.serve.pyfunc formats each
 # record itself, with or without input.
 PROMPT_TEMPLATE = (INTRO_NO_INPUT + "\n\n" + INSTRUCTION_KEY + "\n{prompt}\n\n"
                    + RESPONSE_KEY_NL)
@@ -70,6 +70,12 @@ def prompt_parts(instruction: str, input: str | None = None) -> list[tuple[str, 
 def format_record(instruction: str, input: str | None, response: str) -> str:
     """Byte-identical to Dolly v1's training text: Alpaca's `text` column + "\\n\\n### End"."""
     return format_prompt(instruction, input) + response + END_SUFFIX
+
+
+def special_ids(tok) -> tuple[int, int]:
+    """(response key id, end key id) in `tok` (a Hugging Face tokenizer with Dolly's markers added
+    as special tokens): the two tokens the label mask and generation's stop depend on."""
+    return tok.convert_tokens_to_ids(RESPONSE_KEY_NL), tok.convert_tokens_to_ids(END_KEY)
 
 
 def parse_response(generated: str) -> str:

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from dolly.config import CORPUS_BPE, GPTJ_TOKENIZER, TINY_BASE_MODEL, Config
 from dolly.errors import DollyError
-from dolly.prompts import END_KEY, RESPONSE_KEY_NL, SPECIAL_TOKENS
+from dolly.prompts import SPECIAL_TOKENS
 
 EOS = "<|endoftext|>"
 # What the corpus BPE maps to control ids (known before it is trained on the kept texts).
@@ -105,8 +105,3 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     except Exception as e:  # the Hub or a folder can fail in many ways; say which one
         raise DollyError(f"cannot load tokenizer '{name_or_path}': {str(e).splitlines()[0]}") from None
     return add_dolly_tokens(tok)
-
-
-def special_ids(tok: PreTrainedTokenizerBase) -> tuple[int, int]:
-    """(response key id, end key id): the two tokens masking and generation depend on."""
-    return tok.convert_tokens_to_ids(RESPONSE_KEY_NL), tok.convert_tokens_to_ids(END_KEY)

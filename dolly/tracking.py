@@ -1,4 +1,5 @@
-"""How steps talk to MLflow: the config as params, step inputs as local folders, datasets as inputs."""
+"""How steps talk to MLflow: the config as params, step inputs (run and model URIs) as local
+folders, logged-model URIs. Datasets as run inputs are dolly.data.lineage."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,36 +38,7 @@ def local_path(uri: str, what: str = "artifact") -> Path:
         raise DollyError(f"cannot fetch {what} '{uri}': {str(e).splitlines()[0]}") from None
 
 
-def dataset_source(cfg: Config):
-    """The MLflow dataset source that names where `cfg.dataset` came from (decided by
-    dolly.readers.resolve_source, as data_prep decides it)."""
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
-    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-
-    from dolly.readers import resolve_source
-
-    src = resolve_source(cfg.dataset, cfg.dataset_split)
-    if src.kind == "builtin":
-        return CodeDatasetSource({"generator": "dolly.builtin_tasks", "seed": cfg.seed,
-                                  "records": cfg.builtin_records})
-    if src.kind in ("file", "folder") or src.files:
-        return HTTPDatasetSource(Path(src.location).resolve().as_uri())  # file://: no resolver
-    return HuggingFaceDatasetSource(path=src.location, split=src.split)
-
-
-def log_split(cfg: Config, df, split: str, data_hash: str, context: str | None = None) -> str:
-    """Log one prepared split (a DataFrame of prepared records) as a dataset input of the active
-    run, named `<dataset>-<split>`; its digest is the split's own (data hash + its records), so
-    the train and test splits differ. `context` defaults to the split's name. Returns the
-    mlflow Dataset (to link metrics to it)."""
-    import mlflow
-
-    from dolly.compare import eval_set_digest
-
-    digest = eval_set_digest(data_hash, df)[:8]
-    cols = [c for c in ("instruction", "input", "response", "text", "length") if c in df.columns]
-    ds = mlflow.data.from_pandas(df[cols], source=dataset_source(cfg),
-                                 name=f"{cfg.dataset}-{split}", digest=digest)
-    mlflow.log_input(ds, context=context or split)
-    return ds
+def logged_model_id(model_uri: str) -> str | None:
+    """'m-<id>' of a `models:/m-<id>` URI (an MLflow 3 LoggedModel), else None."""
+    rest = model_uri.removeprefix("models:/")
+    return rest if model_uri.startswith("models:/m-") and "/" not in rest else None

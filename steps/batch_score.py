@@ -20,6 +20,7 @@ import time
 import mlflow
 
 from dolly import cli, scoring, tracking
+from dolly.spark_session import spark_session
 from dolly.config import parse_bool
 from dolly.errors import ConfigError
 
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> None:
                          "model_name": model.name, "model_version": model.version,
                          "input": inp["input"], "output": inp["output"]})
         t0 = time.perf_counter()
-        spark = scoring.spark_session(cfg.spark_master)
+        spark = spark_session(cfg.spark_master)
         try:
             df = scoring.read_input(spark, inp["input"],
                                     keep_types=(inp["column"], "input", "context"))

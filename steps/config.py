@@ -1,6 +1,6 @@
 """config entry point: print every config key (type, default, choices, the steps that read it,
 help), or with `-P key=<name>` one key; `-P config=<profile>` shows that profile's values.
-`-P format=markdown` prints the README's table of keys instead."""
+`-P format=markdown` prints the table of keys in docs/configuration.md instead."""
 from __future__ import annotations
 
 import textwrap

@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
         mlflow.set_tag("data_hash", result.data_hash)
         mlflow.log_artifacts(str(result.out_dir), "prepared")
         for split, df in (("train", result.train), ("test", result.test)):
-            tracking.log_split(cfg, df, split, result.data_hash)
+            data.log_split(cfg, df, split, result.data_hash)
         c = result.counts
         why = ", ".join(f"{k[len('rejected_'):]} {v}" for k, v in c.items()
                         if k.startswith("rejected_") and v)

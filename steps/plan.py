@@ -1,4 +1,4 @@
-"""plan entry point: will this profile fit? Prints the memory plan (dolly/memory_plan.py).
+"""plan entry point: will this profile fit? Prints the memory plan (dolly/train/memory_plan.py).
 
 No weights are loaded and nothing is trained; offline it falls back to GPT-J 6B's shape for a
 Hub id of the GPT-J family. `-P num_gpus=N -P num_nodes=M -P gpu_memory_gb=G` plan another
@@ -6,12 +6,12 @@ machine than the profile's.
 """
 from __future__ import annotations
 
-from dolly import cli, memory_plan
+from dolly import cli, train
 
 
 def main(argv: list[str]) -> None:
     cfg, _ = cli.parse(argv, {})
-    plan = memory_plan.plan_for(cfg)
+    plan = train.plan_for(cfg)
     print(f"plan ({cfg.profile}):", flush=True)
     for line in plan.lines():
         print(f"  {line}", flush=True)

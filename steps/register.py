@@ -5,7 +5,7 @@ Inputs: -P model_uri=<the model the train run logged: models:/m-... or runs:/<tr
 The model is registered where it was logged (no second copy). The version gets the evaluation
 metrics, data hash and runs as tags, a model card as description; the registered model a licence
 tag. The alias cfg.champion_alias moves only when the tuned model beats its base on
-cfg.primary_metric and is not worse than the current champion (see dolly/registry.py).
+cfg.primary_metric and is not worse than the current champion (see dolly/registry/gate.py).
 This run gets the tags registered_model, registered_version, promoted, gate_reason.
 """
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from dolly import cli, compare, registry, tracking
+from dolly import cli, registry, tracking
+from dolly import eval as evaluation
+from dolly.digests import EVAL_SET_TAG
 from dolly.errors import DollyError
 
 
@@ -40,26 +42,14 @@ def main(argv: list[str]) -> None:
     dataset = train_params.get("dataset", cfg.dataset)
     base_model = ev.data.tags.get("base_model") or train_params.get("base_model", cfg.base_model)
 
-    def score_champion(version: str) -> float | None:
-        """The champion's primary metric on this candidate's evaluation set (None: cannot)."""
-        try:
-            test, prepared = compare.evaluation_set(ev, cfg)
-        except DollyError as e:
-            print(f"register: cannot rebuild the evaluation set of run {ev.info.run_id}: {e}",
-                  flush=True)
-            return None
-        print(f"register: champion v{version} was evaluated on another set: evaluating it on "
-              f"this one ({len(test)} records)", flush=True)
-        metrics = compare.evaluate_on(f"models:/{cfg.model_name}/{version}", test, cfg, prepared)
-        return None if metrics is None else metrics.get(cfg.primary_metric)
-
     with mlflow.start_run():
         tracking.log_config(cfg)
         result = registry.register(
             inp["model_uri"], cfg, eval_metrics=dict(ev.data.metrics), eval_run=inp["eval_run"],
             data_hash=ev.data.tags.get("data_hash", ""), train_run=train_run,
             base_model=base_model, dataset=dataset,
-            eval_set=ev.data.tags.get(compare.EVAL_SET_TAG, ""), score_champion=score_champion)
+            eval_set=ev.data.tags.get(EVAL_SET_TAG, ""),
+            score_champion=evaluation.rescore_champion(ev, cfg))
         mlflow.set_tags({"registered_model": result.name,
                          "registered_version": result.version,
                          "promoted": str(result.promoted).lower(),

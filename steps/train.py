@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 
-from dolly import cli, data, launch, memory_plan, pretraining, registry, tracking
+from dolly import cli, data, models, registry, tracking, train
 from dolly.errors import DollyError
 from dolly.tokenizer import load_tokenizer
 
@@ -17,35 +17,35 @@ from dolly.tokenizer import load_tokenizer
 def main(argv: list[str]) -> None:
     cfg, inputs = cli.parse(argv, {"prepared": None})
     # system metrics (CPU, memory, GPU) of this process's machine, sampled by MLflow
-    with mlflow.start_run(log_system_metrics=True) as run, launch.exclusive(cfg):
+    with mlflow.start_run(log_system_metrics=True) as run, train.exclusive(cfg):
         prepared = tracking.local_path(inputs["prepared"], "prepared data")
         train_df, _, summary = data.load_prepared(prepared)
-        gpus = memory_plan.visible_gpu()[0] if cfg.num_gpus != 0 else 0
+        gpus = train.visible_gpu()[0] if cfg.num_gpus != 0 else 0
         if gpus:  # before anything is loaded or changed on disk: will this profile fit?
-            memory_plan.require_fit(cfg, gpus_per_node=cfg.num_gpus if cfg.num_gpus > 0 else gpus,
-                                    seq_len=int(summary["token_lengths"]["max"]))
-        plan = launch.prepare_launch(cfg, prepared)
+            train.require_fit(cfg, gpus_per_node=cfg.num_gpus if cfg.num_gpus > 0 else gpus,
+                              seq_len=int(summary["token_lengths"]["max"]))
+        plan = train.prepare_launch(cfg, prepared)
         for note in plan.notes:
             print(f"train: {note}", flush=True)
         tracking.log_config(plan.cfg)
-        base = pretraining.ensure_base(plan.cfg, load_tokenizer(str(prepared / "tokenizer")),
-                                       log=lambda line: print(f"train: {line}", flush=True))
+        base = models.ensure_base(plan.cfg, load_tokenizer(str(prepared / "tokenizer")),
+                                  log=lambda line: print(f"train: {line}", flush=True))
         if base is not None:  # the ranks load it from the cache; this run says which one
-            pretraining.log_base(base)
+            models.log_base(base)
         mlflow.log_param("prepared", inputs["prepared"][:500])
-        tracking.log_split(plan.cfg, train_df, "train", summary.get("data_hash", ""))
+        data.log_split(plan.cfg, train_df, "train", summary.get("data_hash", ""))
         print(f"train: {plan.world_size} rank(s) ({'GPU' if plan.gpu else 'CPU, gloo'}), "
               f"{plan.cfg.precision}, ZeRO-3, {plan.cfg.launcher} launcher; output in "
               f"{plan.cfg.output_dir}", flush=True)
-        code = launch.launch(plan, prepared, inputs["prepared"], run.info.run_id,
-                               mlflow.get_tracking_uri())
+        code = train.start_ranks(plan, prepared, inputs["prepared"], run.info.run_id,
+                                 mlflow.get_tracking_uri())
         if code != 0:
             raise DollyError(f"training failed: the launcher exited with code {code} "
                              "(the failing rank's error is above)")
         if plan.cfg.node_rank != 0:
             print("train: this node's ranks finished; node 0 logs the model", flush=True)
             return
-        result = launch.read_result(plan.cfg)
+        result = train.read_result(plan.cfg)
         mlflow.log_metric("resumed_from_step", result["resumed_from_step"])
         model_uri = registry.log_model(Path(result["final_dir"]), plan.cfg)
         mlflow.set_tag("model_uri", model_uri)

@@ -1,108 +1,13 @@
-"""Shared fixtures. Each test builds its own tiny data; e2e tests run the real entry points."""
+"""Shared fixtures (only fixtures: what tests share besides them is in helpers.py). Each test
+builds its own tiny data; e2e tests run the real entry points."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
-BIN = Path(sys.executable).parent
-
-# Pieces of Dolly's prompt template: none may appear in an answer the served model returns.
-TEMPLATE_BITS = ("Below is an instruction", "### Instruction", "### Response", "### End")
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (for a rendezvous or a server: 29500 or 5000 may be held
-    by another test session on this machine)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:
-    """Environment for a subprocess: this venv first on PATH, the given sqlite store, offline."""
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_DATASETS_OFFLINE"] = "1"
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env.pop("MLFLOW_RUN_ID", None)
-    env.update(extra)
-    return env
-
-
-def mlflow_run_cmd(entry_point: str, params: dict, project: Path = ROOT) -> list[str]:
-    """The command line `mlflow run <project> -e <entry_point> --env-manager local -P k=v ...`."""
-    cmd = [str(BIN / "mlflow"), "run", str(project), "-e", entry_point, "--env-manager", "local"]
-    for k, v in params.items():
-        cmd += ["-P", f"{k}={v}"]
-    return cmd
-
-
-def mlflow_run(entry_point: str, params: dict, tracking_uri: str, timeout: int = 600,
-               project: Path = ROOT, **env_extra: str) -> subprocess.CompletedProcess:
-    """`mlflow run <project> -e <entry_point> --env-manager local -P k=v ...`, run from the
-    project folder (the repository root unless `project` names a copy)."""
-    return subprocess.run(mlflow_run_cmd(entry_point, params, project), cwd=project,
-                          env=project_env(tracking_uri, **env_extra), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def project_copy(dest: Path) -> Path:
-    """The working tree as it is now (tracked and untracked files git does not ignore) copied to
-    `dest` and committed there as a repository of its own: a project whose code version
-    (dolly.pipeline.code_version: the git commit + uncommitted changes) cannot change while a test runs, even
-    when someone edits this working tree meanwhile."""
-    dest.mkdir(parents=True, exist_ok=True)
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, listed.decode().split("\0")):
-        src = ROOT / name
-        if src.is_file():  # a tracked file deleted in the working tree is left out
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    git = ["git", "-c", "user.name=dolly-tests", "-c", "user.email=tests@localhost",
-           "-c", "commit.gpgsign=false"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "snapshot for a test"]):
-        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
-    return dest
-
-
-def fresh_store(folder: Path) -> str:
-    """A new sqlite tracking store and registry in `folder`, its artifacts there too: created
-    here, as otherwise the Default experiment would keep its artifacts in ./mlruns of the repo."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    uri = f"sqlite:///{folder}/mlflow.db"
-    SqlAlchemyStore(uri, str(folder / "artifacts")).engine.dispose()
-    return uri
-
-
-# A 1-layer, 32-wide GPT-J over GPT-J's own tokenizer (offline), 64-token context: for unit tests
-# that need a real model, not a trained one.
-SMALLEST = {"tiny_n_layer": 1, "tiny_n_embd": 32, "tiny_n_head": 2, "tiny_rotary_dim": 8,
-            "tiny_n_positions": 64, "max_length": 64, "tokenizer": "gpt-j"}
-
-
-def corpus_tokenizer(records: int, seed: int, vocab_size: int):
-    """A BPE of `vocab_size` tokens learned from `records` built-in records (generated with
-    `seed`) in Dolly's format, with Dolly's markers added as special tokens."""
-    from dolly import builtin_tasks, prompts
-    from dolly.tokenizer import add_dolly_tokens, corpus_bpe
-
-    texts = [prompts.format_record(r["instruction"], r["input"], r["output"])
-             for r in builtin_tasks.generate(records, seed=seed)]
-    return add_dolly_tokens(corpus_bpe(texts, vocab_size))
+from helpers import E2E_EXPERIMENT, FIXTURES, TINY_OVERRIDES, TinyModel, fresh_store, tracking_to
 
 
 @pytest.fixture
@@ -116,36 +21,12 @@ def alpaca_sample() -> Path:
     return FIXTURES / "alpaca_sample.json"
 
 
-def prepared_run(root: Path, overrides: dict, experiment: str) -> tuple[str, str, Path]:
-    """prepared/ for `overrides` (dolly.data.prepare, as the data_prep step runs it) logged as a
-    data_prep-like run's artifact in a fresh sqlite store under `root`, in a new experiment.
-    Returns (tracking URI, `runs:/<id>/prepared`, the local prepared/ folder)."""
-    import mlflow
-
-    from dolly import data
-    from dolly.config import load_config
-
-    uri = fresh_store(root)
-    local = root / "prepared"
-    data.prepare(load_config(None, overrides), local, progress=False)
-    with tracking_to(uri):
-        exp = mlflow.create_experiment(experiment, artifact_location=str(root / "artifacts"))
-        with mlflow.start_run(experiment_id=exp, run_name="data_prep (fixture)") as run:
-            mlflow.log_artifacts(str(local), "prepared")
-    return uri, f"runs:/{run.info.run_id}/prepared", local
-
-
-# A pretrained tiny base in a few token batches, not the default's minutes: end-to-end tests
-# exercise pretraining and its cache, and pay for it once per configuration per session.
-TINY_PRETRAIN = {"pretrain_steps": 4, "pretrain_batch_size": 4, "pretrain_seq_len": 32}
-
-
 @pytest.fixture(scope="session", autouse=True)
 def base_cache(tmp_path_factory) -> Path:
-    """One pretrained-base cache (dolly.pretraining) for the whole session, in tmp: tests and
+    """One pretrained-base cache (dolly.models.pretrain) for the whole session, in tmp: tests and
     the `mlflow run` processes they start (which inherit the variable) share it, and nothing is
     written to the user's ~/.cache."""
-    from dolly.pretraining import CACHE_ENV
+    from dolly.models.pretrain import CACHE_ENV
 
     folder = tmp_path_factory.mktemp("base_cache")
     old = os.environ.get(CACHE_ENV)
@@ -159,84 +40,6 @@ def base_cache(tmp_path_factory) -> Path:
 
 # --- evaluate / register / serving / Spark e2e: one tiny logged model per session -------------
 
-# A tiny GPT-J (2 layers, 64 wide) on 200 built-in records: fast to build, log, load and serve.
-TINY_OVERRIDES = {"builtin_records": 200, "tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4,
-                  "tiny_rotary_dim": 16, "tiny_n_positions": 256, "max_length": 128,
-                  **TINY_PRETRAIN}
-E2E_EXPERIMENT = "dolly-e2e"
-
-
-def runs_in(tracking_uri: str, entry_point: str | None = None) -> list:
-    """Every run of the store (all experiments), newest first; with `entry_point`, only the
-    runs of that `mlflow run -e` entry point."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    where = f"tags.`mlflow.project.entryPoint` = '{entry_point}'" if entry_point else ""
-    return client.search_runs([e.experiment_id for e in client.search_experiments()], where,
-                              order_by=["attributes.start_time DESC"])
-
-
-@contextmanager
-def tracking_to(uri: str):
-    """In-process MLflow calls go to `uri` inside the block; the previous setting comes back."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    old_global, old_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_global)
-        if old_env is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
-
-
-@dataclass
-class TinyModel:
-    """A logged (untrained) tiny model in its own sqlite store, as the train step would leave it."""
-
-    root: Path
-    tracking_uri: str
-    experiment: str
-    prepared: Path
-    model_uri: str
-    train_run: str
-    data_hash: str
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return project_env(self.tracking_uri, MLFLOW_EXPERIMENT_NAME=self.experiment, **extra)
-
-    def mlflow_run(self, entry_point: str, params: dict, timeout: int = 600):
-        return mlflow_run(entry_point, params, self.tracking_uri, timeout,
-                          MLFLOW_EXPERIMENT_NAME=self.experiment)
-
-    def client(self):
-        import mlflow
-
-        return mlflow.MlflowClient(self.tracking_uri)
-
-    def fake_eval_run(self, tuned: float, base: float, metric: str = "exact_match",
-                      model_uri: str | None = None, eval_set: str = "fixture-set",
-                      eval_limit: int = 0) -> str:
-        """A FINISHED evaluate-like run with the given primary metric (to drive the gate), as if
-        it evaluated `model_uri` on evaluation set `eval_set` (the first `eval_limit` records of
-        the fixture's prepared test split)."""
-        client = self.client()
-        exp = client.get_experiment_by_name(self.experiment).experiment_id
-        run = client.create_run(exp, tags={
-            "mlflow.project.entryPoint": "evaluate", "model_uri": model_uri or self.model_uri,
-            "train_run_id": self.train_run, "data_hash": self.data_hash,
-            "base_model": "tiny-gptj", "prepared": str(self.prepared), "eval_set": eval_set})
-        rid = run.info.run_id
-        client.log_param(rid, "eval_limit", str(eval_limit))
-        for k, v in {f"tuned/{metric}": tuned, f"base/{metric}": base, "eval_records": 20}.items():
-            client.log_metric(rid, k, v)
-        client.set_terminated(rid, "FINISHED")
-        return rid
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> TinyModel:
     """prepared/ data + the saved tiny base model (left padding, eos = `### End`) logged with
@@ -246,8 +49,9 @@ def tiny_model(tmp_path_factory) -> TinyModel:
 
     from dolly import data, registry, tracking
     from dolly.config import load_config
-    from dolly.modeling import load_base_model
-    from dolly.tokenizer import add_dolly_tokens, special_ids
+    from dolly.models.base import load_base_model
+    from dolly.tokenizer import add_dolly_tokens
+    from dolly.prompts import special_ids
 
     root = tmp_path_factory.mktemp("tiny_model")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -283,8 +87,9 @@ def other_model(tiny_model) -> str:
 
     from dolly import registry
     from dolly.config import load_config
-    from dolly.modeling import load_base_model
-    from dolly.tokenizer import add_dolly_tokens, special_ids
+    from dolly.models.base import load_base_model
+    from dolly.tokenizer import add_dolly_tokens
+    from dolly.prompts import special_ids
 
     cfg = load_config(None, {**TINY_OVERRIDES, "seed": 7})
     tok = add_dolly_tokens(AutoTokenizer.from_pretrained(tiny_model.prepared / "tokenizer",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT, project_env
+from helpers import FIXTURES, ROOT, project_env
 
 DATA = str(FIXTURES / "alpaca_sample.json")  # 16 records
 # A 1-layer, 64-wide GPT-J with the corpus BPE: seconds, not minutes, on 2 cores.
@@ -37,7 +37,7 @@ CASES = {
     "register_memory": (["--n-layer", "1", "--n-embd", "64", "--n-head", "4", "--rotary-dim", "16",
                          "--min-params", "0", "--no-baseline"],
                         ["model_bytes", "peak_rss_bytes", "peak_rss_over_model_bytes"]),
-    # the real rank code (dolly.training.train, ZeRO-3, 1 CPU rank) + both generation paths
+    # the real rank code (dolly.train.rank.train, ZeRO-3, 1 CPU rank) + both generation paths
     "gpu_check": (["--smoke"],
                   ["train_tokens_per_second_per_gpu", "padding_efficiency", "planned_gpu_gib",
                    "final_loss", "micro_batch", "gen_rows_per_second", "gen_tokens_per_second",

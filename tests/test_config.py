@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from dolly import cli
 from dolly.config import Config, load_config
 from dolly.errors import ConfigError
@@ -164,12 +164,13 @@ def test_parse_args_keeps_profile_and_raw_overrides():
     assert args.cfg.learning_rate == 1e-3
 
 
-def test_readme_lists_every_key():
-    """README's table is generated from Config (python -m steps.config --format markdown)."""
+def test_docs_list_every_key():
+    """docs/configuration.md's table is generated from Config (python -m steps.config --format
+    markdown)."""
     from dolly.config import FIELDS
     from dolly.config_docs import markdown_table
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     start, end = "<!-- config-table:start -->\n", "\n<!-- config-table:end -->"
     table = readme[readme.index(start) + len(start):readme.index(end)]
     assert table == markdown_table()

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from conftest import corpus_tokenizer
+from helpers import corpus_tokenizer
 from dolly import generation, prompts
 from dolly.config import Config
-from dolly.modeling import build_tiny
-from dolly.tokenizer import special_ids
+from dolly.models.tiny import build_tiny
+from dolly.prompts import special_ids
 
 pytestmark = pytest.mark.timeout(120)
 

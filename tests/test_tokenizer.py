@@ -1,6 +1,7 @@
 from dolly import prompts
 from dolly.config import load_config
-from dolly.tokenizer import build_tokenizer, special_ids
+from dolly.tokenizer import build_tokenizer
+from dolly.prompts import special_ids
 
 
 def test_gptj_tokenizer_offline_matches_gpt2_bpe():

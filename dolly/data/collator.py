@@ -23,6 +23,11 @@ class CompletionCollator:
 
     Each feature is a mapping with `input_ids` (a sequence of ints) and `response_start` (the
     index of the first token after the response key, as `dolly.data.prepare` writes it).
+    Calling it on n features returns `input_ids: (n, width) int64` (padded with pad_token_id),
+    `attention_mask: (n, width) int64` (1 on each record's own tokens) and
+    `labels: (n, width) int64` (IGNORE_INDEX = -100 up to and including the response key and on
+    padding), where width is the longest record, rounded up to `pad_to_multiple_of` when set.
+    Raises ValueError for a record whose `response_start` does not follow the response key.
     """
 
     pad_token_id: int

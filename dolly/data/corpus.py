@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from dolly.builtin_tasks import lexicon
+from dolly.data.builtin_tasks import lexicon
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 

@@ -3,7 +3,7 @@ in Dolly's training text, tokenize, apply the length policy, split, and write `p
 
 Nothing is dropped silently: every record read ends up either kept (train or test) or in
 rejected.jsonl with its file, line/row and reason, and `read == kept + rejected` always holds.
-Reading (sources, files, encodings) is `dolly.readers`; the per-record rules `dolly.validation`.
+Reading (sources, files, encodings) is `dolly.data.readers`; the per-record rules `dolly.data.validation`.
 """
 from __future__ import annotations
 
@@ -21,13 +21,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dolly import builtin_tasks, prompts, readers
+from dolly import prompts
+from dolly.data import builtin_tasks, readers
 from dolly.config import Config, fields_where
 from dolly.errors import DataError, DollyError
-from dolly.readers import SUFFIXES, DataSource, list_files, resolve_source  # noqa: F401 (API)
+from dolly.data.readers import resolve_source
+from dolly.data.validation import CANONICAL, REASONS, Validator, parse_columns
+from dolly.digests import tokenizer_hash
 from dolly.tokenizer import (CORPUS_CONTROL_TEXTS, build_tokenizer, control_texts,
-                             needs_training_texts, special_ids)
-from dolly.validation import CANONICAL, LAYOUT, REASONS, Validator, parse_columns  # noqa: F401
+                             needs_training_texts)
 
 # A token is rarely longer than this many characters; longer texts are too long untokenized.
 _MAX_CHARS_PER_TOKEN = 64
@@ -83,7 +85,7 @@ def split_indices(n: int, test_size: float | int, seed: int) -> tuple[np.ndarray
 
 def tokenize(tok, texts: list[str], max_length: int, policy: str):
     """Token ids, response starts and flags for each text; ids is None where it is too long."""
-    resp_id, _ = special_ids(tok)
+    resp_id, _ = prompts.special_ids(tok)
     tail = tok(prompts.END_SUFFIX, add_special_tokens=False)["input_ids"]
     char_cap = max_length * _MAX_CHARS_PER_TOKEN
     # Texts far beyond the cap cannot fit; clip before tokenizing so one huge record costs little.
@@ -160,12 +162,6 @@ def _histogram(lengths: np.ndarray, max_length: int, path: Path) -> None:
     plt.close(fig)
 
 
-def _hash_tokenizer(tok) -> str:
-    backend = getattr(tok, "_tokenizer", None)
-    blob = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 DATA_FIELDS = fields_where(step="data_prep")  # the fields data_prep reads, declared on Config
 
 
@@ -177,7 +173,7 @@ def content_hash(train: pd.DataFrame, test: pd.DataFrame, tok, cfg: Config) -> s
         h.update(pd.util.hash_pandas_object(df[["text"]], index=False).values.tobytes())
         h.update(np.concatenate([np.asarray(i, dtype=np.int32) for i in df["input_ids"]]
                                 if len(df) else [np.zeros(0, np.int32)]).tobytes())
-    h.update(_hash_tokenizer(tok).encode())
+    h.update(tokenizer_hash(tok).encode())
     h.update(prompts.format_record("{i}", "{n}", "{r}").encode())
     h.update(prompts.format_record("{i}", None, "{r}").encode())
     h.update(json.dumps({k: getattr(cfg, k) for k in DATA_FIELDS}, sort_keys=True).encode())

@@ -20,7 +20,7 @@ from typing import Iterable
 
 from dolly import prompts
 from dolly.errors import DataError
-from dolly.readers import Raw, show
+from dolly.data.readers import Raw, show
 
 CANONICAL = ("instruction", "input", "response")
 # Auto-detected layouts: canonical field -> accepted column names, in order of preference.

@@ -1,69 +1,54 @@
-"""Evaluation of a causal LM on the held-out split: response-token loss and generation metrics.
+"""Evaluation of a causal LM on the held-out split, and the evaluate step's comparison of a tuned
+model with the base it was trained from.
 
 Loss and perplexity are measured on response tokens only (the tokens training learns; the prompt is
 masked the same way), from the prepared token ids. Generation metrics come from batched greedy
-decoding in Dolly's prompt format (dolly.generation):
+decoding in Dolly's prompt format (dolly.generation, the code the served model answers with):
 
-- exact_match: normalised answer == normalised reference (case, whitespace, trailing punctuation)
-- rouge_l: ROUGE-L F1 (the rouge_score package, offline)
+- exact_match, rouge_l: dolly.eval.metrics
 - stop_rate: answers that ended with `### End` before the token limit
 - empty_rate: answers that are empty after parsing
 - response_length: mean tokens generated per answer (`### End` included)
 - tokens_per_s: generation throughput over the whole batch loop
+
+The evaluate step runs `resolve_inputs` (the records, the model, the base it came from; nothing
+loaded yet) and then `base_vs_tuned` (both models evaluated, the metrics and tables to log).
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 import math
-import re
-import string
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
 
 from dolly import generation
-from dolly.collator import IGNORE_INDEX, CompletionCollator
-from dolly.errors import DollyError
-from dolly.tokenizer import special_ids
+from dolly.config import Config, fields_where, parse_value
+from dolly.data import IGNORE_INDEX, CompletionCollator, load_prepared
+from dolly.digests import EVAL_SET_TAG, eval_set_digest
+from dolly.errors import ConfigError, DollyError
+from dolly.eval.report import family_line, run_description
+from dolly.eval.metrics import category_metrics, exact_match, rouge_l
+from dolly.models import base_key, cache_root, is_pretrained_tiny, load_base_model
+from dolly.prompts import special_ids
+from dolly.tokenizer import load_tokenizer
+from dolly.tracking import local_path
 
 METRICS = ("eval_loss", "perplexity", "exact_match", "rouge_l", "stop_rate", "empty_rate",
            "response_length", "tokens_per_s")
-_TRAILING = string.punctuation + " \t\n"
-
-
-def normalise(text: str) -> str:
-    """Lower case, single spaces, no trailing punctuation: 'Hello, Kalo!' == 'hello, kalo'."""
-    return " ".join(str(text).lower().split()).rstrip(_TRAILING).strip()
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    """1.0 when the two texts are equal after `normalise`, else 0.0."""
-    return float(normalise(prediction) == normalise(reference))
-
-
-_scorer = None
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 between two texts (0 when either has no word)."""
-    global _scorer
-    if _scorer is None:
-        from rouge_score import rouge_scorer
-
-        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    if not re.search(r"\w", prediction or "") or not re.search(r"\w", reference or ""):
-        return 0.0
-    return float(_scorer.score(reference, prediction)["rougeL"].fmeasure)
 
 
 def response_loss(model, test: pd.DataFrame, collator: CompletionCollator,
                   batch_size: int = 8) -> float:
     """Mean cross-entropy per response token, in nats: the loss training minimises.
 
-    Batches are padded and masked by training's own collator (dolly.collator: labels -100 up to
-    and including the response key and on padding, padding found by each record's length), so
+    Batches are padded and masked by training's own collator (dolly.data.collator: labels -100 up
+    to and including the response key and on padding, padding found by each record's length), so
     evaluation measures what training learns. `test` needs `input_ids` and `response_start`
     (as dolly.data.prepare writes them); records are cut to the model's context. Token-weighted
     over the whole split, so long and short answers count by their tokens. Raises DollyError when
@@ -138,28 +123,6 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, *, max_new_tokens: int,
     return ModelEval(metrics, ex)
 
 
-FAMILY_METRICS = ("exact_match", "rouge_l")
-
-
-def category_metrics(test: pd.DataFrame, ex: pd.DataFrame) -> dict[str, float]:
-    """{'<metric>/<family>': mean over the family's records} for exact_match and rouge_l, per task
-    family (the split's `category`; records without one are left out; none when the split has no
-    `category` column). Family names are made metric-safe ('open qa' stays, 'a&b' -> 'a_b')."""
-    if "category" not in test.columns:
-        return {}
-    cats = test["category"].fillna("").astype(str).to_numpy()
-    out = {}
-    for metric in FAMILY_METRICS:
-        values = ex[metric].to_numpy()
-        for cat in sorted(set(cats) - {""}):
-            out[f"{metric}/{_metric_safe(cat)}"] = float(values[cats == cat].mean())
-    return out
-
-
-def _metric_safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)[:100] or "_"
-
-
 def select(test: pd.DataFrame, limit: int) -> pd.DataFrame:
     """The first `limit` test records (0 = all): a fixed subset, the same on every run."""
     return test.head(limit).reset_index(drop=True) if limit > 0 else test.reset_index(drop=True)
@@ -208,15 +171,10 @@ def logged_run_id(local: Path) -> str | None:
     return (yaml.safe_load(mlmodel.read_text()) or {}).get("run_id") or None
 
 
-def base_config(cfg, train_params: dict[str, str]):
+def base_config(cfg: Config, train_params: dict[str, str]) -> tuple[Config, dict[str, Any]]:
     """`cfg` with the base-model fields (Config fields declared `base=True`) that the train run
     logged: evaluating a model always compares it with the base *it* was trained from, even when
     evaluate runs with other settings. Returns (config, {field: value that differed})."""
-    import dataclasses
-
-    from dolly.config import fields_where, parse_value
-    from dolly.errors import ConfigError
-
     changes = {}
     for name in fields_where(base=True):
         if name in train_params:
@@ -227,3 +185,186 @@ def base_config(cfg, train_params: dict[str, str]):
             if value != getattr(cfg, name):
                 changes[name] = value
     return (dataclasses.replace(cfg, **changes) if changes else cfg), changes
+
+
+def load_saved_model(model_uri: str, cfg: Config, dev, dtype, local: Path | None = None):
+    """(model on `dev`, tokenizer, local folder) of a logged or registered transformers model
+    (models:/..., runs:/... or a saved folder; `local`: its already downloaded folder).
+    Raises DollyError when it cannot be loaded."""
+    from transformers import AutoModelForCausalLM
+
+    local = local or local_path(model_uri, "model")
+    weights, tok_dir = model_folder(local)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(weights), dtype=dtype, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code).to(dev)
+    except OSError as e:
+        raise DollyError(f"cannot load the model of '{model_uri}': {str(e).splitlines()[0]}") \
+            from None
+    return model, load_tokenizer(str(tok_dir)), local
+
+
+# --- the evaluate step: the tuned model against the base it was trained from ------------------
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def train_run_params(run_id: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(params, tags) of the train run that logged the model; empty when there is none or it
+    cannot be read (another tracking store, deleted)."""
+    if not run_id:
+        return {}, {}
+    import mlflow
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except Exception:  # the run may live in another tracking store or be deleted
+        return {}, {}
+    return dict(run.data.params), dict(run.data.tags)
+
+
+@dataclass
+class EvalInputs:
+    """What the evaluate step works on, resolved before any model is loaded."""
+
+    model_uri: str
+    prepared_uri: str
+    prepared: Path                # the local prepared/ folder
+    model_local: Path             # the local model folder
+    test: pd.DataFrame            # the evaluated records: the first eval_limit of the test split
+    data_hash: str
+    eval_set: str                 # dolly.digests.eval_set_digest of `test`
+    train_run: str | None         # the run that logged the model
+    train_tags: dict[str, str]
+    base_cfg: Config              # cfg with the train run's base-model fields
+
+    def tags(self) -> dict[str, str]:
+        """The evaluate run's tags that say what was evaluated (register reads them)."""
+        return {"data_hash": self.data_hash, "model_uri": self.model_uri,
+                EVAL_SET_TAG: self.eval_set, "prepared": self.prepared_uri,
+                "train_run_id": self.train_run or "", "base_model": self.base_cfg.base_model,
+                "eval_records": str(len(self.test))}
+
+
+def resolve_inputs(cfg: Config, model_uri: str, prepared_uri: str,
+                   log: Callable[[str], None] = _say) -> EvalInputs:
+    """Fetch the prepared data and the model, pick the records (cfg.eval_limit) and find the base
+    the model was trained from (the train run's base-model fields win over cfg's). Raises
+    DollyError for an empty test split or a folder that is not a transformers model, before any
+    weights are loaded."""
+    prepared = local_path(prepared_uri, "prepared data")
+    _, test, summary = load_prepared(prepared)
+    test = select(test, cfg.eval_limit)
+    if len(test) == 0:
+        raise DollyError(f"{prepared_uri}: the test split is empty")
+    model_local = local_path(model_uri, "model")
+    model_folder(model_local)  # not a transformers model: fail before the base
+    train_run = logged_run_id(model_local)
+    train_params, train_tags = train_run_params(train_run)
+    base_cfg, changed = base_config(cfg, train_params)
+    if changed:
+        log(f"evaluate: base model settings from train run {train_run}: {changed}")
+    data_hash = summary.get("data_hash", "")
+    if train_tags.get("data_hash") and train_tags["data_hash"] != data_hash:
+        log(f"evaluate: warning: the model was trained on data {train_tags['data_hash'][:12]}, "
+            f"evaluating on {data_hash[:12]}")
+    return EvalInputs(model_uri, prepared_uri, prepared, model_local, test, data_hash,
+                      eval_set_digest(data_hash, test), train_run, train_tags, base_cfg)
+
+
+def comparison(metrics: dict[str, float]) -> pd.DataFrame:
+    """One row per metric with the base and tuned values side by side (the MLflow UI shows a
+    logged table as a table; base/ and tuned/ metrics land in separate chart sections)."""
+    names = [k[len("tuned/"):] for k in metrics if k.startswith("tuned/")]
+    rows = [{"metric": n, "base": metrics.get(f"base/{n}"), "tuned": metrics[f"tuned/{n}"]}
+            for n in names]
+    return pd.DataFrame(rows, columns=["metric", "base", "tuned"])
+
+
+@dataclass
+class Evaluation:
+    """What the evaluate step logs: every metric, the tables and the run's description."""
+
+    metrics: dict[str, float]        # base/<m>, tuned/<m>, <who>/<m>/<family>, eval_records
+    tuned_metrics: dict[str, float]  # the tuned model's METRICS (for its LoggedModel page)
+    comparison: pd.DataFrame         # metric, base, tuned: base_vs_tuned.json
+    examples: pd.DataFrame           # one row per record, both answers: eval_examples.json
+    note: str                        # Markdown: the run's description and comparison.md
+    base_folder: Path | None = None  # the cached pretrained base that was evaluated, if any
+    lines: list[str] = field(default_factory=list)  # the summary the step prints
+
+    @property
+    def records(self) -> int:
+        return len(self.examples)
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def base_vs_tuned(cfg: Config, inputs: EvalInputs,
+                  log: Callable[[str], None] = _say) -> Evaluation:
+    """Evaluate the base (rebuilt from `inputs.base_cfg` with the prepared tokenizer) and then the
+    tuned model on `inputs.test` with greedy generation (cfg.eval_max_new_tokens,
+    cfg.eval_batch_size), one model in memory at a time. Raises DollyError when the tuned
+    model's tokenizer is not the prepared one (its token ids would mean other text)."""
+    test, base_cfg = inputs.test, inputs.base_cfg
+    dev = device()
+    dtype = dtype_for(dev)
+    kw = {"max_new_tokens": cfg.eval_max_new_tokens, "batch_size": cfg.eval_batch_size}
+    results = {}
+
+    t0 = time.perf_counter()
+    base_tok = load_tokenizer(str(inputs.prepared / "tokenizer"))
+    base = load_base_model(base_cfg, base_tok, dtype=dtype).to(dev)
+    base_folder = None
+    if is_pretrained_tiny(base_cfg):  # the same pretrained base train used
+        key = base_key(base_cfg, base_tok)
+        if inputs.train_tags.get("base_key") and inputs.train_tags["base_key"] != key:
+            log(f"evaluate: warning: the model was trained from base "
+                f"{inputs.train_tags['base_key']}, evaluating base {key}")
+        base_folder = cache_root() / key
+    results["base"] = evaluate_model(base, base_tok, test, **kw)
+    _free(base)
+    log(f"evaluate: base done in {time.perf_counter() - t0:.1f}s")
+
+    t0 = time.perf_counter()
+    tuned, tuned_tok, _ = load_saved_model(inputs.model_uri, cfg, dev, dtype, inputs.model_local)
+    if tuned_tok.get_vocab() != base_tok.get_vocab():
+        raise DollyError(f"the model's tokenizer differs from {inputs.prepared_uri}/tokenizer: "
+                         "evaluate a model on the prepared data it was trained on")
+    results["tuned"] = evaluate_model(tuned, tuned_tok, test, **kw)
+    _free(tuned)
+    log(f"evaluate: tuned done in {time.perf_counter() - t0:.1f}s")
+
+    metrics = {}
+    for who, res in results.items():
+        metrics.update({f"{who}/{k}": float(v) for k, v in res.metrics.items()})
+    for who in ("tuned", "base"):
+        metrics.update({f"{who}/{k}": v
+                        for k, v in category_metrics(test, results[who].examples).items()})
+    metrics["eval_records"] = float(len(test))
+    b, t = results["base"].examples, results["tuned"].examples
+    table = pd.DataFrame({
+        "instruction": test["instruction"], "input": test["input"],
+        "reference": test["response"],
+        "category": test["category"] if "category" in test.columns else "",
+        "base_response": b["response"], "tuned_response": t["response"],
+        "base_exact_match": b["exact_match"], "tuned_exact_match": t["exact_match"],
+        "base_rouge_l": b["rouge_l"], "tuned_rouge_l": t["rouge_l"],
+        "base_stopped": b["stopped"], "tuned_stopped": t["stopped"],
+    })
+    # The run page shows its description at once (rendered Markdown): the comparison goes there.
+    note = run_description(table, base_cfg.base_model)
+    line = ", ".join(f"{m} {metrics[f'base/{m}']:.4g} -> {metrics[f'tuned/{m}']:.4g}"
+                     for m in ("exact_match", "rouge_l", "perplexity", "stop_rate"))
+    lines = [f"evaluate: {len(test)} records, base -> tuned: {line}"]
+    lines += [f"evaluate: {by_family}" for by_family in
+              (family_line(metrics, who) for who in ("tuned", "base")) if by_family]
+    return Evaluation(metrics, {k: float(v) for k, v in results["tuned"].metrics.items()},
+                      comparison(metrics), table, note, base_folder, lines)

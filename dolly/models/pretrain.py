@@ -1,5 +1,5 @@
 """The tiny profile's pretrained base: a small GPT-J trained as a plain causal language model on
-the built-in corpus (dolly.corpus), built once per configuration and kept in a local cache.
+the built-in corpus (dolly.data.corpus), built once per configuration and kept in a local cache.
 
 Why a cache folder and not a logged MLflow model: the train step's ranks load the base with
 `from_pretrained` (ZeRO-3 partitions it while loading), evaluate loads the same base, and both
@@ -14,7 +14,7 @@ temporary folder beside it and renamed into place, so a concurrent or interrupte
 sees half a base (the loser of a race discards its copy and uses the winner's).
 
 Pretraining runs in one process (the train step's parent, before the ranks start; or evaluate
-when the cache lost it): seeded init (dolly.modeling.build_tiny), seeded corpus order, AdamW with
+when the cache lost it): seeded init (dolly.models.tiny.build_tiny), seeded corpus order, AdamW with
 linear warmup, a constant rate and clipping. Same key, machine and thread count: same weights.
 """
 from __future__ import annotations
@@ -30,12 +30,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from dolly import corpus
 from dolly.config import TINY_BASE_MODEL, Config, fields_where
+from dolly.data import corpus
+from dolly.digests import tokenizer_hash
 from dolly.errors import DollyError
+from dolly.models.tiny import build_tiny
 
 CACHE_ENV = "DOLLY_BASE_CACHE"
-# Bump when dolly.corpus or the pretraining loop changes what a key's weights are.
+# Bump when dolly.data.corpus or the pretraining loop changes what a key's weights are.
 CORPUS_VERSION = "2"
 # Every other pretraining step trains on READ_BACK_LINES read-back lines (corpus.read_back_lines),
 # the others on running text. Measured on the default shape (2026-11-29, loss on the copied
@@ -53,13 +55,6 @@ HELD_OUT_PARAGRAPHS = 200
 def is_pretrained_tiny(cfg: Config) -> bool:
     """True when `cfg`'s base is the tiny GPT-J pretrained on the built-in corpus."""
     return cfg.base_model == TINY_BASE_MODEL and cfg.pretrain_steps > 0
-
-
-def tokenizer_hash(tok) -> str:
-    """sha256 of the tokenizer's full definition (vocabulary, merges, special tokens)."""
-    backend = getattr(tok, "_tokenizer", None)
-    blob = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def base_key(cfg: Config, tok) -> str:
@@ -112,6 +107,7 @@ def _read_back_rows(tok, cfg: Config, n_rows: int):
 
 
 def _chunks(ids: list[int], seq_len: int):
+    """`ids` cut into `(len(ids) // seq_len, seq_len) int64` rows; the remainder is dropped."""
     import torch
 
     n = len(ids) // seq_len
@@ -134,7 +130,7 @@ def perplexity(model, chunks) -> float:
 
 
 def held_out_chunks(cfg: Config, tok):
-    """Held-out corpus text (`corpus.held_out`) as (n, pretrain_seq_len) token ids."""
+    """Held-out corpus text (`corpus.held_out`) as token ids: `(n, pretrain_seq_len) int64`."""
     return _chunks(_token_stream(tok, corpus.held_out(HELD_OUT_PARAGRAPHS, cfg.seed)),
                    cfg.pretrain_seq_len)
 
@@ -146,8 +142,6 @@ def pretrain(cfg: Config, tok, log: Callable[[str], None] = print):
     after a linear warmup over 10% of the steps, constant after it (the copying circuit forms
     late, ~250 steps, and a decaying rate stalled it). Returns (model, info)."""
     import torch
-
-    from dolly.modeling import build_tiny
 
     t0 = time.perf_counter()
     tokens_needed = cfg.pretrain_steps * cfg.pretrain_batch_size * cfg.pretrain_seq_len

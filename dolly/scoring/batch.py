@@ -11,15 +11,14 @@ the step wrote there (check_output): nothing the step did not write is deleted.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from dolly import readers
+from dolly.data import readers
 from dolly.errors import DataError, DollyError
+from dolly.scoring.output import MARKER, OutputFolder, publish
 
 SUFFIXES = readers.SUFFIXES
 _ROW = "__dolly_row"
@@ -65,22 +64,8 @@ def resolve_model(model_uri: str) -> ResolvedModel:
     return ResolvedModel(model_uri, f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version))
 
 
-def spark_session(master: str, app: str = "dolly-batch-score"):
-    """A Spark session whose Python workers use this interpreter (the one with the model deps)."""
-    from pyspark.sql import SparkSession
-
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName(app)
-    if master:
-        builder = builder.master(master)
-    return (builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
-            .config("spark.ui.enabled", "false")
-            .getOrCreate())
-
-
 def input_files(path: str | Path) -> list[Path]:
-    """The data files of `path` (a file, or a folder's files): `dolly.readers.list_files`, the
+    """The data files of `path` (a file, or a folder's files): `dolly.data.readers.list_files`, the
     listing data_prep uses. Raises DataError when there is none."""
     return readers.list_files(path)
 
@@ -138,72 +123,6 @@ def _union(frames):
                 df = df.withColumn(f.name, F.col(f.name).cast("variant"))
         out = df if out is None else out.unionByName(df, allowMissingColumns=True)
     return out
-
-
-# --- output: a folder the step owns, never one it would have to empty --------------------------
-
-MARKER = "_dolly_batch_score.json"  # what the step wrote into an output folder (file names)
-MODES = ("error", "overwrite")
-
-
-@dataclass
-class OutputFolder:
-    """Where batch_score writes, checked before any work: `replace` lists the files an earlier
-    batch_score run wrote there (deleted only when the new output is complete)."""
-
-    path: Path
-    replace: list[str]
-
-
-def check_output(output: str | Path, input: str | Path, mode: str = "error") -> OutputFolder:
-    """Refuse an output that would overwrite or delete anything the step did not write.
-
-    A new or empty folder is fine. A non-empty one is refused, unless `mode` is "overwrite" and
-    everything in it was written by an earlier batch_score run (listed in its MARKER file). An
-    output that is, holds or lies inside the input is refused. Raises DollyError (one line).
-    """
-    if mode not in MODES:
-        raise DollyError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
-    out, src = Path(output).resolve(), Path(input).resolve()
-    if out == src or out in src.parents or src in out.parents:
-        how = "is" if out == src else "holds" if out in src.parents else "is inside"
-        raise DollyError(f"output {output} {how} the input {input}: choose an output folder "
-                         "outside it")
-    if out.exists() and not out.is_dir():
-        raise DollyError(f"output {output} is a file: give a folder")
-    present = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
-                     if not p.is_dir()) if out.exists() else []
-    if not present:
-        return OutputFolder(out, [])
-    if mode != "overwrite":
-        raise DollyError(f"output folder {output} is not empty ({len(present)} files, e.g. "
-                         f"{present[0]}): batch_score writes only into a new or empty folder; "
-                         "give another one, or -P mode=overwrite to replace what an earlier "
-                         "batch_score run wrote there")
-    try:
-        written = set(json.loads((out / MARKER).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DollyError(f"output folder {output} was not written by batch_score (no valid "
-                         f"{MARKER}): -P mode=overwrite only replaces batch_score's own "
-                         "output; give another folder") from None
-    if foreign := [p for p in present if p not in written and p != MARKER]:
-        raise DollyError(f"output folder {output} holds {len(foreign)} files batch_score did not "
-                         f"write (e.g. {foreign[0]}): move them or give another folder")
-    return OutputFolder(out, sorted(written & set(present)))
-
-
-def _publish(staging: Path, folder: OutputFolder) -> list[str]:
-    """Move a finished Spark output from `staging` into the folder, replacing only the files an
-    earlier batch_score run wrote (folder.replace); returns the files now in it."""
-    folder.path.mkdir(parents=True, exist_ok=True)
-    for name in folder.replace:
-        (folder.path / name).unlink(missing_ok=True)
-    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-    for name in files:
-        (folder.path / name).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / name, folder.path / name)
-    shutil.rmtree(staging)
-    return files
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -312,14 +231,8 @@ def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolde
         raise
     finally:
         scored.unpersist()
-    files = _publish(staging, folder)
+    files = publish(staging, folder)
     (folder.path / MARKER).write_text(json.dumps({"files": files + ["_scored_by.json"]}, indent=1))
     written = spark.read.parquet(str(folder.path))
     return {"rows_read": n_scored + n_empty + n_errored, "rows_scored": n_scored,
             "rows_empty": n_empty, "rows_errored": n_errored, "rows_written": written.count()}
-
-
-def write_sidecar(output: str | Path, info: dict) -> None:
-    """`_scored_by.json` next to the Parquet parts (Spark and pandas skip `_` files)."""
-    Path(output).mkdir(parents=True, exist_ok=True)
-    (Path(output) / "_scored_by.json").write_text(json.dumps(info, indent=2))

@@ -1,5 +1,15 @@
-"""`mlflow models serve` for Dolly's model: requests parsed without MLflow's conversions, short
-error bodies, and a 415 (not a 500) for a request without a Content-Type.
+"""Every patch of MLflow internals, in one file: the version-fragile surface of this project.
+
+Each patch applies to models loaded by dolly.serve.pyfunc only (their pyfunc `loader_module` is
+DOLLY_LOADER); every other model keeps MLflow's behaviour. Checked against MLflow 3.17.2
+(requirements.txt pins it); tests/serve and tests/e2e/test_model_server.py fail when an upgrade
+changes what is patched.
+
+1. `install_input_checks`: MLflow's pyfunc input check (`mlflow.pyfunc._validate_prediction_input`)
+   is replaced by the request contract's (dolly.serve.contract) for these models.
+2. `contain_scoring_server`: `mlflow models serve` for these models: requests parsed without
+   MLflow's conversions, short error bodies, a 415 (not a 500) for a request without a
+   Content-Type, each request stamped with its deadline, and enough threads for batching.
 
 MLflow's scoring server (mlflow/pyfunc/scoring_server/__init__.py, `invocations`) would, for this
 model: convert JSON values to text against the signature before the model sees them (null ->
@@ -7,8 +17,8 @@ model: convert JSON values to text against the signature before the model sees t
 '...'"), so a refused 10 MB request gets a 10 MB error body; put a Python traceback with the
 server's file paths into the body of an unexpected error; and fail with an AttributeError (HTTP
 500) on a request without a Content-Type header (`content_type.split` on None). The server calls
-`invocations` by its module name on every request, so the model's loader (dolly.serving) swaps in
-`dolly_invocations` when the model is loaded: for models loaded by dolly.serving only, JSON is
+`invocations` by its module name on every request, so the model's loader (dolly.serve.pyfunc) swaps
+in `dolly_invocations` when the model is loaded: for models loaded by it only, JSON is
 parsed here and handed to the model as sent, and every error becomes a short body
 `{"error_code": ..., "message": <one line, at most 300 characters>}`; the full detail goes to the
 server log. Other content types (CSV, Parquet) go to MLflow's own parser; their errors are
@@ -19,7 +29,7 @@ server module its own `to_thread` (`_server_asyncio`), which (1) stamps the requ
 deadline, the server's own timeout (`MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`, `mlflow models serve
 -t`; 60 s by default) counted from when the body has arrived, so that once the server has
 answered 504 the model drops the request's rows from its queue or stops generating them
-(dolly.serving.request_deadline); and (2) with batching across requests on, runs requests in a
+(dolly.serve.deadline); and (2) with batching across requests on, runs requests in a
 pool large enough that none waits for a thread (asyncio's default pool, min(32, cores + 4), is 6
 threads on 2 cores): a waiting request could not join the batch being gathered.
 """
@@ -30,7 +40,12 @@ import json
 import logging
 import re
 
+from dolly.serve.contract import as_frame, bad_input, check_params
+from dolly.serve.deadline import current_deadline, request_deadline, set_deadline
+
 _logger = logging.getLogger(__name__)
+# The pyfunc loader of Dolly's models (dolly.serve.pyfunc's module name, what its MLmodel records).
+DOLLY_LOADER = "dolly.serve.pyfunc"
 
 FORMATS = ("inputs", "instances", "dataframe_split", "dataframe_records")
 ACCEPTED_TYPES = ("application/json", "text/csv", "application/vnd.apache.parquet")
@@ -38,6 +53,33 @@ _MAX_MESSAGE = 300
 _THREADS = 256  # threads that wait for the model's batches cost memory only
 _PATH = re.compile(r"(?:[A-Za-z]:\\|/)(?:[\w.+-]+[/\\])+[\w.+-]*")
 
+
+# --- 1. the pyfunc's input check ------------------------------------------------------------
+
+def install_input_checks() -> None:
+    """For models loaded by dolly.serve.pyfunc, put `as_frame` and `check_params` in place of MLflow's
+    own input check (its private `_validate_prediction_input`): MLflow would convert a null
+    instruction to "None" and numbers to text, drop a `context` column as unknown, and only warn
+    about an unknown param (so a typo such as `max_new_token` would silently generate 256
+    tokens). Models of other flavors are not affected. If a future MLflow renames the check,
+    MLflow's checks apply again, DollyPyfunc.predict still checks, and tests/serve fail."""
+    import mlflow.pyfunc as pyfunc
+
+    check = getattr(pyfunc, "_validate_prediction_input", None)
+    if check is None or getattr(check, "dolly_checks", False):
+        return
+
+    def dolly_check(data, params, input_schema, params_schema, flavor=None):
+        if flavor != DOLLY_LOADER:
+            return check(data, params, input_schema, params_schema, flavor)
+        known = [p.name for p in params_schema.params] if params_schema is not None else None
+        return check(as_frame(data), check_params(params, known), None, params_schema, flavor)
+
+    dolly_check.dolly_checks = True
+    pyfunc._validate_prediction_input = dolly_check
+
+
+# --- 2. the HTTP scoring server ---------------------------------------------------------------
 
 def short_message(message: str) -> str:
     """One line, at most 300 characters, file paths replaced by <path>: what an error body says."""
@@ -54,7 +96,7 @@ def _error(status: int, code: str, message: str):
 
 def _is_dolly(model) -> bool:
     flavors = getattr(getattr(model, "metadata", None), "flavors", None) or {}
-    return (flavors.get("python_function") or {}).get("loader_module") == "dolly.serving"
+    return (flavors.get("python_function") or {}).get("loader_module") == DOLLY_LOADER
 
 
 def parse_json_request(body: bytes | str):
@@ -62,8 +104,6 @@ def parse_json_request(body: bytes | str):
     value, `dataframe_records` as a list of records, `dataframe_split` as a DataFrame of Python
     objects. Raises MlflowException (400) with a one-line message."""
     import pandas as pd
-
-    from dolly.serving import bad_input
 
     try:
         payload = json.loads(body)
@@ -102,8 +142,6 @@ def dolly_invocations(original):
         from mlflow.exceptions import MlflowException
         from mlflow.pyfunc.scoring_server import InvocationsResponse
 
-        from dolly import serving
-
         if not _is_dolly(model):
             return original(data, content_type, model, input_schema)
         try:
@@ -117,9 +155,8 @@ def dolly_invocations(original):
                     return _error(response.status, "BAD_REQUEST", response.response)
                 return response
             records, params = parse_json_request(data)
-            stamped = serving.current_deadline() is not None  # by _server_asyncio
-            with (contextlib.nullcontext() if stamped
-                  else serving.request_deadline(request_timeout())):
+            stamped = current_deadline() is not None  # by _server_asyncio
+            with (contextlib.nullcontext() if stamped else request_deadline(request_timeout())):
                 predictions = model.predict(records, params=params)
             return InvocationsResponse(response=json.dumps({"predictions": list(predictions)}),
                                        status=200, mimetype="application/json")
@@ -156,13 +193,11 @@ def _server_asyncio(batching: bool):
     import types
     from concurrent.futures import ThreadPoolExecutor
 
-    from dolly import serving
-
     pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="dolly-request") if batching else None
 
     async def to_thread(func, /, *args, **kwargs):
         context = contextvars.copy_context()
-        context.run(serving.set_deadline, time.monotonic() + request_timeout())
+        context.run(set_deadline, time.monotonic() + request_timeout())
         call = functools.partial(context.run, func, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(pool, call)
 
@@ -175,7 +210,7 @@ def _server_asyncio(batching: bool):
 
 def contain_scoring_server(batching: bool = False) -> None:
     """Swap MLflow's scoring-server `invocations` for `dolly_invocations` and its `asyncio` for
-    `_server_asyncio(batching)` (once per process). Called by dolly.serving's loader; harmless
+    `_server_asyncio(batching)` (once per process). Called by dolly.serve.pyfunc's loader; harmless
     outside a server (nothing calls them there)."""
     from mlflow.pyfunc import scoring_server
 

@@ -62,14 +62,17 @@ class RequestBatcher:
     (`time.monotonic()` seconds, or None) passes. `max_batch` >= 1 rows per batch; `wait_s` >= 0:
     the longest the worker holds a batch that is not full, counted from the later of the oldest
     call's arrival and the end of the previous batch (so callers answered by one batch can join
-    the next), while calls overlap.
+    the next), while calls overlap. `clock`: the time in seconds that arrivals and deadlines are
+    measured in (`time.monotonic`; a test passes one it advances by hand).
     """
 
     def __init__(self, run: Callable[[list, Any, list], Sequence], max_batch: int,
-                 wait_s: float, name: str = "dolly-batcher"):
+                 wait_s: float, name: str = "dolly-batcher",
+                 clock: Callable[[], float] = time.monotonic):
         if max_batch < 1 or wait_s < 0:
             raise ValueError(f"max_batch must be >= 1 and wait_s >= 0, got {max_batch}, {wait_s}")
         self._run, self.max_batch, self.wait_s, self._name = run, max_batch, wait_s, name
+        self.clock = clock
         self._cv = threading.Condition()
         self._waiting: list[_Call] = []
         self._free_since = 0.0
@@ -91,7 +94,7 @@ class RequestBatcher:
             return []
         lengths = list(lengths) if lengths is not None else [0] * len(rows)
         call = _Call(rows, sorted(range(len(rows)), key=lambda i: lengths[i]), key, settings,
-                     deadline, time.monotonic(), left=len(rows), results=[None] * len(rows))
+                     deadline, self.clock(), left=len(rows), results=[None] * len(rows))
         with self._cv:
             self._start_worker()
             if self._in_flight:
@@ -118,7 +121,7 @@ class RequestBatcher:
     def _next_batch(self) -> list[tuple[_Call, int]]:
         """Under the lock: wait for rows, then take the next batch: (call, row index) pairs."""
         while True:
-            now = time.monotonic()
+            now = self.clock()
             for call in [c for c in self._waiting if c.deadline is not None
                          and now >= c.deadline]:
                 self._waiting.remove(call)
@@ -170,5 +173,5 @@ class RequestBatcher:
                     if call.left == 0:
                         call.finish()
             with self._cv:
-                self._free_since = time.monotonic()
+                self._free_since = self.clock()
                 self.batches = [*self.batches[-999:], len(batch)]

@@ -1,9 +1,11 @@
-"""The train step's parent side: plan the run, start the ranks, read their result.
+"""The train step's parent side: plan the run, start the ranks, wait for them.
 
-`prepare_launch()` resolves devices, precision, world size and whether to resume (dolly.checkpoints)
-and prepares output_dir;
-`launch()` starts the ranks (`python -m dolly.training`, one process per rank) with the DeepSpeed
-launcher and waits. The launcher ends every local rank as soon as one exits non-zero, and
+`prepare_launch()` resolves devices, precision, world size and whether to resume
+(dolly.train.checkpoints) and prepares output_dir;
+`start_ranks()` is the one place that picks the launcher: it starts the ranks (`python -m
+dolly.train.rank`, one process per rank) with the DeepSpeed launcher and waits, or hands the plan
+to dolly.train.spark (launcher=spark). What the ranks get and give back is dolly.train.handoff.
+The DeepSpeed launcher ends every local rank as soon as one exits non-zero, and
 collectives time out after `rank_timeout_s`, so a dead or stuck rank ends the step with a non-zero
 exit instead of a hang. `exclusive()` holds output_dir for the whole step.
 
@@ -12,7 +14,6 @@ light, and the GPU-vs-CPU decision made here travels to the ranks as `--device`.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import fcntl
 import json
@@ -23,52 +24,19 @@ import socket
 import subprocess
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dolly import checkpoints
 from dolly.config import Config, fields_where
 from dolly.errors import ConfigError, DollyError
+from dolly.train import checkpoints, spark
+from dolly.train.handoff import FINAL_DIR, RANK_MODULE, RESULT_FILE, Plan, b64_json, rank_args
 
-RANK_MODULE = "dolly.training"
-FINAL_DIR = "final"
-RESULT_FILE = "train_result.json"
 FINGERPRINT_FILE = "fingerprint.json"
 # Settings that make a checkpoint belong to another experiment, declared on the Config fields
 # (checkpoint=True); the duration (epochs, max_steps) is not among them, so that a run can be
 # extended or finished in several goes.
 RESUME_FIELDS = fields_where(checkpoint=True)
-
-
-@dataclass
-class Plan:
-    """What the parent decided before launching: the config the ranks get, and why."""
-
-    cfg: Config                # precision resolved; resume = a checkpoint path or 'never'
-    gpu: bool                  # the ranks' device, passed to them as --device gpu|cpu
-    procs_per_node: int
-    world_size: int
-    resumed_from: str | None   # checkpoint path or None
-    notes: list[str]
-    load_universal: bool = False  # resumed_from is a universal checkpoint (another world size)
-
-
-# --- the config across the process boundary (one pair, easy to swap) ---------------------------
-
-def _b64(obj: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode()
-
-
-def encode_config(cfg: Config) -> str:
-    """The config's non-default fields (Config.to_strings) as base64 JSON: a short argv that
-    `decode_config` reads back to an equal Config."""
-    return _b64(cfg.to_strings(changed_from=Config()))
-
-
-def decode_config(text: str) -> Config:
-    """The Config that `encode_config` wrote (raises ConfigError for a bad value)."""
-    return Config.from_strings(json.loads(base64.urlsafe_b64decode(text)))
 
 
 def _visible_gpus() -> list[int]:
@@ -193,9 +161,9 @@ def prepare_launch(cfg: Config, prepared: Path) -> Plan:
     before anything in output_dir changes, when resume=auto finds checkpoints of other settings;
     DollyError when a checkpoint of another world size cannot be converted.
     """
-    from dolly import data
+    from dolly.data import load_prepared
 
-    _, _, summary = data.load_prepared(prepared)
+    _, _, summary = load_prepared(prepared)
     _check_deepspeed_config(cfg)
     notes: list[str] = []
     gpu, procs, world = _world(cfg, notes)
@@ -255,15 +223,8 @@ def exclusive(cfg: Config) -> Iterator[None]:
 
 # --- launching -----------------------------------------------------------------------------------
 
-def rank_args(p: Plan, prepared: Path, prepared_uri: str) -> list[str]:
-    """The arguments of `python -m dolly.training` (every launcher passes the same)."""
-    return ["--config_b64", encode_config(p.cfg), "--device", "gpu" if p.gpu else "cpu",
-            "--prepared", str(Path(prepared).resolve()), "--prepared_uri", prepared_uri] + (
-        ["--load_universal"] if p.load_universal else [])
-
-
 def launch_command(p: Plan, prepared: Path, prepared_uri: str) -> list[str]:
-    """The DeepSpeed launcher command that starts this node's ranks of `dolly.training`."""
+    """The DeepSpeed launcher command that starts this node's ranks of `dolly.train.rank`."""
     cfg = p.cfg
     worker = ["--module", RANK_MODULE] + rank_args(p, prepared, prepared_uri)
     py = [sys.executable, "-u", "-m"]
@@ -280,7 +241,7 @@ def launch_command(p: Plan, prepared: Path, prepared_uri: str) -> list[str]:
     # hostfile, so call the per-node launcher directly.
     slots = _visible_gpus()[: p.procs_per_node] if p.gpu else list(range(p.procs_per_node))
     names = ["localhost"] if cfg.num_nodes == 1 else [f"node{i}" for i in range(cfg.num_nodes)]
-    world_info = _b64({name: slots for name in names})
+    world_info = b64_json({name: slots for name in names})
     return py + ["deepspeed.launcher.launch", f"--world_info={world_info}",
                  f"--node_rank={cfg.node_rank}", f"--master_addr={cfg.master_addr}",
                  f"--master_port={cfg.master_port}", "--no_local_rank"] + worker
@@ -301,14 +262,12 @@ def rank_env(p: Plan, run_id: str | None, tracking_uri: str | None) -> dict[str,
     return env
 
 
-def launch(p: Plan, prepared: Path, prepared_uri: str, run_id: str | None = None,
-           tracking_uri: str | None = None) -> int:
+def start_ranks(p: Plan, prepared: Path, prepared_uri: str, run_id: str | None = None,
+                tracking_uri: str | None = None) -> int:
     """Run this node's ranks to the end; the launcher's exit code (0 = every rank succeeded).
-    With launcher=spark the ranks run as a Spark barrier job (dolly.spark_launch)."""
+    With launcher=spark the ranks run as a Spark barrier job (dolly.train.spark)."""
     if p.cfg.launcher == "spark":
-        from dolly import spark_launch
-
-        return spark_launch.launch(p, prepared, prepared_uri, run_id, tracking_uri)
+        return spark.launch(p, prepared, prepared_uri, run_id, tracking_uri)
     proc = subprocess.Popen(launch_command(p, prepared, prepared_uri),
                             env=rank_env(p, run_id, tracking_uri))
 
@@ -324,12 +283,3 @@ def launch(p: Plan, prepared: Path, prepared_uri: str, run_id: str | None = None
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def read_result(cfg: Config) -> dict[str, Any]:
-    """The train_result.json rank 0 wrote (steps, losses, seconds, final_dir); raises DollyError
-    when rank 0 did not finish."""
-    path = Path(cfg.output_dir) / RESULT_FILE
-    if not path.is_file():
-        raise DollyError(f"training ended without {path}: rank 0 did not finish")
-    return json.loads(path.read_text())

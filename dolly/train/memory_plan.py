@@ -16,7 +16,7 @@ Per GPU the plan adds three parts (bytes):
   + LayerNorm output 2 (shared by attention and MLP: GPT-J's block is parallel) + query and key
   upcast to fp32 8 + value 2 + attention output 2 + MLP (h -> 4h: fc_in output and the four
   tensors of `gelu_new`'s tanh formula 32, fc_out input 8); 6*a*s^2 = fp32 softmax output 4 + its
-  16-bit copy 2 (no dropout mask: GPT-J's dropout is 0). tests/test_memory_plan.py checks this
+  16-bit copy 2 (no dropout mask: GPT-J's dropout is 0). tests/train/test_memory_plan.py checks this
   against the tensors autograd actually saves. Without recomputation a step keeps `L` layers;
   with gradient checkpointing (Korthikanti et al. section 4, full recomputation) it keeps each
   layer's 16-bit input, `2*s*b*h*L`, plus one layer's activations while that layer is

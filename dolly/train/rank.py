@@ -1,16 +1,16 @@
-"""The train step's rank side: one process per rank, started by dolly.launch.
+"""The train step's rank side: one process per rank, started by dolly.train.launch.
 
-`python -m dolly.training --config_b64 ... --device gpu|cpu --prepared ...` (the DeepSpeed
-launcher) or `torchrun .../dolly/training.py ...` (launcher=spark) runs the Hugging Face
-Trainer with DeepSpeed ZeRO-3, completion-only labels (dolly.collator), length-grouped batches
-(dolly.batching), and rank 0 logging to the parent's MLflow run through the client API (it never
+`python -m dolly.train.rank --config_b64 ... --device gpu|cpu --prepared ...` (the DeepSpeed
+launcher) or `torchrun .../dolly/train/rank.py ...` (launcher=spark) runs the Hugging Face
+Trainer with DeepSpeed ZeRO-3, completion-only labels (dolly.data.collator), length-grouped
+batches (dolly.data.batching), and rank 0 logging to the parent's MLflow run through the client API (it never
 starts, resumes or ends a run). At the end all ranks take part in gathering the consolidated
 weights into <output_dir>/final, and rank 0 writes train_result.json for the parent. The device
-is the parent's decision (`--device`); a rank never decides it again.
+is the parent's decision (`--device`); a rank never decides it again. Its command line, the
+config on it and the result file are dolly.train.handoff; a rank never imports the launchers.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 if __name__ == "__main__" and not __package__:  # run as a file (torchrun under Spark):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the project, not dolly/, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[2])  # the project, not dolly/train/
 
 from dolly.config import Config
 from dolly.errors import DollyError
-from dolly.launch import FINAL_DIR, RESULT_FILE, decode_config
+from dolly.train.handoff import FINAL_DIR, decode_config, rank_parser, write_result
 
 PROBE_RECORDS = 8  # the fixed batch (first test records) whose loss train_result.json records
 
@@ -38,8 +38,11 @@ def _cpu_deepspeed_state(timeout_s: int) -> None:
     accelerate enables DeepSpeed only when a GPU-type device exists; on CPU the Trainer would
     see world size 1 while DeepSpeed sees all ranks. Creating the PartialState ourselves with
     ACCELERATE_USE_DEEPSPEED set gives DistributedType.DEEPSPEED over gloo; TrainingArguments
-    then reuses it (accelerator_config use_configured_state). Verified in
-    ../shared/notes/verified-findings.md. `timeout` bounds every collective.
+    then reuses it (accelerator_config use_configured_state). Measured with transformers 5.17
+    and 5.24, accelerate 1.15, deepspeed 0.19.8 on 2 CPU ranks: without this the Trainer's world
+    size is 1 while DeepSpeed's is 2, and DeepSpeed's batch-size check fails ("train_batch_size
+    is not equal to micro_batch_per_gpu * gradient_acc_step * world_size"); `use_cpu=True`
+    turns DeepSpeed off while `zero.Init` still partitions. `timeout` bounds every collective.
     """
     import deepspeed.ops
     from accelerate import PartialState
@@ -146,8 +149,8 @@ class PreparedDataset:
 def _flops_inputs(model, precision: str, world: int, gpu: bool) -> dict[str, Any]:
     import torch
 
-    from dolly import throughput
-    from dolly.trainer import param_numel
+    from dolly.train import throughput
+    from dolly.train.trainer import param_numel
 
     total = sum(param_numel(p) for p in model.parameters())  # a tied weight counts once
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
@@ -179,11 +182,11 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     import torch
     from transformers import GenerationConfig
 
-    from dolly import data
-    from dolly.collator import CompletionCollator
-    from dolly.modeling import load_base_model
-    from dolly.tokenizer import load_tokenizer, special_ids
-    from dolly.trainer import (DollyTrainer, PartitionRecord, RankZeroMlflow, param_numel,
+    from dolly.data import CompletionCollator, load_prepared
+    from dolly.models import load_base_model
+    from dolly.prompts import special_ids
+    from dolly.tokenizer import load_tokenizer
+    from dolly.train.trainer import (DollyTrainer, PartitionRecord, RankZeroMlflow, param_numel,
                                rank_and_world)
 
     rank, world = rank_and_world()
@@ -200,7 +203,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     tok.padding_side = "left"  # what batched generation from the saved model needs;
     tok.init_kwargs["padding_side"] = "left"  # init_kwargs is what save_pretrained writes
     resp_id, end_id = special_ids(tok)
-    train_df, test_df, _ = data.load_prepared(prepared)
+    train_df, test_df, _ = load_prepared(prepared)
     test_df = test_df.sort_values("length", kind="stable")  # eval batches of similar length
     train_ds, test_ds = PreparedDataset(train_df), PreparedDataset(test_df)
     collator = CompletionCollator(pad_token_id=tok.pad_token_id, response_key_id=resp_id)
@@ -257,7 +260,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
         "precision": cfg.precision, "final_dir": str(final.resolve()),
         "param_count": params["param_count"],
     }
-    (Path(cfg.output_dir) / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    write_result(cfg, result)
     return result
 
 
@@ -265,7 +268,7 @@ def _exit_with_parent(rank: int) -> None:
     """End this process when its launcher (torchrun) is gone: pyspark's distributor does not end
     ranks left behind when its Spark task is killed. The kernel's parent-death signal also ends
     a rank that hangs; the thread covers a parent gone before that was set, and other systems."""
-    from dolly.torchrun_guard import die_with_parent
+    from dolly.train.torchrun_guard import die_with_parent
 
     parent = os.getppid()
     die_with_parent()
@@ -281,27 +284,7 @@ def _exit_with_parent(rank: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m dolly.training",
-                                 description="One rank of the train step (started by the launcher).")
-    ap.add_argument("--config_b64", required=True,
-                    help="the resolved config's non-default fields, JSON in base64")
-    ap.add_argument("--device", required=True, choices=("gpu", "cpu"),
-                    help="the parent's decision: GPU ranks (NCCL) or CPU ranks (gloo)")
-    ap.add_argument("--prepared", required=True, help="local prepared/ folder")
-    ap.add_argument("--prepared_uri", default="", help="fetched on nodes that lack --prepared")
-    ap.add_argument("--load_universal", action="store_true",
-                    help="the resume checkpoint is in DeepSpeed's universal format")
-    ap.add_argument("--mlflow_run_id", default="",
-                    help="rank 0 logs into this run (default: $MLFLOW_RUN_ID)")
-    ap.add_argument("--mlflow_tracking_uri", default="",
-                    help="the run's tracking store (default: $MLFLOW_TRACKING_URI)")
-    ap.add_argument("--exit_with_parent", action="store_true",
-                    help="end this rank when its launcher process is gone (launcher=spark)")
-    # pyspark's DeepspeedTorchDistributor appends these two: ZeRO is always on, and the JSON it
-    # names is the config's own deepspeed_config file (the parent passes its absolute path)
-    ap.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--deepspeed_config", default="", help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
+    a = rank_parser().parse_args(argv)
     cfg = decode_config(a.config_b64)
     if a.deepspeed_config:
         cfg = dataclasses.replace(cfg, deepspeed_config=a.deepspeed_config)
@@ -319,9 +302,9 @@ def main(argv: list[str]) -> None:
         _exit_with_parent(rank)
     prepared = Path(a.prepared)
     if not prepared.is_dir() and a.prepared_uri:
-        from dolly import tracking
+        from dolly.tracking import local_path
 
-        prepared = tracking.local_path(a.prepared_uri, "prepared data")
+        prepared = local_path(a.prepared_uri, "prepared data")
     try:
         train(cfg, prepared, gpu, run_id if rank == 0 else "", a.load_universal)
     except BaseException as e:

@@ -1,10 +1,11 @@
 """The train step's ranks as a Spark barrier job (launcher=spark), parent side.
 
 pyspark's `DeepspeedTorchDistributor` (a `TorchDistributor` that also hands DeepSpeed its config)
-runs the rank file `dolly/training.py` under torchrun on every task of a barrier job, wiring
+runs the rank file `dolly/train/rank.py` under torchrun on every task of a barrier job, wiring
 torchrun's rendezvous between the executors: with GPUs one task per node runs `num_gpus` ranks;
 without, each of `cpu_ranks` x `num_nodes` tasks runs one CPU rank (`useGpu=False`,
-`localMode=False`; measured on `local[2]`, see verified-findings.md). DeepspeedTorchDistributor
+`localMode=False`; measured with pyspark 4.3.0 on `local[2]`, 2026-11-29: ranks 0 and 1 of 2
+over gloo, one torchrun process per task). DeepspeedTorchDistributor
 rather than the plain TorchDistributor because it passes the ZeRO-3 JSON the same way the
 DeepSpeed launcher path reads it (`--deepspeed_config <file>`), so both launchers run one config.
 
@@ -12,7 +13,7 @@ Rough edges of pyspark 4.3 handled here: the distributor appends `--deepspeed
 --deepspeed_config <path>` to the script's arguments (the rank accepts them); it starts torchrun
 directly, so ranks outlive a killed Spark task; and pyspark's `torch_run_process_wrapper` (the
 plain TorchDistributor's guard) always exits 0, so a failed rank would not fail the job.
-`_Distributor` starts torchrun through `dolly/torchrun_guard.py` (ends torchrun and its ranks
+`_Distributor` starts torchrun through `dolly/train/torchrun_guard.py` (ends torchrun and its ranks
 when the task is gone, exits with torchrun's code), and every rank also ends itself when its
 torchrun is gone (`--exit_with_parent`).
 
@@ -27,13 +28,15 @@ from pathlib import Path
 
 from dolly.config import Config
 from dolly.errors import DollyError
+from dolly.spark_session import spark_session
+from dolly.train.handoff import Plan, rank_args
 
-RANK_FILE = Path(__file__).resolve().with_name("training.py")
+RANK_FILE = Path(__file__).resolve().with_name("rank.py")
 GUARD_FILE = str(Path(__file__).resolve().with_name("torchrun_guard.py"))
 
 
 def _torchrun_through_guard(input_params, train_path, *args):
-    """DeepspeedTorchDistributor's torchrun command, run through dolly/torchrun_guard.py."""
+    """DeepspeedTorchDistributor's torchrun command, run through dolly/train/torchrun_guard.py."""
     from pyspark.ml.deepspeed.deepspeed_distributor import DeepspeedTorchDistributor
 
     cmd = DeepspeedTorchDistributor._create_torchrun_command(input_params, train_path, *args)
@@ -68,21 +71,17 @@ def session(cfg: Config):
     """(the active Spark session or one built from spark_master, whether this step built it)."""
     from pyspark.sql import SparkSession
 
-    from dolly.scoring import spark_session
-
     active = SparkSession.getActiveSession()
     if active is not None:
         return active, False
     return spark_session(cfg.spark_master, app="dolly-train"), True
 
 
-def launch(p, prepared: Path, prepared_uri: str, run_id: str | None = None,
+def launch(p: Plan, prepared: Path, prepared_uri: str, run_id: str | None = None,
            tracking_uri: str | None = None) -> int:
-    """Run the ranks of plan `p` (a dolly.launch.Plan) as one Spark barrier job; 0 when every
-    rank succeeded. Raises DollyError naming the job's failure (each rank's own error is in the
-    log above it, streamed from the executors)."""
-    from dolly.launch import rank_args
-
+    """Run the ranks of plan `p` as one Spark barrier job; 0 when every rank succeeded. Raises
+    DollyError naming the job's failure (each rank's own error is in the log above it, streamed
+    from the executors)."""
     cfg = p.cfg
     args = rank_args(p, prepared, prepared_uri) + ["--exit_with_parent"]
     if run_id:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 # Dense peak FLOP/s per device (NVIDIA datasheets, no sparsity). fp32 is plain FP32 (PyTorch does
 # not use TF32 for matmuls unless asked to). Most specific names first: "H100 PCIe" before "H100".
@@ -50,16 +51,26 @@ def mfu(tokens_per_s: float, per_token: float, peak_per_device: float | None,
 class TokenCounter:
     """Real and computed tokens of the batches seen since the last `take()`, and the time spent.
 
-    Time inside `pause()` blocks (evaluation, checkpoint writes) is not training time.
+    Time inside `pause()` blocks (evaluation, checkpoint writes) is not training time. `clock`:
+    the time in seconds (`time.perf_counter`; a test passes one it advances by hand).
     """
 
     real: int = 0
     computed: int = 0
     sequences: int = 0
-    _since: float = field(default_factory=time.perf_counter)
+    _since: float | None = None  # None: now, by `clock`
     _paused: float = 0.0
+    clock: Callable[[], float] = field(default=time.perf_counter, kw_only=True, repr=False,
+                                       compare=False)
+
+    def __post_init__(self) -> None:
+        if self._since is None:
+            self._since = self.clock()
 
     def add(self, real: int, computed: int, sequences: int) -> None:
+        """Count one batch: `real` non-padding tokens, `computed` tokens (padding included) and
+        `sequences` rows; ints or 0-dim int64 tensors (a tensor is added as is, so the count
+        costs no device synchronisation until the total is read)."""
         self.real += real
         self.computed += computed
         self.sequences += sequences
@@ -69,7 +80,7 @@ class TokenCounter:
 
     def take(self) -> tuple[int, int, int, float]:
         """(real, computed, sequences, training seconds) since the last call; then reset."""
-        now = time.perf_counter()
+        now = self.clock()
         out = (self.real, self.computed, self.sequences, max(now - self._since - self._paused, 1e-9))
         self.real = self.computed = self.sequences = 0
         self._since, self._paused = now, 0.0
@@ -81,10 +92,10 @@ class _Pause:
         self.counter = counter
 
     def __enter__(self):
-        self.t0 = time.perf_counter()
+        self.t0 = self.counter.clock()
 
     def __exit__(self, *exc):
-        self.counter._paused += time.perf_counter() - self.t0
+        self.counter._paused += self.counter.clock() - self.t0
         return False
 
 

@@ -1,6 +1,6 @@
 """One Spark task's torchrun, ended with its task, exiting with torchrun's exit code.
 
-Started by dolly.spark_launch in place of `python -m torch.distributed.run` (same arguments).
+Started by dolly.train.spark in place of `python -m torch.distributed.run` (same arguments).
 pyspark's own `torch_run_process_wrapper` ends torchrun when the task's Python worker is gone,
 but always exits 0, so a failed rank never fails the Spark job (measured, pyspark 4.3.0); the
 DeepSpeed distributor starts torchrun with no wrapper, so ranks outlive a killed task. This file
@@ -9,7 +9,7 @@ runs as a script on the executors (the standard library only).
 Spark may SIGKILL this process (pyspark's `_execute_command` gives it 0.5 s after SIGTERM), so
 the clean-up cannot depend on it running: torchrun is started with the kernel's parent-death
 signal (Linux `prctl(PR_SET_PDEATHSIG, SIGKILL)`), and each rank sets the same for itself
-(`die_with_parent`, called by dolly.training), so the chain task -> guard -> torchrun -> rank
+(`die_with_parent`, called by dolly.train.rank), so the chain task -> guard -> torchrun -> rank
 ends even when a rank hangs or is stopped.
 """
 from __future__ import annotations

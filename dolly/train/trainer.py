@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
-from dolly import throughput
-from dolly.batching import LengthGroupedSampler
+from dolly.train import throughput
+from dolly.data.batching import LengthGroupedSampler
 from dolly.config import Config
 
 
@@ -62,6 +62,8 @@ class DollyTrainer(Trainer):
                                     seed=self.dolly_cfg.seed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, counting the batch's tokens first: `inputs` is the collator's
+        batch (`input_ids`, `attention_mask`, `labels`: each `(batch, seq) int64`)."""
         if not self.started:  # the first interval starts here, not at engine set-up
             self.counter.take()
             self.started = True

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dolly.batching import LengthGroupedSampler, padding_efficiency
+from dolly.data.batching import LengthGroupedSampler, padding_efficiency
 
 pytestmark = pytest.mark.timeout(60)
 

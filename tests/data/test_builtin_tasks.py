@@ -1,6 +1,6 @@
 from collections import Counter
 
-from dolly import builtin_tasks
+from dolly.data import builtin_tasks
 
 
 def test_generation_is_seeded():

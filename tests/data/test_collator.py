@@ -3,9 +3,11 @@ by record length, never by comparing ids with the pad id (pad == eos for GPT-J).
 import pytest
 import torch
 
-from dolly import data, prompts
-from dolly.collator import IGNORE_INDEX, CompletionCollator
-from dolly.tokenizer import add_dolly_tokens, gptj_offline, special_ids
+from dolly import prompts
+from dolly.data import prepared
+from dolly.data.collator import IGNORE_INDEX, CompletionCollator
+from dolly.tokenizer import add_dolly_tokens, gptj_offline
+from dolly.prompts import special_ids
 
 pytestmark = pytest.mark.timeout(60)
 X = IGNORE_INDEX
@@ -24,7 +26,7 @@ def gptj():
 
 
 def encode(tok, instruction, input, response):
-    ids, starts, _ = data.tokenize(tok, [prompts.format_record(instruction, input, response)],
+    ids, starts, _ = prepared.tokenize(tok, [prompts.format_record(instruction, input, response)],
                                    256, "drop")
     return {"input_ids": ids[0], "response_start": starts[0]}
 

@@ -1,6 +1,6 @@
 """The built-in pretraining corpus: seeded running text over the lexicon, no Dolly markers."""
-from dolly import corpus
-from dolly.builtin_tasks import lexicon
+from dolly.data import corpus
+from dolly.data.builtin_tasks import lexicon
 from dolly.prompts import END_KEY, INPUT_KEY, INSTRUCTION_KEY, INTRO_NO_INPUT, RESPONSE_KEY
 
 MARKERS = ("###", END_KEY, INSTRUCTION_KEY, INPUT_KEY, RESPONSE_KEY, INTRO_NO_INPUT[:20],

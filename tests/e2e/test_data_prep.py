@@ -5,7 +5,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import mlflow_run, runs_in
+from helpers import mlflow_run, runs_in
 
 pytestmark = pytest.mark.timeout(300)
 

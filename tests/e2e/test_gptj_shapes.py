@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, free_port, fresh_store, mlflow_run, tracking_to
+from helpers import FIXTURES, free_port, fresh_store, mlflow_run, tracking_to
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -135,8 +135,9 @@ def test_every_shard_was_loaded_and_trained(pipeline):
     import torch
     from transformers import GPTJForCausalLM
 
-    from dolly.collator import CompletionCollator
-    from dolly.tokenizer import load_tokenizer, special_ids
+    from dolly.data.collator import CompletionCollator
+    from dolly.tokenizer import load_tokenizer
+    from dolly.prompts import special_ids
 
     root, base, weights, _, _ = pipeline
     out = root / "out"

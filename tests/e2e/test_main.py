@@ -7,7 +7,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import (TEMPLATE_BITS, TINY_OVERRIDES, TINY_PRETRAIN, free_port, mlflow_run,
+from helpers import (TEMPLATE_BITS, TINY_OVERRIDES, TINY_PRETRAIN, free_port, mlflow_run,
                       mlflow_run_cmd, project_copy, project_env, runs_in, tracking_to)
 from dolly.errors import DollyError
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import requests
 
-from conftest import BIN, ROOT, TEMPLATE_BITS, free_port, tracking_to
+from helpers import BIN, ROOT, TEMPLATE_BITS, free_port, tracking_to
 from dolly import prompts
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import mlflow_run
+from helpers import mlflow_run
 
 pytestmark = pytest.mark.timeout(300)
 

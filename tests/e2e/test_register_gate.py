@@ -38,7 +38,9 @@ def test_identical_weights_are_not_registered_twice(tiny_model):
 def test_better_candidate_on_another_set_is_compared_on_one_set(tiny_model, other_model):
     """The champion's 0.9 was measured on another set; re-evaluated on the candidate's records
     (the untrained fixture model answers none of them) it scores 0.0, so 0.5 wins."""
-    from dolly import compare, data, evaluation
+    from dolly import data
+    from dolly.digests import eval_set_digest
+    from dolly.eval import evaluate
 
     name = "dolly_sets"
     champ_eval = tiny_model.fake_eval_run(0.9, 0.0, eval_set="another-set")
@@ -47,7 +49,7 @@ def test_better_candidate_on_another_set_is_compared_on_one_set(tiny_model, othe
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
     _, test, _ = data.load_prepared(tiny_model.prepared)
-    eval_set = compare.eval_set_digest(tiny_model.data_hash, evaluation.select(test, 8))
+    eval_set = eval_set_digest(tiny_model.data_hash, evaluate.select(test, 8))
     cand_eval = tiny_model.fake_eval_run(0.5, 0.0, model_uri=other_model, eval_set=eval_set,
                                          eval_limit=8)
     proc = _register(tiny_model, other_model, cand_eval, name)

@@ -1,10 +1,11 @@
-"""Batch scoring reads its input files with data_prep's readers (dolly.readers), in Spark."""
+"""Batch scoring reads its input files with data_prep's readers (dolly.data.readers), in Spark."""
 import codecs
 import json
 
 import pytest
 
 from dolly import scoring
+from dolly.spark_session import spark_session
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,7 +23,7 @@ def test_read_input_decodes_like_data_prep(tmp_path):
     (folder / "c.csv").write_text('id,instruction\r\n5,"two\r\nlines"\r\n', encoding="utf-16")
     (folder / "_scored_by.json").write_text("{}")  # an earlier output's sidecar: skipped
     assert [f.name for f in scoring.input_files(folder)] == ["a.jsonl", "b.jsonl", "c.csv"]
-    spark = scoring.spark_session("local[1]", app="dolly-test-input")
+    spark = spark_session("local[1]", app="dolly-test-input")
     try:
         rows = [r.asDict() for r in scoring.read_input(spark, folder).collect()]
     finally:

@@ -6,8 +6,10 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import TEMPLATE_BITS, runs_in, tracking_to
+from helpers import TEMPLATE_BITS, runs_in, tracking_to
 from dolly import scoring
+from dolly.spark_session import spark_session
+from dolly.errors import DollyError
 
 GREEDY = {"max_new_tokens": 4, "do_sample": False}
 # dolly-15k's column order (Spark reads its JSON with sorted columns): category comes first
@@ -22,7 +24,7 @@ DOLLY_15K = pd.DataFrame({
 def spark(tiny_model, champion):
     """One local Spark session for every Spark case of this module."""
     with tracking_to(tiny_model.tracking_uri):
-        session = scoring.spark_session("local[2]", app="dolly-test-udf")
+        session = spark_session("local[2]", app="dolly-test-udf")
         try:
             yield session
         finally:
@@ -176,5 +178,5 @@ def test_batch_score_keeps_every_row_and_counts_bad_ones(tiny_model, champion, i
     folder = scoring.check_output(out, src, "overwrite")
     assert set(folder.replace) == {p.relative_to(out).as_posix() for p in out.rglob("*")
                                    if p.is_file()} - {scoring.MARKER}
-    with pytest.raises(scoring.DollyError, match="is not empty"):
+    with pytest.raises(DollyError, match="is not empty"):
         scoring.check_output(out, src)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, TINY_OVERRIDES, free_port, fresh_store, mlflow_run, prepared_run,
+from helpers import (ROOT, TINY_OVERRIDES, free_port, fresh_store, mlflow_run, prepared_run,
                       project_env, runs_in, tracking_to)
-from dolly import launch
+from dolly.train import handoff, launch
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -72,8 +72,9 @@ def runs(tmp_path_factory) -> Runs:
 def _probe_batch(prepared: Path, n: int):
     import pandas as pd
 
-    from dolly.collator import CompletionCollator
-    from dolly.tokenizer import load_tokenizer, special_ids
+    from dolly.data.collator import CompletionCollator
+    from dolly.tokenizer import load_tokenizer
+    from dolly.prompts import special_ids
 
     tok = load_tokenizer(str(prepared / "tokenizer"))
     test = pd.read_parquet(prepared / "test.parquet")
@@ -87,7 +88,7 @@ def test_zero3_partitions_parameters_and_saves_the_trained_weights(runs):
     from transformers import GPTJForCausalLM
 
     from dolly.config import load_config
-    from dolly.modeling import load_base_model
+    from dolly.models.base import load_base_model
 
     ranks = [json.loads((runs.out / f"zero3_rank{r}.json").read_text()) for r in (0, 1)]
     final = GPTJForCausalLM.from_pretrained(runs.out / "final")
@@ -226,7 +227,7 @@ def _weight_delta(runs: Runs, a_file: Path, b_file: Path) -> float:
     from safetensors.torch import load_file
 
     from dolly.config import load_config
-    from dolly.modeling import load_base_model
+    from dolly.models.base import load_base_model
     from dolly.tokenizer import load_tokenizer
 
     a, b = load_file(a_file), load_file(b_file)
@@ -471,11 +472,11 @@ def test_launch_commands_single_and_multi_node(fake_prepared, tmp_path, monkeypa
     assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]
     info = json.loads(base64.urlsafe_b64decode(cmd[4].split("=", 1)[1]))
     assert info == {"localhost": [0, 1]} and "--node_rank=0" in cmd and "--no_local_rank" in cmd
-    assert cmd[cmd.index("--module") + 1] == "dolly.training"
+    assert cmd[cmd.index("--module") + 1] == "dolly.train.rank"
     assert cmd[cmd.index("--device") + 1] == "cpu"  # the parent's decision, passed on
     sent = json.loads(base64.urlsafe_b64decode(cmd[cmd.index("--config_b64") + 1]))
     assert sent["precision"] == "fp32" and sent["resume"] == "never"
-    assert launch.decode_config(cmd[cmd.index("--config_b64") + 1]) == one.cfg
+    assert handoff.decode_config(cmd[cmd.index("--config_b64") + 1]) == one.cfg
 
     # nodes started one by one: the same world on every node, this node's rank
     two = launch.prepare_launch(load_config(None, {"output_dir": tmp_path / "b", "num_gpus": 0,

@@ -5,7 +5,7 @@ MLflow recorded compared against literal numbers. Also after a resume: the same 
 after its step-3 checkpoint and started again, must log the same losses for steps 4-6.
 
 The numbers pin everything that shapes a step: the tokenized data and its split, the label mask
-(dolly/collator.py), the batches (dolly/batching.py), the model init, the optimizer and the
+(dolly/data/collator.py), the batches (dolly/data/batching.py), the model init, the optimizer and the
 learning-rate schedule, and what a resume restores (weights, optimizer, schedule, data order).
 A change to any of them changes the losses; when the change is intended, measure the new
 numbers (run this file with -s: the measured lists are printed) and update them here.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, mlflow_run, prepared_run, runs_in
+from helpers import free_port, mlflow_run, prepared_run, runs_in
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -34,7 +34,7 @@ EXPERIMENT = "train-golden"
 # 2 layers x 64 wide on 120 built-in records (108 train, 12 test): 6 steps of 2 ranks x 8
 # records, two warmup steps, then cosine decay to 0 at step 6.
 # pretrain_steps=0: the randomly initialised base these losses were pinned on (pretraining and
-# its determinism are pinned by tests/test_pretraining.py); a pretrained base would move them.
+# its determinism are pinned by tests/models/test_pretrain.py); a pretrained base would move them.
 DATA = {"builtin_records": 120, "tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4,
         "tiny_rotary_dim": 16, "tiny_n_positions": 128, "max_length": 128, "pretrain_steps": 0,
         # the length-grouped batches these losses were pinned on (the tiny profile's default

@@ -1,38 +1,21 @@
-"""Evaluation metrics: normalisation, ROUGE-L, response-only loss, the base config, model folders."""
+"""dolly.eval.evaluate: response-only loss, a model's metrics on held-out records, the base config,
+the fixed evaluation prefix, model folders."""
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import corpus_tokenizer
-from dolly import builtin_tasks, evaluation, prompts
-from dolly.collator import CompletionCollator
+from helpers import corpus_tokenizer
+from dolly import prompts
 from dolly.config import Config
+from dolly.data.collator import CompletionCollator
 from dolly.errors import DollyError
-from dolly.modeling import build_tiny
-from dolly.tokenizer import special_ids
+from dolly.eval import evaluate, metrics
+from dolly.models.tiny import build_tiny
+from dolly.prompts import special_ids
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.mark.parametrize("pred, ref, same", [
-    ("Hello, Kalo!", "hello, kalo", True),
-    ("  two  ", "Two.", True),
-    ("ba  da\nko", "ba da ko", True),
-    ("bada", "bado", False),
-    ("", "x", False),
-    ("Hello Kalo", "Hello, Kalo", False),  # inner punctuation still counts
-])
-def test_exact_match_normalisation(pred, ref, same):
-    assert evaluation.exact_match(pred, ref) == float(same)
-
-
-def test_rouge_l():
-    assert evaluation.rouge_l("ma ko li", "ma ko li") == pytest.approx(1.0)
-    assert evaluation.rouge_l("li ko ma", "ma ko li") == pytest.approx(1 / 3)
-    assert evaluation.rouge_l("", "ma") == 0.0
-    assert evaluation.rouge_l("!!!", "ma") == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +39,7 @@ def test_response_loss_counts_only_response_tokens(tok):
     test = split(tok, [("Greet Kalo.", "", "Hello, Kalo!"), ("Count the words in the input.",
                                                              "ma ko", "two")])
     collator = CompletionCollator(pad_token_id=tok.pad_token_id, response_key_id=special_ids(tok)[0])
-    got = evaluation.response_loss(model, test, collator, batch_size=2)
+    got = evaluate.response_loss(model, test, collator, batch_size=2)
     total, n = 0.0, 0
     for ids, start in zip(test["input_ids"], test["response_start"]):
         with torch.no_grad():
@@ -73,41 +56,31 @@ def test_evaluate_model_metrics(tok):
                               tiny_n_positions=256), tok).eval()
     test = split(tok, [("Greet Kalo.", "", "Hello, Kalo!"), ("Repeat the word bada.", "", "bada"),
                        ("Count the words in the input.", "ma ko", "two")])
-    res = evaluation.evaluate_model(model, tok, test, max_new_tokens=4, batch_size=2)
+    res = evaluate.evaluate_model(model, tok, test, max_new_tokens=4, batch_size=2)
     names = {"eval_loss", "perplexity", "exact_match", "rouge_l", "stop_rate", "empty_rate",
              "response_length", "tokens_per_s"}
-    assert names <= set(evaluation.METRICS) and names <= set(res.metrics)
+    assert names <= set(evaluate.METRICS) and names <= set(res.metrics)
     assert all(math.isfinite(res.metrics[k]) for k in names)
     assert res.metrics["perplexity"] == pytest.approx(math.exp(res.metrics["eval_loss"]))
     assert len(res.examples) == 3
     assert 0 <= res.metrics["stop_rate"] <= 1 and 0 <= res.metrics["empty_rate"] <= 1
-    assert evaluation.category_metrics(test, res.examples).keys() == {"exact_match/c",
+    assert metrics.category_metrics(test, res.examples).keys() == {"exact_match/c",
                                                                       "rouge_l/c"}
-
-
-def test_category_metrics_are_means_per_family():
-    test = pd.DataFrame({"category": ["first", "repeat", "first", None, "", "a&b", "first"]})
-    ex = pd.DataFrame({"exact_match": [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0],
-                       "rouge_l": [1.0, 0.5, 0.25, 1.0, 1.0, 0.0, 1.0]})
-    assert evaluation.category_metrics(test, ex) == {
-        "exact_match/a_b": 1.0, "exact_match/first": 2 / 3, "exact_match/repeat": 0.0,
-        "rouge_l/a_b": 0.0, "rouge_l/first": 0.75, "rouge_l/repeat": 0.5}
-    assert evaluation.category_metrics(test.drop(columns="category"), ex) == {}
 
 
 def test_base_config_follows_the_train_run():
     cfg = Config()
     params = {"tiny_n_layer": "2", "tiny_n_embd": "64", "tiny_n_head": "4", "seed": "7",
               "learning_rate": "0.5", "base_model": "tiny-gptj"}
-    base, changed = evaluation.base_config(cfg, params)
+    base, changed = evaluate.base_config(cfg, params)
     assert changed == {"tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4, "seed": 7}
     assert base.tiny_n_layer == 2 and base.learning_rate == cfg.learning_rate
 
 
 def test_select_is_a_fixed_prefix():
     df = pd.DataFrame({"a": range(10)})
-    assert list(evaluation.select(df, 3)["a"]) == [0, 1, 2]
-    assert len(evaluation.select(df, 0)) == 10
+    assert list(evaluate.select(df, 3)["a"]) == [0, 1, 2]
+    assert len(evaluate.select(df, 0)) == 10
 
 
 def test_model_folder_layouts(tmp_path):
@@ -117,11 +90,11 @@ def test_model_folder_layouts(tmp_path):
     (mlm / "components" / "tokenizer").mkdir(parents=True)
     (mlm / "components" / "tokenizer" / "tokenizer_config.json").write_text("{}")
     (mlm / "MLmodel").write_text("run_id: abc\nflavors:\n  transformers:\n    model_binary: model\n")
-    assert evaluation.model_folder(mlm) == (mlm / "model", mlm / "components" / "tokenizer")
-    assert evaluation.logged_run_id(mlm) == "abc"
+    assert evaluate.model_folder(mlm) == (mlm / "model", mlm / "components" / "tokenizer")
+    assert evaluate.logged_run_id(mlm) == "abc"
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "config.json").write_text("{}")
-    assert evaluation.model_folder(plain) == (plain, plain)
+    assert evaluate.model_folder(plain) == (plain, plain)
     with pytest.raises(DollyError):
-        evaluation.model_folder(tmp_path / "nothing")
+        evaluate.model_folder(tmp_path / "nothing")

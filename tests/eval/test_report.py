@@ -1,8 +1,8 @@
-"""dolly.report: safe Markdown table cells, which records the comparison shows, its Markdown."""
+"""dolly.eval.report: safe Markdown table cells, which records the comparison shows, its Markdown."""
 import pandas as pd
 import pytest
 
-from dolly import report
+from dolly.eval import report
 
 pytestmark = pytest.mark.timeout(60)
 

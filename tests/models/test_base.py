@@ -2,10 +2,11 @@
 defaults, safetensors only, Dolly's tokens fit."""
 import pytest
 
-from conftest import SMALLEST as SMALL
+from helpers import SMALLEST as SMALL
 from dolly.config import load_config
 from dolly.errors import DollyError
-from dolly.modeling import build_tiny, load_base_model
+from dolly.models.tiny import build_tiny
+from dolly.models.base import load_base_model
 
 
 @pytest.fixture(scope="module")

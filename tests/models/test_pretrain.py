@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from dolly import pretraining
+from dolly.models import pretrain
 from dolly.config import Config, fields_where
 from dolly.errors import DollyError
-from dolly.modeling import load_base_model
+from dolly.models.base import load_base_model
 
-from conftest import corpus_tokenizer
+from helpers import corpus_tokenizer
 
 SMALL = Config(builtin_records=60, tiny_n_layer=1, tiny_n_embd=32, tiny_n_head=2,
                tiny_rotary_dim=8, tiny_n_positions=64, max_length=64, pretrain_steps=3,
@@ -29,30 +29,30 @@ def test_pretraining_fields_shape_the_base():
 
 
 def test_key_changes_with_base_fields_only(tok):
-    key = pretraining.base_key(SMALL, tok)
-    assert len(key) == 20 and key == pretraining.base_key(dataclasses.replace(SMALL), tok)
+    key = pretrain.base_key(SMALL, tok)
+    assert len(key) == 20 and key == pretrain.base_key(dataclasses.replace(SMALL), tok)
     for name, value in {"pretrain_steps": 4, "pretrain_learning_rate": 5e-4, "seed": 1,
                         "tiny_n_embd": 64, "pretrain_seq_len": 32}.items():
-        assert pretraining.base_key(dataclasses.replace(SMALL, **{name: value}), tok) != key, name
+        assert pretrain.base_key(dataclasses.replace(SMALL, **{name: value}), tok) != key, name
     for name, value in {"learning_rate": 5e-4, "epochs": 1.0, "max_steps": 7,
                         "eval_limit": 3, "output_dir": "elsewhere"}.items():
-        assert pretraining.base_key(dataclasses.replace(SMALL, **{name: value}), tok) == key, name
-    assert pretraining.base_key(SMALL, corpus_tokenizer(60, 42, 320)) != key  # another tokenizer
+        assert pretrain.base_key(dataclasses.replace(SMALL, **{name: value}), tok) == key, name
+    assert pretrain.base_key(SMALL, corpus_tokenizer(60, 42, 320)) != key  # another tokenizer
 
 
 def test_cache_builds_once_and_loads_the_same_base(tok, tmp_path, monkeypatch):
-    monkeypatch.setenv(pretraining.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(pretrain.CACHE_ENV, str(tmp_path))
     with pytest.raises(DollyError, match="is not in .* builds it before starting its ranks"):
         load_base_model(SMALL, tok, pretrain_missing=False)  # a rank never pretrains
     lines = []
-    folder = pretraining.ensure_base(SMALL, tok, log=lines.append)
-    assert folder == tmp_path / pretraining.base_key(SMALL, tok)
+    folder = pretrain.ensure_base(SMALL, tok, log=lines.append)
+    assert folder == tmp_path / pretrain.base_key(SMALL, tok)
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no temp folder left
     info = json.loads((folder / "base_info.json").read_text())
     assert info["key"] == folder.name and info["steps"] == 3 and info["tokens"] == 3 * 2 * 16
     assert info["perplexity"] < info["random_init_perplexity"]
     stamp = os.stat(folder / "model.safetensors").st_mtime_ns
-    assert pretraining.ensure_base(SMALL, tok, log=lines.append) == folder  # reused, not rebuilt
+    assert pretrain.ensure_base(SMALL, tok, log=lines.append) == folder  # reused, not rebuilt
     assert os.stat(folder / "model.safetensors").st_mtime_ns == stamp
     assert sum("pretraining the tiny GPT-J" in line for line in lines) == 1
     a = load_base_model(SMALL, tok, pretrain_missing=False)
@@ -60,31 +60,31 @@ def test_cache_builds_once_and_loads_the_same_base(tok, tmp_path, monkeypatch):
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
     # the pretraining is deterministic: a second cache gets bit-identical weights
-    monkeypatch.setenv(pretraining.CACHE_ENV, str(tmp_path / "again"))
+    monkeypatch.setenv(pretrain.CACHE_ENV, str(tmp_path / "again"))
     c = load_base_model(SMALL, tok)
     for (name, x), (_, y) in zip(a.state_dict().items(), c.state_dict().items()):
         assert torch.equal(x, y), name
 
 
 def test_a_race_keeps_one_whole_base(tok, tmp_path, monkeypatch):
-    monkeypatch.setenv(pretraining.CACHE_ENV, str(tmp_path))
-    first = pretraining.ensure_base(SMALL, tok, log=lambda _: None)
+    monkeypatch.setenv(pretrain.CACHE_ENV, str(tmp_path))
+    first = pretrain.ensure_base(SMALL, tok, log=lambda _: None)
     # Another process put the base in place while this one pretrained: this one's first look
     # found nothing, its rename then fails, and the base already there is kept and used.
-    real, looks = pretraining.cached_base, []
+    real, looks = pretrain.cached_base, []
 
     def first_look_misses(cfg, t):
         looks.append(1)
         return None if len(looks) == 1 else real(cfg, t)
 
-    monkeypatch.setattr(pretraining, "cached_base", first_look_misses)
-    assert pretraining.ensure_base(SMALL, tok, log=lambda _: None) == first
+    monkeypatch.setattr(pretrain, "cached_base", first_look_misses)
+    assert pretrain.ensure_base(SMALL, tok, log=lambda _: None) == first
     assert len(looks) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # temp folder removed
 
 
 def test_zero_steps_is_the_random_base(tok, tmp_path, monkeypatch):
-    monkeypatch.setenv(pretraining.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(pretrain.CACHE_ENV, str(tmp_path))
     cfg = dataclasses.replace(SMALL, pretrain_steps=0)
-    assert pretraining.ensure_base(cfg, tok) is None and not pretraining.is_pretrained_tiny(cfg)
+    assert pretrain.ensure_base(cfg, tok) is None and not pretrain.is_pretrained_tiny(cfg)
     assert list(tmp_path.iterdir()) == []

@@ -1,10 +1,10 @@
-"""dolly.scoring's output side: which folders batch_score may write, and what it may replace."""
+"""dolly.scoring.output: which folders batch_score may write, and what it may replace."""
 import json
 
 import pytest
 
 from dolly.errors import ConfigError, DollyError
-from dolly.scoring import MARKER, OutputFolder, _publish, check_output
+from dolly.scoring.output import MARKER, OutputFolder, check_output, publish
 
 
 def test_a_new_or_empty_folder_is_fine(tmp_path):
@@ -57,7 +57,7 @@ def test_overwrite_replaces_only_what_batch_score_wrote(tmp_path):
     staging.mkdir()
     (staging / "part-1.parquet").write_text("new")
     (staging / "_SUCCESS").write_text("")
-    assert _publish(staging, folder) == ["_SUCCESS", "part-1.parquet"]
+    assert publish(staging, folder) == ["_SUCCESS", "part-1.parquet"]
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "_SUCCESS", "part-1.parquet"])
     assert not staging.exists()
     # a file someone added since: overwrite refuses, and nothing is deleted

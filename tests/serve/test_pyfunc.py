@@ -1,113 +1,15 @@
-"""dolly.serving: the records the registered model's pyfunc takes, its checks, and its prompts."""
-import numpy as np
+"""dolly.serve.pyfunc: DollyPyfunc's prompts, answers and batching across calls, and what the
+logged model ships."""
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from conftest import SMALLEST
-from dolly import generation, prompts, serving
-from dolly.serving import DollyPyfunc, as_frame, check_params
-
-NA = [None, float("nan"), np.nan, pd.NA]
-
-
-@pytest.mark.parametrize("data, expected", [
-    ("Greet Mo.", [("Greet Mo.", "")]),
-    (["a", "b"], [("a", ""), ("b", "")]),
-    ([["a"], ["b"]], [("a", ""), ("b", "")]),  # rows of one column, as JSON "instances" give them
-    (pd.Series(["a", "b"]), [("a", ""), ("b", "")]),
-    (np.array([["a"], ["b"]]), [("a", ""), ("b", "")]),
-    (pd.DataFrame({"text": ["a", "b"]}), [("a", ""), ("b", "")]),  # one unnamed column
-    # dolly-15k's column order: the instruction and its context are taken by name
-    (pd.DataFrame({"category": ["closed_qa"], "context": ["Mo is 3."], "instruction": ["Age?"],
-                   "response": ["3"]}), [("Age?", "Mo is 3.")]),
-    ([{"input": "ma ko", "instruction": "Count."}, {"instruction": "Greet Mo."}],
-     [("Count.", "ma ko"), ("Greet Mo.", "")]),
-    ({"instruction": ["a", "b"], "context": ["x", None]}, [("a", "x"), ("b", "")]),
-    ({"instruction": "a", "input": "x"}, [("a", "x")]),
-    ({"instructions": ["a", "b"]}, [("a", ""), ("b", "")]),  # one field of instructions
-    (pd.DataFrame({"instruction": ["a", *NA, " \t"], "input": [None, "x", *NA[1:], "\t"]}),
-     [("a", ""), ("", "x"), ("", ""), ("", ""), ("", ""), (" \t", "\t")]),
-])
-def test_records_are_taken_by_name(data, expected):
-    frame = as_frame(data)
-    assert list(zip(frame["instruction"], frame["input"])) == expected
-
-
-@pytest.mark.parametrize("data, message", [
-    (["a", 3], "row 1: instruction is a number, expected a string"),
-    (pd.DataFrame({"instruction": ["a", 2.5]}), "row 1: instruction is a number, expected a string"),
-    ([{"instruction": True}], "row 0: instruction is a boolean, expected a string"),
-    ([{"instruction": ["Greet Mo."]}], "row 0: instruction is a list, expected a string"),
-    ({"instruction": [{"text": "a"}]}, "row 0: instruction is an object, expected a string"),
-    ([{"instruction": "a", "context": 5}], "row 0: input is a number, expected a string"),
-    ([{"input": "x"}], "record 0 has no 'instruction' field (fields: input)"),
-    (pd.DataFrame({"category": ["c"], "response": ["r"]}),
-     "no 'instruction' column among the 2 columns (category, response)"),
-    (pd.DataFrame({"context": ["c"]}), "no 'instruction' column among the 1 columns (context)"),
-    (pd.DataFrame({"instruction": ["a"], "input": ["x"], "context": ["y"]}),
-     "both 'input' and 'context' columns"),
-    (pd.DataFrame(index=[0, 1]), "the input has no columns"),
-    (np.array([["a", "x"], ["b", "y"]]), "an array of shape (2, 2): send named columns"),
-    (3.5, "expected records or instructions, got a float"),
-])
-def test_bad_records_are_refused_with_one_line(data, message):
-    with pytest.raises(MlflowException) as e:
-        as_frame(data)
-    assert e.value.message.startswith(message), e.value.message
-    assert e.value.get_http_status_code() == 400
-
-
-@pytest.mark.parametrize("params, message", [
-    ({"temperature": -1}, "temperature must be a number >= 0 (0 = greedy), got -1"),
-    ({"top_p": 1.5}, "top_p must be a number from 0 to 1, got 1.5"),
-    ({"top_p": -0.1}, "top_p must be a number from 0 to 1, got -0.1"),
-    ({"top_k": -1}, "top_k must be an integer >= 0 (0 = off), got -1"),
-    ({"top_k": 2.5}, "top_k must be an integer >= 0 (0 = off), got 2.5"),
-    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
-    ({"max_new_tokens": "many"}, 'max_new_tokens must be an integer >= 1, got "many"'),
-    ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1, got true"),
-    ({"do_sample": "yes"}, 'do_sample must be true or false, got "yes"'),
-    ({"max_new_token": 5}, "unknown params ['max_new_token']: this model takes"),
-    ([1], "params must be an object of name: value, got a list"),
-])
-def test_bad_params_are_refused_naming_the_param_and_range(params, message):
-    with pytest.raises(MlflowException) as e:
-        check_params(params)
-    assert e.value.message.startswith(message), e.value.message
-    assert e.value.get_http_status_code() == 400
-
-
-def test_null_params_mean_the_default():
-    assert check_params({"do_sample": None, "top_p": None, "top_k": 3}) == {"top_k": 3}
-    assert check_params(None) == {}
-
-
-def test_a_refusal_never_echoes_a_huge_request():
-    with pytest.raises(MlflowException) as e:
-        check_params({"max_new_tokens": "x" * 1_000_000})
-    assert len(e.value.message) < 300
-
-
-@pytest.fixture(scope="module")
-def wrapped():
-    """MLflow's own transformers pyfunc over a real tiny pipeline (64-token context), wrapped."""
-    import transformers
-    from mlflow.transformers import _TransformersWrapper
-
-    from dolly.config import load_config
-    from dolly.modeling import build_tiny
-    from dolly.tokenizer import build_tokenizer
-
-    cfg = load_config(None, SMALLEST)
-    tok = build_tokenizer(cfg, [])
-    tok.padding_side = "left"
-    torch.manual_seed(0)
-    pipe = transformers.pipeline("text-generation", model=build_tiny(cfg, tok), tokenizer=tok)
-    inner = _TransformersWrapper(pipe, {}, {"return_full_text": False, "batch_size": 2},
-                                 prompts.PROMPT_TEMPLATE)
-    return DollyPyfunc(inner, {})
+from helpers import ROOT, SeenPrompts, same_model, tracking_to
+from dolly import generation, prompts
+from dolly.serve import pyfunc
 
 
 @pytest.fixture(scope="module")
@@ -125,35 +27,6 @@ def lively(wrapped):
     pipe = transformers.pipeline("text-generation", model=model,
                                  tokenizer=wrapped.pipeline.tokenizer)
     return same_model(type("W", (), {"pipeline": pipe})(), 0)
-
-
-def same_model(wrapped, wait_ms, batch_size=8):
-    """Another DollyPyfunc over `wrapped`'s pipeline: batching across calls waiting `wait_ms`
-    (0 = off), batches of `batch_size` rows."""
-    from mlflow.transformers import _TransformersWrapper
-
-    inner = _TransformersWrapper(wrapped.pipeline, {}, {"return_full_text": False,
-                                                        "batch_size": batch_size},
-                                 prompts.PROMPT_TEMPLATE)
-    return DollyPyfunc(inner, {"serve_batch_wait_ms": wait_ms})
-
-
-class SeenPrompts:
-    """Records the prompts (left padding removed) the model is asked to continue."""
-
-    def __init__(self, model):
-        self.model, self.prompts, self._generate = model, [], model.generate
-
-    def __enter__(self):
-        def spy(input_ids=None, attention_mask=None, **kw):
-            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-                self.prompts.append([t for t, m in zip(ids, mask) if m])
-            return self._generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
-        self.model.generate = spy
-        return self
-
-    def __exit__(self, *exc):
-        del self.model.generate  # the instance attribute: the class's method again
 
 
 def test_a_record_with_input_is_asked_in_the_training_format(wrapped):
@@ -261,64 +134,12 @@ def test_sorted_and_unsorted_batches_give_the_same_answers_in_the_same_order(liv
                      "Count the words in the input: ma ko li bada fe"]
 
 
-def test_a_request_past_its_deadline_is_dropped_without_calling_the_model(wrapped):
-    for model in (same_model(wrapped, 0), same_model(wrapped, 5)):
-        with SeenPrompts(model.pipeline.model) as seen, serving.request_deadline(0):
-            with pytest.raises(MlflowException, match="deadline passed") as e:
-                model.predict(["Greet Mo."], {"max_new_tokens": 4})
-        assert e.value.get_http_status_code() == 504
-        assert seen.prompts == []
-
-
-def test_a_running_generation_stops_at_the_deadline(wrapped):
-    import time
-
-    model = same_model(wrapped, 5)
-    steps = []
-
-    def slow(module, args):  # 50 ms a token: 30 tokens would take 1.5 s
-        steps.append(1)
-        time.sleep(0.05)
-
-    hook = model.pipeline.model.register_forward_pre_hook(slow)
-    try:
-        with serving.request_deadline(0.3), pytest.raises(MlflowException, match="deadline"):
-            model.predict(["Greet Mo."], {"max_new_tokens": 30, "do_sample": False,
-                                          "temperature": 0})
-    finally:
-        hook.remove()
-    assert 1 <= len(steps) < 30  # stopped early, at a token boundary
-    # the model is free again: the next call is answered
-    assert len(model.predict(["Greet Mo."], {"max_new_tokens": 2})) == 1
-
-
-@pytest.mark.parametrize("batching, thread", [(True, "dolly-request"), (False, "asyncio")])
-def test_the_server_stamps_each_request_with_its_timeout_as_deadline(monkeypatch, batching,
-                                                                     thread):
-    import asyncio
-    import threading
-    import time
-
-    from dolly import serving_http
-
-    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "7")
-    server_asyncio = serving_http._server_asyncio(batching)
-    t0 = time.monotonic()
-    deadline, name = asyncio.run(server_asyncio.to_thread(
-        lambda: (serving.current_deadline(), threading.current_thread().name)))
-    assert t0 + 7 <= deadline < t0 + 8
-    # with batching, a pool of its own: no request waits for one of asyncio's 6 threads
-    assert name.startswith(thread)
-    assert serving.current_deadline() is None  # the caller's context is untouched
-    assert server_asyncio.wait_for is asyncio.wait_for  # the rest is asyncio itself
-
-
 def test_the_batching_wait_is_read_from_the_environment(wrapped, monkeypatch):
-    monkeypatch.setenv(serving.BATCH_WAIT_ENV, "0")
+    monkeypatch.setenv(pyfunc.BATCH_WAIT_ENV, "0")
     assert same_model(wrapped, 10).batcher is None
-    monkeypatch.setenv(serving.BATCH_WAIT_ENV, "25")
+    monkeypatch.setenv(pyfunc.BATCH_WAIT_ENV, "25")
     assert same_model(wrapped, 0).batcher.wait_s == 0.025
-    monkeypatch.setenv(serving.BATCH_WAIT_ENV, "soon")
+    monkeypatch.setenv(pyfunc.BATCH_WAIT_ENV, "soon")
     with pytest.raises(MlflowException, match="DOLLY_SERVE_BATCH_WAIT_MS must be an integer"):
         same_model(wrapped, 10)
 
@@ -336,69 +157,8 @@ def test_predict_rejects_what_it_cannot_answer(wrapped, data, params, message):
     assert e.value.get_http_status_code() == 400
 
 
-# --- dolly.serving_http: the scoring server's request handling for this model -----------------
-
-class _Meta:
-    flavors = {"python_function": {"loader_module": "dolly.serving"}}
-
-
-class _Model:
-    """Stands for the PyFuncModel the server holds (its predict: DollyPyfunc's checks only)."""
-
-    metadata = _Meta()
-
-    def predict(self, data, params=None):
-        frame = as_frame(data)
-        check_params(params)
-        return [f"{i}|{n}" for i, n in zip(frame["instruction"], frame["input"])]
-
-
-def _invoke(body, content_type="application/json"):
-    import json
-
-    from dolly.serving_http import dolly_invocations
-
-    def mlflow_invocations(data, content_type, model, input_schema):
-        raise AssertionError("JSON for this model is parsed by dolly.serving_http")
-
-    resp = dolly_invocations(mlflow_invocations)(body, content_type, _Model(), None)
-    return resp.status, json.loads(resp.response)
-
-
-def test_json_values_reach_the_model_as_sent():
-    assert _invoke(b'{"inputs": [null, "a"]}') == (200, {"predictions": ["|", "a|"]})
-    assert _invoke(b'{"dataframe_split": {"columns": ["context", "instruction"], '
-                   b'"data": [["x", "a"]]}}') == (200, {"predictions": ["a|x"]})
-    status, body = _invoke(b'{"inputs": [1, 2]}')
-    assert (status, body["message"]) == (
-        400, "row 0: instruction is a number, expected a string (or null for no answer)")
-
-
-def test_a_missing_content_type_is_a_415_not_a_500():
-    assert _invoke(b'{"inputs": ["a"]}', None) == (415, {
-        "error_code": "BAD_REQUEST", "message": "no Content-Type header: send application/json, "
-        "text/csv, application/vnd.apache.parquet"})
-
-
-def test_error_messages_are_one_short_line_without_paths():
-    from dolly.serving_http import short_message
-
-    assert short_message("failed in /usr/lib/python3.11/site-packages/x.py\n  line 3") == \
-        "failed in <path> line 3"
-    assert len(short_message("x" * 10_000)) == 300
-    status, body = _invoke(b'{"inputs": ["' + b"a" * 100 + b'"')
-    assert status == 400 and body["message"].startswith("the body is not valid JSON:")
-
-
-def test_json_kind_names_values_as_json_does():
-    from dolly.serving import json_kind
-
-    assert [json_kind(v) for v in (1, 2.5, True, np.int64(3), np.bool_(True), [1], {"a": 1})] == [
-        "a number", "a number", "a boolean", "a number", "a boolean", "a list", "an object"]
-
-
 def test_the_model_is_loaded_in_a_thread_that_has_ended_and_its_errors_reach_the_caller():
-    """With batching on, _load_pyfunc loads through serving._in_ended_thread, so the server's
+    """With batching on, _load_pyfunc loads through dolly.serve.pyfunc._in_ended_thread, so the server's
     own thread starts no OpenMP pool that would slow the batcher's worker (see _load_pyfunc)."""
     import contextvars
     import threading
@@ -412,7 +172,7 @@ def test_the_model_is_loaded_in_a_thread_that_has_ended_and_its_errors_reach_the
         seen["var"] = var.get()
         return "model"
 
-    assert serving._in_ended_thread(load) == "model"
+    assert pyfunc._in_ended_thread(load) == "model"
     assert seen["thread"] is not threading.current_thread() and not seen["thread"].is_alive()
     assert seen["var"] == "caller's"
 
@@ -420,4 +180,68 @@ def test_the_model_is_loaded_in_a_thread_that_has_ended_and_its_errors_reach_the
         raise OSError("no such model")
 
     with pytest.raises(OSError, match="no such model"):
-        serving._in_ended_thread(broken)
+        pyfunc._in_ended_thread(broken)
+
+
+# --- what the logged model ships: the serving code, enough to answer without the project -------
+
+SHIPPED_RUN = """
+import importlib.util, json, sys
+
+found = importlib.util.find_spec("dolly")
+before = None if found is None else found.origin or f"namespace {found.submodule_search_locations}"
+import mlflow
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+answers = model.predict(["Say hello to Mo."], params={"max_new_tokens": 4, "do_sample": False})
+loaded = {name: getattr(module, "__file__", None) for name, module in sys.modules.items()
+          if name == "dolly" or name.startswith("dolly.")}
+print("RESULT " + json.dumps({"before": before, "answers": answers, "loaded": loaded}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_the_logged_model_ships_only_the_serving_code_and_answers_without_the_project(
+        tiny_model, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    with tracking_to(tiny_model.tracking_uri):
+        local = mlflow.artifacts.download_artifacts(tiny_model.model_uri,
+                                                    dst_path=str(tmp_path / "model"))
+    code = Path(local) / "code" / "dolly"
+    shipped = sorted(str(p.relative_to(code)) for p in code.rglob("*") if p.is_file())
+    package = ROOT / "dolly"
+    want = sorted(str(p.relative_to(package)) for name in pyfunc.SHIPPED_CODE
+                  for p in ([package / name] if (package / name).is_file()
+                            else (package / name).glob("*.py")))
+    assert set(pyfunc.SHIPPED_CODE) == {"__init__.py", "prompts.py", "generation.py", "serve"}
+    assert shipped == want and "serve/pyfunc.py" in shipped, shipped
+    assert not [p for p in code.rglob("*") if "__pycache__" in p.parts or p.suffix == ".pyc"]
+
+    # A fresh interpreter outside the repository, where only the model's own code is dolly.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", SHIPPED_RUN, local], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(line for line in reversed(proc.stdout.splitlines())
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["before"] is None, f"dolly importable before loading: {result['before']}"
+    answers = result["answers"]
+    assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str), answers
+    loaded = result["loaded"]
+    assert {"dolly", "dolly.prompts", "dolly.generation", "dolly.serve.pyfunc"} <= set(loaded)
+    others = [name for name in loaded if name not in ("dolly", "dolly.prompts", "dolly.generation",
+                                                     "dolly.serve")
+              and not name.startswith("dolly.serve.")]
+    assert not others, f"the served model loaded {others}"
+    outside = {name: f for name, f in loaded.items()
+               if f is None or not Path(f).resolve().is_relative_to(code.resolve())}
+    assert not outside, f"loaded from outside the model's code: {outside}"

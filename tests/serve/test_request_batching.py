@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from dolly.request_batching import DeadlinePassed, RequestBatcher
+from helpers import FakeClock
+from dolly.serve.request_batching import DeadlinePassed, RequestBatcher
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,14 +98,14 @@ def test_a_large_call_is_cut_into_length_sorted_batches_and_answered_in_its_orde
 
 
 def test_a_call_past_its_deadline_is_dropped_before_it_runs():
-    run = Recorder()
-    b = RequestBatcher(run, max_batch=8, wait_s=0.0)
+    run, clock = Recorder(), FakeClock()
+    b = RequestBatcher(run, max_batch=8, wait_s=0.0, clock=clock)
     first = in_thread(b.submit, ["busy"], "g", "g")
     run.started.wait(5)
-    late = in_thread(b.submit, ["late"], "g", "g", deadline=time.monotonic() + 0.05)
+    late = in_thread(b.submit, ["late"], "g", "g", deadline=clock() + 0.05)
     on_time = in_thread(b.submit, ["on time"], "g", "g")
     queued(b, 2)
-    time.sleep(0.1)  # the first call's deadline passes while the worker is busy
+    clock.advance(0.1)  # the first call's deadline passes while the worker is busy
     run.release.set()
     for t, _ in (first, late, on_time):
         t.join(10)
@@ -134,6 +135,7 @@ def test_bad_sizes_are_refused():
 
 
 def test_a_lone_caller_does_not_wait_for_company():
+    # real time: a wait of wait_s would show in it (a still fake clock would never end one)
     run = Recorder(hold_first=False)
     b = RequestBatcher(run, max_batch=8, wait_s=30.0)  # a wait that would time the test out
     t0 = time.monotonic()

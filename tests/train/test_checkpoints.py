@@ -1,8 +1,7 @@
 """The resume decision (pure) with literal cases, and the file side kept apart from it."""
 from __future__ import annotations
 
-from dolly.checkpoints import (Checkpoint, ResumeDecision, apply, decide_resume, find_checkpoints,
-                               read_checkpoint)
+from dolly.train.checkpoints import Checkpoint, ResumeDecision, apply, decide_resume, find_checkpoints, read_checkpoint
 
 FP = {"learning_rate": 0.001, "world_size": 2, "data_hash": "h1"}
 C4 = Checkpoint("out/checkpoint-4", 4, True, 2)

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from dolly import memory_plan as mp
+from dolly.train import memory_plan as mp
 from dolly.config import load_config
 from dolly.errors import DollyError
 

@@ -3,7 +3,8 @@ import time
 
 import pytest
 
-from dolly import throughput as tp
+from helpers import FakeClock
+from dolly.train import throughput as tp
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,11 +47,18 @@ def test_summarize_interval():
 
 
 def test_counter_excludes_paused_time():
-    c = tp.TokenCounter()
+    clock = FakeClock()
+    c = tp.TokenCounter(clock=clock)
     c.add(10, 16, 2)
     with c.pause():
-        time.sleep(0.2)
+        clock.advance(0.2)  # an evaluation or a checkpoint write: not training time
     real, computed, seqs, secs = c.take()
     assert (real, computed, seqs) == (10, 16, 2)
     assert secs < 0.15
-    assert c.take()[:3] == (0, 0, 0)
+    clock.advance(0.5)  # training time counts
+    with c.pause():
+        clock.advance(0.2)
+    zeros = c.take()
+    assert zeros[:3] == (0, 0, 0)
+    assert zeros[3] == pytest.approx(0.5)
+    assert tp.TokenCounter().clock is time.perf_counter  # what training measures with

@@ -1,4 +1,4 @@
-"""dolly/torchrun_guard.py: torchrun's exit code reaches the Spark task (pyspark's own wrapper
+"""dolly/train/torchrun_guard.py: torchrun's exit code reaches the Spark task (pyspark's own wrapper
 always exits 0, so a failed rank would not fail the job)."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
-GUARD = ROOT / "dolly" / "torchrun_guard.py"
+GUARD = ROOT / "dolly" / "train" / "torchrun_guard.py"
 
 
 @pytest.mark.timeout(180)

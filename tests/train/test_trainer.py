@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 import os
 
-from conftest import fresh_store, tracking_to
+from helpers import fresh_store, tracking_to
 
 
 def test_rank_zero_mlflow_logs_params_once_and_numeric_logs_as_metrics_at_their_step(tmp_path):
     import mlflow
     from transformers import TrainerState
 
-    from dolly.trainer import RankZeroMlflow
+    from dolly.train.trainer import RankZeroMlflow
 
     with tracking_to(fresh_store(tmp_path)):
         client = mlflow.MlflowClient()
@@ -33,7 +33,7 @@ def test_partition_record_writes_what_this_rank_holds_once(tmp_path, monkeypatch
     import torch
     from transformers import TrainerState, TrainingArguments
 
-    from dolly.trainer import PartitionRecord
+    from dolly.train.trainer import PartitionRecord
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

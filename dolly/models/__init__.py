@@ -1,0 +1,18 @@
+"""Base models: the tiny GPT-J of the offline default (tiny), pretrained once per configuration
+on the built-in corpus and cached (pretrain), or any model `from_pretrained` loads from the Hub or
+a folder (base).
+"""
+import lazy_loader
+
+# Names are imported on first use (SPEC 1 lazy loading, the lazy_loader package): importing a
+# room costs nothing until one of its names is used.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submodules=["base", "pretrain", "tiny"],
+    submod_attrs={  # module -> the public names it defines
+        "base": ["load_base_model"],
+        "pretrain": ["CACHE_ENV", "base_info", "base_key", "cache_root", "cached_base",
+                     "ensure_base", "is_pretrained_tiny", "log_base"],
+        "tiny": ["build_tiny", "tiny_config"],
+    },
+)

@@ -1,0 +1,227 @@
+"""The request contract of the registered model, one rule set for every path (in-process
+`predict`, `spark_udf`, `mlflow models serve`): what a request holds and what is refused.
+
+- Records have an `instruction` (string) and an optional `input` (`context`, as dolly-15k names
+  it, is its alias), taken *by name* from a DataFrame, records (a list of dicts), a dict of
+  columns or a Spark struct; other columns are ignored. A bare string, a list of strings or one
+  unnamed column are instructions.
+- Null, NaN and pandas' NA mean "missing": a missing instruction gets "" without running the
+  model, a missing input means "no input".
+- Refused with one line (MlflowException INVALID_PARAMETER_VALUE, HTTP 400 when served), naming
+  the row or the param: a non-string instruction or input, a param the model does not know
+  (MLflow itself would warn and drop it) or outside its range.
+- `signature()` states the same contract in MLflow's terms for the logged model.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from dolly import prompts
+
+METADATA_KEY = "dolly_serving"
+INSTRUCTION = "instruction"
+INPUT = "input"
+INPUT_ALIASES = ("input", "context")  # dolly-15k calls a record's input its context
+
+
+def json_kind(value) -> str:
+    """What a non-string value is, in JSON's words (as batch_score's `error` column says it):
+    'a number', 'a boolean', 'a list', 'an object', else 'a <Python type>'."""
+    import numbers
+
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return "a boolean"
+    if isinstance(value, numbers.Number):  # numpy's numbers register as Numbers
+        return "a number"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def bad_input(message: str):
+    """The error a caller sees for input the model cannot answer (HTTP 400 when serving): one
+    line, at most 300 characters, so that a huge request is never echoed back."""
+    from mlflow.exceptions import MlflowException
+
+    line = " ".join(str(message).split())
+    return MlflowException.invalid_parameter_value(line[:297] + "..." if len(line) > 300 else line)
+
+
+def is_missing(x) -> bool:
+    """None, NaN (a null cell of pandas or Spark) or pandas' NA: a value that is not there."""
+    import pandas as pd
+
+    return x is None or x is pd.NA or (isinstance(x, float) and x != x)
+
+
+def _columns_of(frame) -> tuple[list, list | None]:
+    """(instructions, inputs or None) from a DataFrame, by column name."""
+    names = [str(c) for c in frame.columns]
+    if INSTRUCTION in names:
+        ins = frame[frame.columns[names.index(INSTRUCTION)]].tolist()
+    elif len(names) == 1 and names[0] not in INPUT_ALIASES:  # one column: instructions
+        ins = frame.iloc[:, 0].tolist()
+    else:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise bad_input(f"no '{INSTRUCTION}' column among the {len(names)} columns ({shown}); "
+                        f"name the columns '{INSTRUCTION}' and optionally '{INPUT}'")
+    given = [n for n in INPUT_ALIASES if n in names]
+    if len(given) > 1:
+        raise bad_input(f"both '{given[0]}' and '{given[1]}' columns: '{INPUT_ALIASES[1]}' is "
+                        f"another name for '{INPUT}'; send one of them")
+    inputs = frame[frame.columns[names.index(given[0])]].tolist() if given else None
+    return ins, inputs
+
+
+def _record(row: dict, i: int) -> tuple[Any, Any]:
+    keys = [str(k) for k in row]
+    if INSTRUCTION not in keys:
+        raise bad_input(f"record {i} has no '{INSTRUCTION}' field (fields: "
+                        f"{', '.join(keys[:8]) or 'none'})")
+    given = [n for n in INPUT_ALIASES if n in keys]
+    if len(given) > 1:
+        raise bad_input(f"record {i} has both '{given[0]}' and '{given[1]}': send one of them")
+    return row[INSTRUCTION], (row[given[0]] if given else None)
+
+
+def records_of(data) -> tuple[list, list]:
+    """(instructions, inputs) of a pyfunc input, values as given (checked by `as_frame`).
+
+    Named columns from a DataFrame (also what `spark_udf` passes, struct or columns), a dict of
+    columns, or a list of records (dicts); a string, a list of strings, a Series, a 1-D array or
+    a single column: instructions without input. Raises MlflowException (400) on other shapes.
+    """
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(data, str):
+        return [data], [None]
+    if isinstance(data, pd.DataFrame):
+        if data.shape[1] == 0:
+            raise bad_input(f"the input has no columns: send an '{INSTRUCTION}' column")
+        ins, inputs = _columns_of(data)
+        return ins, inputs if inputs is not None else [None] * len(ins)
+    if isinstance(data, pd.Series):
+        return data.tolist(), [None] * len(data)
+    if isinstance(data, np.ndarray):
+        if data.ndim == 2 and data.shape[1] == 1:
+            data = data[:, 0]
+        if data.ndim > 1:
+            raise bad_input(f"an array of shape {data.shape}: send named columns "
+                            f"('{INSTRUCTION}', '{INPUT}') or one column of instructions")
+        values = data.tolist() if data.ndim else [data.item()]
+        return values, [None] * len(values)
+    if isinstance(data, dict):
+        only = str(next(iter(data))) if len(data) == 1 else None
+        if INSTRUCTION not in data and only is not None and only not in INPUT_ALIASES:
+            # {"anything": [instructions]}
+            return records_of(pd.Series(_as_list(next(iter(data.values())))))
+        try:
+            frame = pd.DataFrame({k: _as_list(v) for k, v in data.items()}, dtype=object)
+        except ValueError:
+            raise bad_input("the columns of the input differ in length") from None
+        return records_of(frame)
+    if isinstance(data, (list, tuple)):
+        ins, inputs = [], []
+        for i, row in enumerate(data):
+            if isinstance(row, dict):
+                a, b = _record(row, i)
+            else:
+                a, b = (row[0] if isinstance(row, (list, tuple)) and len(row) == 1 else row), None
+            ins.append(a)
+            inputs.append(b)
+        return ins, inputs
+    raise bad_input(f"expected records or instructions, got a {type(data).__name__}")
+
+
+def _as_list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else [v]
+
+
+def as_frame(data):
+    """The checked records of a pyfunc input: a DataFrame with string columns `instruction` and
+    `input` ("" where missing or null), one row per record, in order.
+
+    Raises MlflowException (400) naming the first row whose instruction or input is present but
+    not a string (a number, a boolean, a list, ...).
+    """
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame) and list(data.columns) == [INSTRUCTION, INPUT] \
+            and data.attrs.get(METADATA_KEY):
+        return data  # already checked
+    ins, inputs = records_of(data)
+    for name, values in ((INSTRUCTION, ins), (INPUT, inputs)):
+        for i, v in enumerate(values):
+            if is_missing(v):
+                values[i] = ""
+            elif not isinstance(v, str):
+                raise bad_input(f"row {i}: {name} is {json_kind(v)}, expected a string "
+                                f"(or null for {'no input' if name == INPUT else 'no answer'})")
+    frame = pd.DataFrame({INSTRUCTION: [str(v) for v in ins], INPUT: [str(v) for v in inputs]},
+                         dtype=object)
+    frame.attrs[METADATA_KEY] = True
+    return frame
+
+
+# --- generation params --------------------------------------------------------------------------
+
+# name: (type check, range check, the allowed range in words)
+_PARAMS = {
+    "max_new_tokens": (lambda v: isinstance(v, int), lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: isinstance(v, (int, float)), lambda v: 0 <= v < float("inf"),
+                    "a number >= 0 (0 = greedy)"),
+    "top_p": (lambda v: isinstance(v, (int, float)), lambda v: 0 <= v <= 1,
+              "a number from 0 to 1"),
+    "top_k": (lambda v: isinstance(v, int), lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "do_sample": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
+}
+
+
+def check_params(params, known=None) -> dict:
+    """The generation params of a request, checked: unknown names, types and ranges give one
+    line naming the param and its allowed range (MlflowException, 400); null means the default
+    (left out). `known`: the names the model's signature declares (default: all of _PARAMS)."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise bad_input(f"params must be an object of name: value, got a {type(params).__name__}")
+    known = set(known if known is not None else _PARAMS)
+    if unknown := sorted(str(k) for k in params if str(k) not in known):
+        raise bad_input(f"unknown params {unknown}: this model takes {sorted(known)}")
+    out = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        is_type, in_range, allowed = _PARAMS.get(name, (lambda v: True, lambda v: True, ""))
+        if not is_type(value) or (isinstance(value, bool) and name != "do_sample") \
+                or not in_range(value):
+            raise bad_input(f"{name} must be {allowed}, got {_short(value)}")
+        out[name] = value
+    return out
+
+
+def _short(value) -> str:
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def signature():
+    """Input: named columns `instruction` (string, required) and `input` (string, optional;
+    `context` is also taken for it); output: one response string per record; params: Dolly's
+    generation defaults (dolly.prompts.GENERATION_DEFAULTS)."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, Schema
+
+    params = infer_signature(["x"], params=dict(prompts.GENERATION_DEFAULTS)).params
+    inputs = Schema([ColSpec("string", INSTRUCTION), ColSpec("string", INPUT, required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]), params=params)
