@@ -1,5 +1,5 @@
-"""Base models: the tiny GPT-J (pretrained on the built-in corpus, or randomly initialised),
-or a GPT-J-class model from the Hub or a folder."""
+"""Loading the base model a config names: the tiny GPT-J (the one pretrained on the built-in corpus,
+from its cache, or randomly initialised), or a GPT-J-class model from the Hub or a folder."""
 from __future__ import annotations
 
 import torch
