@@ -257,7 +257,7 @@ class Config:
         steps=TRAIN, checkpoint=True,
     )
 
-    # --- memory plan (dolly/train/memory_plan.py; `mlflow run . -e plan`) ----------------------------
+    # --- memory plan (dolly/train/memory_plan.py; `mlflow run . -e plan`) ----------------------
     gpu_memory_gb: float = _f(
         0.0, "Memory of one GPU in GiB for `-e plan` (nvidia-smi's total MiB / 1024); 0 = the "
         "visible GPU's. The train step's check uses the GPU it runs on.", steps=())

@@ -1,4 +1,5 @@
-"""The config keys as documentation: `mlflow run . -e config` and the table in docs/configuration.md."""
+"""The config keys as documentation: `mlflow run . -e config` and the table in
+docs/configuration.md."""
 from __future__ import annotations
 
 from dolly.config import FIELDS, field_type, to_text

@@ -33,12 +33,7 @@ def main(argv: list[str]) -> None:
         raise DollyError(f"evaluate run '{inp['eval_run']}' evaluated '{evaluated or '?'}', "
                          f"not '{inp['model_uri']}'")
     train_run = ev.data.tags.get("train_run_id") or None
-    train_params = {}
-    if train_run:
-        try:
-            train_params = client.get_run(train_run).data.params
-        except MlflowException:
-            pass
+    train_params, _ = evaluation.train_run_params(train_run)
     dataset = train_params.get("dataset", cfg.dataset)
     base_model = ev.data.tags.get("base_model") or train_params.get("base_model", cfg.base_model)
 

@@ -3,7 +3,8 @@ in Dolly's training text, tokenize, apply the length policy, split, and write `p
 
 Nothing is dropped silently: every record read ends up either kept (train or test) or in
 rejected.jsonl with its file, line/row and reason, and `read == kept + rejected` always holds.
-Reading (sources, files, encodings) is `dolly.data.readers`; the per-record rules `dolly.data.validation`.
+Reading (sources, files, encodings) is `dolly.data.readers`; the per-record rules
+`dolly.data.validation`.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "compare": ["evaluate_on", "evaluation_set", "rescore_champion"],
         "evaluate": ["METRICS", "EvalInputs", "Evaluation", "ModelEval", "base_vs_tuned",
                      "device", "dtype_for", "evaluate_model", "load_saved_model",
-                     "resolve_inputs", "select"],
+                     "resolve_inputs", "select", "train_run_params"],
         "metrics": ["category_metrics", "exact_match", "normalise", "rouge_l"],
         "report": ["by_family", "family_line", "md_cell", "run_description", "what_it_shows"],
     },

@@ -295,10 +295,6 @@ class Evaluation:
     base_folder: Path | None = None  # the cached pretrained base that was evaluated, if any
     lines: list[str] = field(default_factory=list)  # the summary the step prints
 
-    @property
-    def records(self) -> int:
-        return len(self.examples)
-
 
 def _free(model) -> None:
     del model
