@@ -6,6 +6,8 @@ trained on.
 """
 from __future__ import annotations
 
+import unicodedata
+
 INTRO_NO_INPUT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
@@ -40,11 +42,33 @@ PROMPT_TEMPLATE = (INTRO_NO_INPUT + "\n\n" + INSTRUCTION_KEY + "\n{prompt}\n\n"
 END_SUFFIX = "\n\n" + END_KEY
 
 
+# Code points that show nothing beyond str.isspace() and Unicode's format (Cf) and control (Cc)
+# categories: the rest of Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties
+# .txt: combining grapheme joiner, Hangul fillers, Khmer inherent vowels, Mongolian free
+# variation selectors, variation selectors 1-256) and U+2800 BRAILLE PATTERN BLANK.
+_INVISIBLE = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u2800\u3164\uffa0"
+    + "".join(map(chr, range(0xFE00, 0xFE10))) + "".join(map(chr, range(0xE0100, 0xE01F0))))
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` (a str) shows nothing: every character is whitespace (`str.isspace`: spaces,
+    tabs, line ends, U+0085, U+2028/2029, U+3000...), a Unicode format or control character
+    (categories Cf, Cc: U+200B ZERO WIDTH SPACE, U+200D, U+2060 WORD JOINER, U+FEFF BOM, U+00AD
+    SOFT HYPHEN, NUL...) or another default-ignorable code point (variation selectors, Hangul
+    fillers). A blank instruction or response is rejected by data_prep; a blank input means "no
+    input"; the served model answers "" to a blank instruction without running the model."""
+    for ch in text:  # stops at the first visible character: the first, for almost any text
+        if not (ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) in ("Cf", "Cc")):
+            return False
+    return True
+
+
 def has_input(input) -> bool:
-    """Whether a record's input selects the with-input template: a string with a non-space
-    character. None, "" and whitespace (tabs, newlines included) mean "no input". Training,
+    """Whether a record's input selects the with-input template: a string that is not blank
+    (`is_blank`). None, "", whitespace and invisible-only text mean "no input". Training,
     evaluation and the served model all decide with this one rule."""
-    return isinstance(input, str) and bool(input.strip())
+    return isinstance(input, str) and not is_blank(input)
 
 
 def format_prompt(instruction: str, input: str | None = None) -> str:

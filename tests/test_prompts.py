@@ -1,3 +1,5 @@
+import pytest
+
 from dolly import prompts
 
 NO_INPUT = (
@@ -53,3 +55,19 @@ def test_prompt_parts_join_to_the_prompt_and_name_the_users_text():
     assert [t for k, t in parts if k != "template"] == ["Translate to French.", "Hello"]
     parts = prompts.prompt_parts("Name a color.", "  ")
     assert [t for k, t in parts if k != "template"] == ["Name a color."]
+
+
+# Issue 23, case 3: a field with nothing visible is blank (dotnet/corefx #37817).
+@pytest.mark.parametrize("text, blank", [
+    ("", True), (" \t\r\n", True), ("\u200b", True), ("\ufeff\u2060", True),
+    ("\u200b\u200b\u200b", True), ("\u00a0\u3000\u2028\u0085", True), ("\u00ad\u200d\u034f", True),
+    ("\ufe0f\u3164\u2800", True), ("\x00\x07", True),
+    ("a", False), ("\u200ba", False), ("\ud800", False), ("\U0001f600", False), ("\u0301", False),
+])
+def test_is_blank_means_nothing_visible(text, blank):
+    assert prompts.is_blank(text) is blank
+
+
+def test_an_invisible_input_selects_the_no_input_template():
+    assert prompts.has_input("\u200b\ufeff") is False
+    assert prompts.format_prompt("Say hi.", "\u2060") == prompts.format_prompt("Say hi.")

@@ -4,8 +4,10 @@ and formatted in Dolly's template; every other record rejected with a reason (no
 Rules (README, data_prep):
 - Layout per record: Alpaca (`instruction`, `input`, `output`) or databricks-dolly-15k
   (`instruction`, `context`, `response`, `category`); `columns=` mappings win for their fields.
-- instruction and response must be non-blank strings; input may be missing, null, NaN or blank,
-  all meaning "no input" (Alpaca's no-input template); any other non-string is rejected.
+- instruction and response must be strings that are not blank (`dolly.prompts.is_blank`: nothing
+  visible, only whitespace and invisible format characters such as U+200B or U+FEFF); input may
+  be missing, null, NaN or blank, all meaning "no input" (Alpaca's no-input template); any other
+  non-string is rejected.
 - Line endings inside fields become `\\n` (what the served prompts use).
 - Text that the tokenizer would encode as a control id (its eos/bos/pad, Dolly's markers: see
   `dolly.tokenizer.control_texts`) is rejected as `reserved_marker`, also when it only forms
@@ -144,13 +146,13 @@ class Validator:
             return "missing_response"
         if not (isinstance(ins, str) and isinstance(resp, str) and (inp is None or isinstance(inp, str))):
             return "non_string_field"
-        if not ins or ins.isspace():
+        if prompts.is_blank(ins):
             return "blank_instruction"
-        if not resp or resp.isspace():
+        if prompts.is_blank(resp):
             return "blank_response"
         if "\r" in ins or "\r" in resp:
             ins, resp = _newlines(ins), _newlines(resp)
-        inp = "" if not inp or inp.isspace() else _newlines(inp)
+        inp = _newlines(inp) if prompts.has_input(inp) else ""
         cat, _ = self._pick(v, cols["category"])
         cat = cat if isinstance(cat, str) else ""
         text = prompts.format_record(ins, inp, resp)

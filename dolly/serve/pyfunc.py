@@ -222,7 +222,8 @@ class DollyPyfunc:
             top_k=settings["top_k"], deadlines=deadlines).generations
 
     def predict(self, data, params: dict[str, Any] | None = None) -> list[str]:
-        """One response per record, in order; "" for null, empty or blank instructions.
+        """One response per record, in order; "" for null, empty or blank instructions (nothing
+        visible: `dolly.prompts.is_blank`), without running the model for them.
 
         Rows are generated shortest prompt first in batches of the logged batch_size, and, when
         batching across calls is on (serve_batch_wait_ms > 0), together with the rows of
@@ -235,7 +236,7 @@ class DollyPyfunc:
         frame = as_frame(data)
         settings = self._check(frame, params or {})
         answers = [""] * len(frame)
-        todo = [i for i, text in enumerate(frame[INSTRUCTION]) if text.strip()]
+        todo = [i for i, text in enumerate(frame[INSTRUCTION]) if not prompts.is_blank(text)]
         if not todo:
             return answers
         rows = [(frame[INSTRUCTION].iat[i], frame[INPUT].iat[i]) for i in todo]
