@@ -316,3 +316,37 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# Issue 23's data cases, each file as a user's exporter writes it; data_prep's literal results
+# for each are asserted in tests/data (prepare) and tests/e2e/test_data_prep.py (mlflow run).
+CR_RECORDS = [{"instruction": f"Name a {w}.", "input": "", "output": a}
+              for w, a in (("planet", "Mars."), ("fruit", "Apple."), ("day", "Monday."),
+                           ("pet", "Cat."))]
+QUOTE_CSV = ('instruction,input,response\nSay hello.,,hello\n"Name a colour.,,red\nName a fruit.,,apple\n'
+             'Name a day.,,monday\nName a pet.,,cat\n')
+
+
+def write_case_files(folder):
+    """The five files of issue 23's data cases in `folder` (created):
+    cr.jsonl (4 records joined by a lone \\r), na.parquet (pandas `string` columns with pd.NA),
+    invisible.jsonl (fields of zero-width characters only), list.parquet (a list<string> input),
+    quote.csv (a stray quote at line 3 of a 6-line file)."""
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cr.jsonl").write_bytes("\r".join(json.dumps(r) for r in CR_RECORDS).encode())
+    pd.DataFrame({"instruction": ["Say one.", "Say two.", pd.NA, "Say four.", "Say five."],
+                  "input": [pd.NA, "x", "y", pd.NA, "z"],
+                  "output": ["one", "two", "three", "four", "five"]},
+                 dtype="string").to_parquet(folder / "na.parquet")
+    write_jsonl(folder / "invisible.jsonl", [
+        {"instruction": "\u200b", "output": "a"},
+        {"instruction": "\ufeff\u2060", "output": "b"},
+        {"instruction": "Say c.", "output": "\u200b\u200b"},
+        {"instruction": "Say d.", "input": "\u200b", "output": "d"}])
+    pd.DataFrame({"instruction": ["Join the paragraphs.", "Say e."],
+                  "input": [["para one", "para two"], None], "output": ["joined", "e"]}
+                 ).to_parquet(folder / "list.parquet")
+    (folder / "quote.csv").write_text(QUOTE_CSV, newline="")
+    return folder

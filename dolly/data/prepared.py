@@ -202,13 +202,31 @@ def _strict_json(value):
     return value
 
 
+def _json_default(value):
+    """JSON for the values a columnar file holds beyond JSON's own: dates and times as ISO 8601
+    text, a Decimal as the number it is, bytes as their UTF-8 text (invalid bytes as \\xNN)."""
+    import datetime
+    import decimal
+
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal) and value.is_finite():
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return str(value)
+
+
 def _write_rejected(rejected: list[dict], path: Path) -> None:
+    """One JSON object a line: source, where, reason, record (the value as it was read: JSON
+    values as JSON, a text that did not parse as its text), and detail where the reason needs
+    one (a CSV quote fault)."""
     with path.open("w", encoding="utf-8") as fh:
         for r in rejected:
             r = _strict_json(r)
-            line = json.dumps(r, ensure_ascii=False, default=str, allow_nan=False)
+            line = json.dumps(r, ensure_ascii=False, default=_json_default, allow_nan=False)
             if not line.isascii() and readers.has_surrogates(line):  # a "\ud800" escape kept
-                line = json.dumps(r, default=str, allow_nan=False)
+                line = json.dumps(r, default=_json_default, allow_nan=False)
             fh.write(line + "\n")
 
 

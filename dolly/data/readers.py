@@ -15,6 +15,11 @@ error `encoding`; invalid UTF-16/32 refuses the file. JSON content: a file holdi
 value (an array of records, `{"data": [...]}`, or one record) is a document whatever its
 extension; a file whose first value ends on its first line and is followed by more is JSON lines.
 `NaN` is read as null (a missing value); `Infinity`/`-Infinity` as floats (not strings).
+
+Line ends (JSON lines, CSV): `\n`, `\r\n` and a lone `\r`, in any mix; U+2028/U+2029/U+0085 are
+text. Columnar files are read through Arrow, so every null is None and values keep their JSON
+kind (`arrow_records`). CSV follows RFC 4180; a record whose quotes break it is one
+`malformed_csv` record naming its physical lines, and reading goes on after it.
 """
 from __future__ import annotations
 
@@ -23,7 +28,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,10 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
          (codecs.BOM_UTF16_BE, "utf-16-be"))
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_WS = re.compile(r"[ \t\n\r]*")
+# The line ends of JSON lines and CSV: \r\n, \r alone (classic Mac OS, some exporters) and \n, in
+# any mix. Not U+2028/U+2029/U+0085 (str.splitlines would split there): inside a JSON string or
+# a CSV field they are part of the text.
+_LINE_END = re.compile(r"\r\n?|\n")
 # NaN -> None (missing, as pandas means it); Infinity/-Infinity -> float (a non-string value).
 _JSON = json.JSONDecoder(parse_constant=lambda name: None if name == "NaN" else float(name))
 # A response may be long; the csv module's default cap (128 KiB a field) would refuse it.
@@ -55,6 +63,7 @@ class Raw:
     value: Any = None
     error: str | None = None  # a reason already known at read time (malformed_json, encoding)
     raw_text: str | None = None
+    detail: str | None = None  # why, in one line, when the reason alone does not say it
 
 
 @dataclass
@@ -213,11 +222,11 @@ _UNREADABLE = (ValueError, RecursionError)
 def _lines(text: str, name: str, invalid_bytes: bool) -> list[Raw]:
     out = []
     decode_json = _JSON.decode
-    for n, line in enumerate(text.split("\n"), start=1):
+    for n, line in enumerate(_LINE_END.split(text), start=1):
         if not line or line.isspace():
             continue
         if invalid_bytes and _SURROGATE.search(line):
-            out.append(Raw(name, f"line {n}", error="encoding", raw_text=show(line.rstrip("\r"))))
+            out.append(Raw(name, f"line {n}", error="encoding", raw_text=show(line)))
             continue
         try:
             out.append(Raw(name, f"line {n}", decode_json(line)))
@@ -227,13 +236,13 @@ def _lines(text: str, name: str, invalid_bytes: bool) -> list[Raw]:
                     raise
                 out.append(Raw(name, f"line {n}", decode_json(line[1:])))
             except _UNREADABLE:
-                out.append(Raw(name, f"line {n}", error="malformed_json", raw_text=line.rstrip("\r")))
+                out.append(Raw(name, f"line {n}", error="malformed_json", raw_text=line))
     return out
 
 
 def _record_line_follows(text: str, pos: int) -> bool:
     """Whether the next non-blank line after `pos` is a JSON object on its own."""
-    for line in text[pos:pos + (1 << 20)].split("\n")[1:]:
+    for line in _LINE_END.split(text[pos:pos + (1 << 20)])[1:]:
         if line and not line.isspace():
             try:
                 return isinstance(_JSON.decode(line), dict)
@@ -242,13 +251,20 @@ def _record_line_follows(text: str, pos: int) -> bool:
     return False
 
 
+def _position(text: str, pos: int) -> tuple[int, int]:
+    """(line, column), both from 1, of offset `pos`, counting every line end `_LINE_END` knows
+    (json's own lineno counts only \\n)."""
+    ends = list(_LINE_END.finditer(text, 0, pos))
+    return len(ends) + 1, pos - (ends[-1].end() if ends else 0) + 1
+
+
 def read_json_text(text: str, name: str, invalid_bytes: bool = False) -> tuple[list[Raw], str]:
     """(records, 'json' or 'json-lines') of decoded JSON text, decided by the content."""
     start = _JSON_WS.match(text).end()
     if start == len(text):
         return [], "json"
-    newline = text.find("\n", start)
-    first_line_end = newline if newline >= 0 else len(text)
+    newline = _LINE_END.search(text, start)
+    first_line_end = newline.start() if newline else len(text)
     try:
         value, end = _JSON.raw_decode(text, start)
     except _UNREADABLE as e:
@@ -260,8 +276,9 @@ def read_json_text(text: str, name: str, invalid_bytes: bool = False) -> tuple[l
         broken_document = text[start] == "[" or (
             e.pos > first_line_end and not _record_line_follows(text, first_line_end))
         if broken_document:  # not JSON lines whose first line is broken
-            raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno} column "
-                            f"{e.colno}){_ENCODING_HINT if invalid_bytes else ''}") from None
+            line, column = _position(text, e.pos)
+            raise DataError(f"{name}: not valid JSON ({e.msg} at line {line} column "
+                            f"{column}){_ENCODING_HINT if invalid_bytes else ''}") from None
         return _lines(text, name, invalid_bytes), "json-lines"
     if _JSON_WS.match(text, end).end() == len(text):
         records = _document(value, name)
@@ -280,59 +297,142 @@ _ENCODING_HINT = "; the file also holds bytes that are not UTF-8: save it as UTF
 
 # --- CSV and Parquet ---------------------------------------------------------------------------
 
+def _quote_opened(lines: list[str]) -> int:
+    """Index in `lines` of the line where a double quote is left open (the running count of '"'
+    turns odd and stays odd), or 0."""
+    count, opened = 0, 0
+    for i, line in enumerate(lines):
+        before = count
+        count += line.count('"')
+        if count % 2 and not before % 2:
+            opened = i
+    return opened if count % 2 else 0
+
+
+def _quote_fault(lines: list[str], first: int, last: int, error: csv.Error) -> str:
+    """Why physical lines first..last (from 1) are no CSV record: the one-line detail of a
+    `malformed_csv` rejection."""
+    span = lines[first - 1:last]
+    if "end of data" in str(error) or (_quote_opened(span) and last == len(lines)):
+        opened = first + _quote_opened(span)
+        if opened == last:
+            return f"unclosed quote on line {last}, the last line"
+        return (f"unclosed quote from line {opened}: lines {opened}-{last}, to the end of the "
+                "file, read as one field")
+    return (f"line {last}: a closing quote is followed by text instead of ',' or the line end "
+            f"(a quote inside a quoted field is written \"\")")
+
+
 def read_csv_text(text: str, name: str, invalid_bytes: bool = False) -> list[Raw]:
-    """Records of decoded CSV text (header row first); every cell is text, an absent cell None."""
-    rows = csv.reader(io.StringIO(text, newline=""))
+    """Records of decoded CSV text (RFC 4180, header row first); every cell is text, an absent
+    cell None. A record is located by its physical lines ("line 3", or "lines 3-6" when a quoted
+    field holds line ends; the header is line 1). A record whose quotes break the CSV rules (a
+    quote never closed, text after a closing quote) is rejected as `malformed_csv`, with the lines
+    it spans and why; reading goes on after it."""
+    lines = list(io.StringIO(text, newline=""))  # split at \r\n, \r and \n, ends kept
+    rows = csv.reader(lines, strict=True)
     try:
         header = next(rows)
     except StopIteration:
         return []
     except csv.Error as e:
-        raise DataError(f"{name}: not a readable CSV ({e})") from None
+        raise DataError(f"{name}: not a readable CSV (line {rows.line_num}: {e})") from None
     if len(set(header)) < len(header):
         dup = next(h for h in header if header.count(h) > 1)
         raise DataError(f"{name}: the header names column '{show(dup)}' twice")
     if invalid_bytes and has_surrogates(header):
         raise DataError(f"{name}: the header row holds bytes that are not UTF-8; save it as UTF-8")
-    out, n, width = [], 0, len(header)
-    try:
-        for row in rows:
-            if not row:
-                continue  # a blank line is not a record
-            n += 1
-            if len(row) > width:
-                raise DataError(f"{name}: row {n} has {len(row)} fields, the header {width}")
-            if invalid_bytes and has_surrogates(row):
-                out.append(Raw(name, f"row {n}", error="encoding", raw_text=show(",".join(row))))
-                continue
-            rec = dict(zip(header, row))
-            if len(row) < width:
-                rec.update(dict.fromkeys(header[len(row):]))
-            if all(v is None or not v or v.isspace() for v in rec.values()):
-                continue
-            out.append(Raw(name, f"row {n}", rec))
-    except csv.Error as e:
-        raise DataError(f"{name}: not a readable CSV (row {n + 1}: {e})") from None
+    out, width = [], len(header)
+    while True:
+        first = rows.line_num + 1
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            last = max(rows.line_num, first)
+            raw = "".join(lines[first - 1:last]).rstrip("\r\n")
+            where = f"line {first}" if last == first else f"lines {first}-{last}"
+            out.append(Raw(name, where, error="malformed_csv", raw_text=show(raw),
+                           detail=_quote_fault(lines, first, last, e)))
+            continue
+        if not row:
+            continue  # a blank line is not a record
+        last = rows.line_num
+        where = f"line {first}" if last == first else f"lines {first}-{last}"
+        if len(row) > width:
+            raise DataError(f"{name}: {where} has {len(row)} fields, the header {width}")
+        if invalid_bytes and has_surrogates(row):
+            out.append(Raw(name, where, error="encoding", raw_text=show(",".join(row))))
+            continue
+        rec = dict(zip(header, row))
+        if len(row) < width:
+            rec.update(dict.fromkeys(header[len(row):]))
+        if all(v is None or not v or v.isspace() for v in rec.values()):
+            continue
+        out.append(Raw(name, where, rec))
     return out
 
 
-def frame_records(df, name: str) -> list[Raw]:
-    """Records of a pandas DataFrame (Parquet, the Hub): NaN and None are missing values."""
-    import numpy as np
+def is_missing(value: Any) -> bool:
+    """Whether a cell handed over by a columnar file, pandas or Arrow is a missing value: None,
+    a float NaN (Python's or numpy's), pandas' NA and NaT, numpy's NaT, a Decimal NaN."""
+    if value is None:
+        return True
+    if isinstance(value, (str, bytes, list, tuple, dict, bool, int)):
+        return False
+    try:
+        import pandas as pd
 
-    columns = list(df.columns)
-    out = []
-    for n, values in enumerate(df.itertuples(index=False, name=None), start=1):
-        rec = {}
-        for c, v in zip(columns, values):
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                v = None
-            elif isinstance(v, np.generic):
-                v = v.item()
-            rec[c] = v
-        if all(v is None or (isinstance(v, str) and not v.strip()) for v in rec.values()):
-            continue  # a blank row is not a record
-        out.append(Raw(name, f"row {n}", rec))
+        return bool(pd.api.types.is_scalar(value) and pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def plain(value: Any) -> Any:
+    """`value` as the JSON value it holds: numpy scalars and arrays, pandas' missing values and
+    Arrow's nested values (lists, structs, maps) become Python's None, int, float, str, list and
+    dict, so that a rejected record is written as it was (`["a", "b"]`, not numpy's printout)."""
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+            return {str(k): plain(v) for k, v in value}  # an Arrow map: (key, value) pairs
+        return [plain(v) for v in value]
+    if is_missing(value):
+        return None
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars
+    if tolist is not None and type(value).__module__.startswith("numpy"):
+        return plain(tolist())
+    return value
+
+
+def _row(name: str, n: int, rec: dict) -> Raw | None:
+    """The record of a columnar row (`rec`: column -> cell), None for a row with nothing in it."""
+    rec = {str(c): plain(v) for c, v in rec.items()}
+    if all(v is None or (isinstance(v, str) and not v.strip()) for v in rec.values()):
+        return None  # a blank row is not a record
+    return Raw(name, f"row {n}", rec)
+
+
+def arrow_records(table, name: str) -> list[Raw]:
+    """Records of an Arrow table (Parquet, the Hub), read as Arrow holds them: a null is None
+    (also in a pandas `string` or nullable integer column, which pandas reads back as pd.NA),
+    integers stay integers, lists and structs stay lists and objects. The pandas index that
+    pandas.to_parquet stores as a column (`__index_level_0__`) is not a field."""
+    meta = table.schema.pandas_metadata or {}
+    index = [c for c in meta.get("index_columns", []) if isinstance(c, str)]
+    if index:
+        table = table.drop_columns([c for c in index if c in table.column_names])
+    out, n = [], 0
+    for batch in table.to_batches(max_chunksize=65536):
+        for rec in batch.to_pylist():
+            n += 1
+            r = _row(name, n, rec)
+            if r is not None:
+                out.append(r)
     return out
 
 
@@ -341,10 +441,10 @@ def _parquet(path: Path, name: str) -> list[Raw]:
     import pyarrow.parquet as pq
 
     try:
-        df = pq.read_table(path).to_pandas()
+        table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{name}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-    return frame_records(df, name)
+    return arrow_records(table, name)
 
 
 # --- files and sources -------------------------------------------------------------------------
@@ -387,7 +487,7 @@ def read_hub(dataset_id: str, split: str) -> FileRead:
     except Exception as e:  # offline, unknown id, bad split: all surface as one line
         raise DataError(f"{dataset_id}: cannot load Hugging Face dataset ({str(e).splitlines()[0]})") from None
     name = f"hf:{dataset_id}[{split}]"
-    return FileRead(name, frame_records(ds.to_pandas(), name), "hub", "")
+    return FileRead(name, arrow_records(ds.with_format("arrow")[:], name), "hub", "")
 
 
 def read_source(source: DataSource, builtin: Callable[[], Iterable[dict]] | None = None,

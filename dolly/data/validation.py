@@ -35,7 +35,7 @@ LAYOUT = {
 # What the summary calls a record's layout, by the column its response came from.
 LAYOUT_NAMES = {"output": "alpaca", "response": "dolly-15k"}
 
-REASONS = ("malformed_json", "encoding", "not_an_object", "missing_instruction",
+REASONS = ("malformed_json", "malformed_csv", "encoding", "not_an_object", "missing_instruction",
            "missing_response", "non_string_field", "blank_instruction", "blank_response",
            "reserved_marker", "duplicate", "too_long")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -113,8 +113,11 @@ class Validator:
             raise DataError(f"{name}: none of the needed columns: {need}; found {found}")
 
     def _reject(self, r: Raw, reason: str) -> None:
-        self.rejected.append({"source": r.source, "where": r.locator, "reason": reason,
-                              "record": r.value if r.raw_text is None else r.raw_text})
+        entry = {"source": r.source, "where": r.locator, "reason": reason,
+                 "record": r.value if r.raw_text is None else r.raw_text}
+        if r.detail:
+            entry["detail"] = r.detail
+        self.rejected.append(entry)
 
     @staticmethod
     def _pick(v: dict, columns: tuple[str, ...]):

@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 
+import helpers
 from helpers import CASES, GOOD, NO_INPUT_RED, counts_of, prepare, rejected, text_of, write_jsonl
 from dolly import data, prompts
 from dolly.data import readers
@@ -28,7 +29,7 @@ def test_dolly15k_layout_csv_parquet_and_folder(tmp_path):
     assert kept.loc["Summarize.", "input"] == "Long text."
     assert kept.loc["Summarize.", "category"] == "summarization"
     assert kept.loc["Summarize.", "text"] == prompts.format_record("Summarize.", "Long text.", "Short.")
-    assert ("b.csv", "row 2") in {(r["source"].split("/")[-1], r["where"]) for r in rejected(tmp_path)}
+    assert ("b.csv", "line 3") in {(r["source"].split("/")[-1], r["where"]) for r in rejected(tmp_path)}
 
 
 def test_hub_loader_through_a_local_dataset_folder(tmp_path):
@@ -129,7 +130,7 @@ def test_cp1252_in_csv_and_in_a_json_array_are_rejected_per_row_and_item(tmp_pat
     result = prepare(tmp_path / "a", csv_path)
     assert counts_of(result) == (3, 2, {"encoding": 1})
     assert [(r["where"], r["record"]) for r in rejected(tmp_path / "a")] == [
-        ("row 2", "Say very well.,Tr\\xe8s bien")]
+        ("line 3", "Say very well.,Tr\\xe8s bien")]
     arr = tmp_path / "fr.json"
     arr.write_bytes(b'[{"instruction": "Say yes.", "output": "Oui"},\n'
                     b' {"instruction": "Say very well.", "output": "Tr\xe8s bien"},\n'
@@ -232,3 +233,152 @@ def test_json_python_cannot_read_is_a_rejection_or_one_line(tmp_path):
     nested.write_text("[" * 100_000)
     with pytest.raises(DataError, match=r"nested.json: not readable JSON \(RecursionError: "):
         readers.read_file(nested)
+
+
+# --- issue 23: nothing lost, nothing mislabelled ------------------------------------------------
+
+def case_file(tmp_path, name):
+    """One of issue 23's case files, alone in a folder with GOOD (4 records) beside it, so that
+    the step has records to split whatever the case keeps."""
+    from helpers import write_case_files
+
+    cases = write_case_files(tmp_path / "cases")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / name).write_bytes((cases / name).read_bytes())
+    write_jsonl(folder / "good.jsonl", GOOD)
+    return folder
+
+
+def of_file(result, tmp_path, name):
+    """(records read, kept, {reason: count}) of one file of a prepare() over a folder."""
+    from collections import Counter
+
+    kept = pd.concat([result.train, result.test])
+    mine = [r for r in rejected(tmp_path) if r["source"].endswith(name)]
+    n_kept = int(kept["source"].str.endswith(name).sum())
+    return n_kept + len(mine), n_kept, dict(Counter(r["reason"] for r in mine))
+
+
+def test_cr_only_json_lines_are_four_records(tmp_path):
+    # wardi/jsonlines #3: classic Mac OS and some exporters end lines with a lone \r.
+    result = prepare(tmp_path, case_file(tmp_path, "cr.jsonl"))
+    assert of_file(result, tmp_path, "cr.jsonl") == (4, 4, {})
+    raws = readers.read_file(tmp_path / "data/cr.jsonl").records
+    assert [(r.locator, r.value) for r in raws] == [
+        (f"line {n}", rec) for n, rec in enumerate(helpers.CR_RECORDS, start=1)]
+
+
+def test_every_line_end_alone_or_mixed_and_unicode_separators_stay_text(tmp_path):
+    recs = [{"instruction": "Say a\u2028b.", "output": "a\u2029b"},
+            {"instruction": "Say c\u0085d.", "output": "cd"},
+            {"instruction": "Say e.", "output": "e"}, {"instruction": "Say f.", "output": "f"}]
+    lines = [json.dumps(r, ensure_ascii=False) for r in recs]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes((lines[0] + "\r\n" + lines[1] + "\r" + lines[2] + "\n\r\n" + lines[3]
+                      + "\r").encode())
+    raws = readers.read_file(path).records
+    assert [(r.locator, r.value) for r in raws] == [
+        ("line 1", recs[0]), ("line 2", recs[1]), ("line 3", recs[2]), ("line 5", recs[3])]
+    # a broken line is located by the same count: the 3rd physical line of a \r-only file
+    path.write_bytes(("\r".join([lines[0], lines[1], "{oops", lines[3]])).encode())
+    assert [(r.locator, r.error) for r in readers.read_file(path).records] == [
+        ("line 1", None), ("line 2", None), ("line 3", "malformed_json"), ("line 4", None)]
+
+
+def test_a_cr_only_csv_gives_the_same_rows_as_the_cr_only_json_lines(tmp_path):
+    path = tmp_path / "cr.csv"
+    path.write_bytes(("instruction,input,output\r" + "\r".join(
+        f'{r["instruction"]},,{r["output"]}' for r in helpers.CR_RECORDS)).encode())
+    assert [r.value for r in readers.read_file(path).records] == helpers.CR_RECORDS
+
+
+def test_pandas_string_columns_with_pd_na(tmp_path):
+    # hail-is/hail PR #11424: pandas' `string` dtype holds pd.NA for a missing cell.
+    result = prepare(tmp_path, case_file(tmp_path, "na.parquet"))
+    assert of_file(result, tmp_path, "na.parquet") == (5, 4, {"missing_instruction": 1})
+    assert [r["where"] for r in rejected(tmp_path)] == ["row 3"]
+    for ins, out in (("Say one.", "one"), ("Say four.", "four")):  # no input: no-input template
+        assert text_of(result, ins) == prompts.format_record(ins, None, out)
+    assert text_of(result, "Say two.") == prompts.format_record("Say two.", "x", "two")
+
+
+def test_every_missing_value_representation_is_missing():
+    import decimal
+
+    import numpy as np
+
+    for missing in (None, float("nan"), np.nan, np.float32("nan"), pd.NA, pd.NaT,
+                    np.datetime64("NaT"), decimal.Decimal("NaN")):
+        assert readers.is_missing(missing) and readers.plain(missing) is None, repr(missing)
+    for present in ("", "NA", "nan", 0, 0.0, False, [], {}, np.int64(3), b""):
+        assert not readers.is_missing(present), repr(present)
+
+
+def test_missing_values_of_every_columnar_kind_mean_no_input(tmp_path):
+    import numpy as np
+
+    frame = pd.DataFrame({"instruction": ["Say a.", "Say b.", "Say c.", "Say d."],
+                          "input": pd.Series([None, np.nan, pd.NA, "x"], dtype=object),
+                          "output": ["a", "b", "c", "d"]})
+    for name, df in (("object", frame), ("string", frame.astype("string")),
+                     ("arrow", frame.astype("string[pyarrow]"))):
+        df.to_parquet(tmp_path / f"{name}.parquet")
+        got = [r.value["input"] for r in readers.read_file(tmp_path / f"{name}.parquet").records]
+        assert got == [None, None, None, "x"], name
+
+
+def test_rejected_parquet_values_are_written_as_the_json_they_were(tmp_path):
+    # pandas-dev/pandas #49623: a list cell came back as numpy's printout "['para one' 'para two']"
+    prepare(tmp_path, case_file(tmp_path, "list.parquet"))
+    assert [(r["where"], r["reason"], r["record"]) for r in rejected(tmp_path)] == [
+        ("row 1", "non_string_field",
+         {"instruction": "Join the paragraphs.", "input": ["para one", "para two"],
+          "output": "joined"})]
+
+
+def test_objects_stay_objects_and_integers_stay_integers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "good.jsonl", GOOD)
+    pq.write_table(pa.table({
+        "instruction": pa.array([7, None, 9], pa.int64()),
+        "input": pa.array([{"a": 1, "b": [1.5, None]}, None, None]),
+        "output": ["seven", "none", "nine"]}), folder / "typed.parquet")
+    prepare(tmp_path, folder)
+    assert [(r["where"], r["reason"], r["record"]) for r in rejected(tmp_path)] == [
+        ("row 1", "non_string_field", {"instruction": 7, "input": {"a": 1, "b": [1.5, None]},
+                                       "output": "seven"}),
+        ("row 2", "missing_instruction", {"instruction": None, "input": None, "output": "none"}),
+        ("row 3", "non_string_field", {"instruction": 9, "input": None, "output": "nine"})]
+    line = (tmp_path / "prepared/rejected.jsonl").read_text().splitlines()[2]
+    assert '"instruction": 9,' in line  # 9, not 9.0
+
+
+def test_a_stray_csv_quote_names_the_lines_it_swallowed(tmp_path):
+    # apple/turicreate #1692: one stray quote swallowed lines 3-6, reported as row 2 missing_response
+    raws = readers.read_file(case_file(tmp_path, "quote.csv") / "quote.csv").records
+    assert [(r.locator, r.error, r.detail) for r in raws] == [
+        ("line 2", None, None),
+        ("lines 3-6", "malformed_csv",
+         "unclosed quote from line 3: lines 3-6, to the end of the file, read as one field")]
+    result = prepare(tmp_path, tmp_path / "data")
+    assert of_file(result, tmp_path, "quote.csv") == (2, 1, {"malformed_csv": 1})
+    assert rejected(tmp_path)[0]["record"] == helpers.QUOTE_CSV.split("\n", 2)[2].rstrip("\n")
+
+
+def test_text_after_a_closing_quote_is_one_rejection_and_reading_goes_on(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('instruction,output\r\n"Say ""hi"".",hi\r\n"Name a colour.,red\r\n'
+                    'Say "bye" twice.,bye\r\nName a pet.,cat\r\n"Two\r\nlines.",ok\r\n"Open,x',
+                    newline="")
+    assert [(r.locator, r.error, r.detail, r.value) for r in readers.read_file(path).records] == [
+        ("line 2", None, None, {"instruction": 'Say "hi".', "output": "hi"}),
+        ("lines 3-4", "malformed_csv", "line 4: a closing quote is followed by text instead of "
+         "',' or the line end (a quote inside a quoted field is written \"\")", None),
+        ("line 5", None, None, {"instruction": "Name a pet.", "output": "cat"}),
+        ("lines 6-7", None, None, {"instruction": "Two\r\nlines.", "output": "ok"}),
+        ("line 8", "malformed_csv", "unclosed quote on line 8, the last line", None)]

@@ -141,3 +141,22 @@ def test_a_marker_inside_a_longer_word_is_still_the_marker(tmp_path):
     lines = [{"instruction": "c", "output": "## Notes\n### Ending"}, GOOD[0], GOOD[1]]
     result = prepare(tmp_path, write_jsonl(tmp_path / "e.jsonl", lines))
     assert counts_of(result) == (3, 2, {"reserved_marker": 1})
+
+
+def test_fields_with_nothing_visible_are_blank(tmp_path):
+    # dotnet/corefx #37817: zero-width characters only; an invisible input is no input.
+    from helpers import write_case_files
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "invisible.jsonl").write_bytes(
+        (write_case_files(tmp_path / "cases") / "invisible.jsonl").read_bytes())
+    write_jsonl(folder / "good.jsonl", GOOD)
+    result = prepare(tmp_path, folder)
+    assert counts_of(result) == (8, 5, {"blank_instruction": 2, "blank_response": 1})
+    assert [(r["where"], r["reason"]) for r in rejected(tmp_path)] == [
+        ("line 1", "blank_instruction"), ("line 2", "blank_instruction"),
+        ("line 3", "blank_response")]
+    assert text_of(result, "Say d.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nSay d.\n\n### Response:\nd\n\n### End")

@@ -89,3 +89,41 @@ def test_failed_run_still_logs_counts_and_rejections(tracking_uri, tmp_path):
     rej = client.download_artifacts(run.info.run_id, "prepared/rejected.jsonl", str(tmp_path))
     got = [(json.loads(l)["where"], json.loads(l)["reason"]) for l in open(rej)]
     assert got == [("line 1", "encoding"), ("line 2", "missing_instruction")]
+
+
+def test_issue23_cases_through_mlflow_run(tracking_uri, tmp_path):
+    # One folder holding the five data cases of issue 23: every record read is kept or rejected
+    # with its file, its lines and the value it was.
+    from collections import Counter
+
+    from helpers import write_case_files
+
+    folder = write_case_files(tmp_path / "cases")
+    proc = mlflow_run("data_prep", {"dataset": folder, "test_size": 1}, tracking_uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, run = only_run(tracking_uri)
+    m = run.data.metrics
+    assert (m["records_read"], m["records_kept"], m["records_rejected"]) == (17, 11, 6)
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/prepared",
+                                                tracking_uri=tracking_uri, dst_path=str(tmp_path))
+    kept = pd.concat([pd.read_parquet(f"{local}/train.parquet"),
+                      pd.read_parquet(f"{local}/test.parquet")])
+    assert Counter(kept["source"].str.rsplit("/", n=1).str[-1]) == {
+        "cr.jsonl": 4, "na.parquet": 4, "invisible.jsonl": 1, "list.parquet": 1, "quote.csv": 1}
+    rej = [json.loads(l) for l in open(f"{local}/rejected.jsonl")]
+    assert [(r["source"].rsplit("/", 1)[-1], r["where"], r["reason"]) for r in rej] == [
+        ("invisible.jsonl", "line 1", "blank_instruction"),
+        ("invisible.jsonl", "line 2", "blank_instruction"),
+        ("invisible.jsonl", "line 3", "blank_response"),
+        ("list.parquet", "row 1", "non_string_field"),
+        ("na.parquet", "row 3", "missing_instruction"),
+        ("quote.csv", "lines 3-6", "malformed_csv")]
+    assert rej[3]["record"]["input"] == ["para one", "para two"]
+    assert rej[5]["detail"] == ("unclosed quote from line 3: lines 3-6, to the end of the file, "
+                                "read as one field")
+    texts = kept.set_index("instruction")["text"]
+    no_input = ("Below is an instruction that describes a task. Write a response that "
+                "appropriately completes the request.\n\n### Instruction:\n")
+    assert texts["Say one."] == no_input + "Say one.\n\n### Response:\none\n\n### End"
+    assert texts["Say d."] == no_input + "Say d.\n\n### Response:\nd\n\n### End"
+    assert m["rejected_malformed_csv"] == 1 and m["rejected_blank_instruction"] == 2
