@@ -8,8 +8,10 @@
 - Null, NaN and pandas' NA mean "missing": a missing instruction gets "" without running the
   model, a missing input means "no input".
 - Refused with one line (MlflowException INVALID_PARAMETER_VALUE, HTTP 400 when served), naming
-  the row or the param: a non-string instruction or input, a param the model does not know
-  (MLflow itself would warn and drop it) or outside its range.
+  the row, the column or the param: a non-string instruction or input, one that is not valid
+  Unicode text (a lone surrogate such as "\\ud800", which no tokenizer takes), a column name given
+  twice, a param the model does not know (MLflow itself would warn and drop it), of the wrong type
+  or outside its range (a number too large for a float included).
 - `signature()` states the same contract in MLflow's terms for the logged model.
 """
 from __future__ import annotations
@@ -26,11 +28,15 @@ INPUT_ALIASES = ("input", "context")  # dolly-15k calls a record's input its con
 
 def json_kind(value) -> str:
     """What a non-string value is, in JSON's words (as batch_score's `error` column says it):
-    'a number', 'a boolean', 'a list', 'an object', else 'a <Python type>'."""
+    'a number', 'a boolean', 'a list', 'an object', 'a string', 'null', else 'a <Python type>'."""
     import numbers
 
     import numpy as np
 
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "a string"
     if isinstance(value, (bool, np.bool_)):
         return "a boolean"
     if isinstance(value, numbers.Number):  # numpy's numbers register as Numbers
@@ -47,8 +53,30 @@ def bad_input(message: str):
     line, at most 300 characters, so that a huge request is never echoed back."""
     from mlflow.exceptions import MlflowException
 
-    line = " ".join(str(message).split())
+    line = " ".join(printable(str(message)).split())
     return MlflowException.invalid_parameter_value(line[:297] + "..." if len(line) > 300 else line)
+
+
+def printable(text: str) -> str:
+    """`text` with each lone surrogate written as its escape (`\\ud800`): a message that quotes
+    invalid text can still be encoded (UTF-8 log, JSON body)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def text_fault(text: str) -> str | None:
+    """Why `text` (a str) is not valid Unicode text, or None when it is: a lone surrogate
+    (U+D800..U+DFFF not in a pair, e.g. JSON's "\\ud800"), which cannot be encoded and which the
+    tokenizer refuses."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return (f"a lone surrogate {text[e.start].encode('unicode_escape').decode('ascii')} at "
+                f"character {e.start}")
 
 
 def is_missing(x) -> bool:
@@ -61,6 +89,10 @@ def is_missing(x) -> bool:
 def _columns_of(frame) -> tuple[list, list | None]:
     """(instructions, inputs or None) from a DataFrame, by column name."""
     names = [str(c) for c in frame.columns]
+    if len(set(names)) < len(names):
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise bad_input(f"the column {_short(twice)} is given {names.count(twice)} times: name "
+                        "each column once")
     if INSTRUCTION in names:
         ins = frame[frame.columns[names.index(INSTRUCTION)]].tolist()
     elif len(names) == 1 and names[0] not in INPUT_ALIASES:  # one column: instructions
@@ -119,7 +151,7 @@ def records_of(data) -> tuple[list, list]:
         only = str(next(iter(data))) if len(data) == 1 else None
         if INSTRUCTION not in data and only is not None and only not in INPUT_ALIASES:
             # {"anything": [instructions]}
-            return records_of(pd.Series(_as_list(next(iter(data.values())))))
+            return records_of(pd.Series(_as_list(next(iter(data.values()))), dtype=object))
         try:
             frame = pd.DataFrame({k: _as_list(v) for k, v in data.items()}, dtype=object)
         except ValueError:
@@ -135,7 +167,7 @@ def records_of(data) -> tuple[list, list]:
             ins.append(a)
             inputs.append(b)
         return ins, inputs
-    raise bad_input(f"expected records or instructions, got a {type(data).__name__}")
+    raise bad_input(f"expected records or instructions, got {json_kind(data)}")
 
 
 def _as_list(v) -> list:
@@ -162,6 +194,8 @@ def as_frame(data):
             elif not isinstance(v, str):
                 raise bad_input(f"row {i}: {name} is {json_kind(v)}, expected a string "
                                 f"(or null for {'no input' if name == INPUT else 'no answer'})")
+            elif fault := text_fault(v):
+                raise bad_input(f"row {i}: {name} is not valid Unicode text ({fault})")
     frame = pd.DataFrame({INSTRUCTION: [str(v) for v in ins], INPUT: [str(v) for v in inputs]},
                          dtype=object)
     frame.attrs[METADATA_KEY] = True
@@ -170,14 +204,29 @@ def as_frame(data):
 
 # --- generation params --------------------------------------------------------------------------
 
+def _is_long(v) -> bool:
+    """An integer that fits the signature's `long` (64 bits); not a boolean."""
+    return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
+
+
+def _is_float(v) -> bool:
+    """A finite number that a float holds (an int of 400 digits is not: float() overflows)."""
+    import math
+
+    if not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 # name: (type check, range check, the allowed range in words)
 _PARAMS = {
-    "max_new_tokens": (lambda v: isinstance(v, int), lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: isinstance(v, (int, float)), lambda v: 0 <= v < float("inf"),
-                    "a number >= 0 (0 = greedy)"),
-    "top_p": (lambda v: isinstance(v, (int, float)), lambda v: 0 <= v <= 1,
-              "a number from 0 to 1"),
-    "top_k": (lambda v: isinstance(v, int), lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "max_new_tokens": (_is_long, lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (_is_float, lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_p": (_is_float, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "top_k": (_is_long, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     "do_sample": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
 }
 
@@ -189,7 +238,7 @@ def check_params(params, known=None) -> dict:
     if params is None:
         return {}
     if not isinstance(params, dict):
-        raise bad_input(f"params must be an object of name: value, got a {type(params).__name__}")
+        raise bad_input(f"params must be an object of name: value, got {json_kind(params)}")
     known = set(known if known is not None else _PARAMS)
     if unknown := sorted(str(k) for k in params if str(k) not in known):
         raise bad_input(f"unknown params {unknown}: this model takes {sorted(known)}")
@@ -208,6 +257,8 @@ def check_params(params, known=None) -> dict:
 def _short(value) -> str:
     import json
 
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 40:
+        return "an integer of over 40 digits"  # str() of one over 4300 digits would raise
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):

@@ -18,11 +18,15 @@ model: convert JSON values to text against the signature before the model sees t
 server's file paths into the body of an unexpected error; and fail with an AttributeError (HTTP
 500) on a request without a Content-Type header (`content_type.split` on None). The server calls
 `invocations` by its module name on every request, so the model's loader (dolly.serve.pyfunc) swaps
-in `dolly_invocations` when the model is loaded: for models loaded by it only, JSON is
+in `dolly_invocations` when the model is loaded: for models loaded by it only, JSON and CSV are
 parsed here and handed to the model as sent, and every error becomes a short body
 `{"error_code": ..., "message": <one line, at most 300 characters>}`; the full detail goes to the
-server log. Other content types (CSV, Parquet) go to MLflow's own parser; their errors are
-shortened the same way.
+server log. Any body that is not a well-formed request is a 400, never a 500: MLflow's JSON
+parse would answer 500 to nesting deeper than Python's recursion limit or an integer of more than
+4,300 digits, take the last of a key given twice, and pass a lone surrogate ("\\ud800") on to
+the tokenizer (a TypeError); its CSV parse (pandas' defaults) would turn the cell `0042` into the
+number 42.0 and `NA` into a missing value (mlflow/mlflow#5525), where the same record sent as JSON
+strings is text. Parquet goes to MLflow's own parser; its errors are shortened the same way.
 
 The server hands each request to a thread with `asyncio.to_thread`; the loader also gives the
 server module its own `to_thread` (`_server_asyncio`), which (1) stamps the request with its
@@ -40,7 +44,8 @@ import json
 import logging
 import re
 
-from dolly.serve.contract import as_frame, bad_input, check_params
+from dolly.serve.contract import (INPUT, INSTRUCTION, _short, as_frame, bad_input,
+                                  check_params, json_kind, printable, text_fault)
 from dolly.serve.deadline import current_deadline, request_deadline, set_deadline
 
 _logger = logging.getLogger(__name__)
@@ -59,10 +64,12 @@ _PATH = re.compile(r"(?:[A-Za-z]:\\|/)(?:[\w.+-]+[/\\])+[\w.+-]*")
 def install_input_checks() -> None:
     """For models loaded by dolly.serve.pyfunc, put `as_frame` and `check_params` in place of MLflow's
     own input check (its private `_validate_prediction_input`): MLflow would convert a null
-    instruction to "None" and numbers to text, drop a `context` column as unknown, and only warn
+    instruction to "None" and numbers to text, drop a `context` column as unknown, only warn
     about an unknown param (so a typo such as `max_new_token` would silently generate 256
-    tokens). Models of other flavors are not affected. If a future MLflow renames the check,
-    MLflow's checks apply again, DollyPyfunc.predict still checks, and tests/serve fail."""
+    tokens), and fill in the params the caller left out, so that the model could not tell a
+    default from a param the caller set. Models of other flavors are not affected. If a future
+    MLflow renames the check, MLflow's checks apply again, DollyPyfunc.predict still checks, and
+    tests/serve fail."""
     import mlflow.pyfunc as pyfunc
 
     check = getattr(pyfunc, "_validate_prediction_input", None)
@@ -73,7 +80,9 @@ def install_input_checks() -> None:
         if flavor != DOLLY_LOADER:
             return check(data, params, input_schema, params_schema, flavor)
         known = [p.name for p in params_schema.params] if params_schema is not None else None
-        return check(as_frame(data), check_params(params, known), None, params_schema, flavor)
+        # the params as the caller set them: MLflow's check would fill in the signature's
+        # defaults, and the model (which fills in the same ones) could not tell them apart
+        return as_frame(data), check_params(params, known)
 
     dolly_check.dolly_checks = True
     pyfunc._validate_prediction_input = dolly_check
@@ -83,7 +92,7 @@ def install_input_checks() -> None:
 
 def short_message(message: str) -> str:
     """One line, at most 300 characters, file paths replaced by <path>: what an error body says."""
-    line = " ".join(_PATH.sub("<path>", str(message)).split())
+    line = " ".join(_PATH.sub("<path>", printable(str(message))).split())
     return line if len(line) <= _MAX_MESSAGE else line[:_MAX_MESSAGE - 3] + "..."
 
 
@@ -99,39 +108,177 @@ def _is_dolly(model) -> bool:
     return (flavors.get("python_function") or {}).get("loader_module") == DOLLY_LOADER
 
 
+MAX_DEPTH = 32  # arrays and objects inside one another (a documented request needs at most 4)
+MAX_DIGITS = 100  # in an integer of a JSON body
+
+
+def request_text(body: bytes | str) -> str:
+    """The body as text: UTF-8 (a leading byte-order mark is skipped), else a 400."""
+    if isinstance(body, str):
+        return body
+    try:
+        return bytes(body).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise bad_input(f"the body is not valid UTF-8 (byte {e.start})") from None
+
+
+def _unique_keys(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise bad_input(f"the body gives the key {_short(twice)} twice in one object: send each "
+                        "key once")
+    return obj
+
+
+def _integer(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        raise bad_input(f"the body holds an integer of {digits} digits: at most {MAX_DIGITS}")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise bad_input(f"the body holds a number too large for a float: {_short_text(text)}")
+    return value
+
+
+def _short_text(text: str) -> str:
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _where(path) -> str:
+    """A JSON path (`inputs[0].instruction`) from the walk's linked (parent, key) pairs."""
+    keys = []
+    while path is not None:
+        path, key = path
+        keys.append(key)
+    out = ""
+    for key in reversed(keys):
+        if isinstance(key, int):
+            out += f"[{key}]"
+        else:
+            name = printable(key)
+            out += ("." if out else "") + (name if len(name) <= 40 else name[:37] + "...")
+    return out or "the top level"
+
+
+def _check_tree(payload) -> None:
+    """Refuses a parsed body nested more than MAX_DEPTH deep, or holding a string or key that is
+    not valid Unicode text (a lone surrogate), naming where."""
+    stack = [(payload, 1, None)]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            if fault := text_fault(value):
+                raise bad_input(f"the body is not valid Unicode text: {fault} of {_where(path)}")
+            continue
+        if depth > MAX_DEPTH and isinstance(value, (dict, list)):
+            raise bad_input(f"the body is nested too deeply: at most {MAX_DEPTH} levels of arrays "
+                            "and objects")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if fault := text_fault(key):
+                    raise bad_input(f"the body is not valid Unicode text: {fault} of a key in "
+                                    f"{_where(path)}")
+                if isinstance(item, (str, dict, list)):
+                    stack.append((item, depth + 1, (path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, (path, i)) for i, item in enumerate(value)
+                         if isinstance(item, (str, dict, list)))
+
+
+def _split_frame(split):
+    """The DataFrame of a `dataframe_split` (pandas' orient="split"): rows as lists, one value
+    per column, as sent."""
+    import pandas as pd
+
+    if not isinstance(split, dict) or "data" not in split or set(split) - {"columns", "data",
+                                                                            "index"}:
+        raise bad_input("dataframe_split must be an object with data and optionally columns and "
+                        "index")
+    columns, rows = split.get("columns"), split["data"]
+    if columns is not None and (not isinstance(columns, list)
+                                or not all(isinstance(c, str) for c in columns)):
+        raise bad_input("dataframe_split columns must be a list of column names (strings)")
+    if not isinstance(rows, list):
+        raise bad_input(f"dataframe_split data must be a list of rows, got {json_kind(rows)}")
+    width = len(columns) if columns is not None else len(rows[0]) if rows and isinstance(
+        rows[0], list) else None
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise bad_input(f"dataframe_split data must be a list of rows (arrays): row {i} is "
+                            f"{json_kind(row)}")
+        if len(row) != width:
+            raise bad_input(f"dataframe_split row {i} has {len(row)} values for {width} columns")
+    index = split.get("index")
+    if index is not None and (not isinstance(index, list) or len(index) != len(rows)):
+        raise bad_input(f"dataframe_split index must be a list of {len(rows)} labels, one per row")
+    return pd.DataFrame(rows, columns=columns, dtype=object)
+
+
 def parse_json_request(body: bytes | str):
     """(data, params) of a JSON request body, values as sent: `inputs`/`instances` as the JSON
     value, `dataframe_records` as a list of records, `dataframe_split` as a DataFrame of Python
-    objects. Raises MlflowException (400) with a one-line message."""
-    import pandas as pd
-
+    objects. Raises MlflowException (400) with a one-line message for anything else: text that
+    is not UTF-8 or not JSON, nesting deeper than MAX_DEPTH, an integer of more than MAX_DIGITS
+    digits or a number a float cannot hold, a lone surrogate in any string or key, a key given
+    twice in one object, a body of another shape. NaN, Infinity and -Infinity are taken (NaN is
+    a missing value, as in pandas)."""
+    text = request_text(body)
     try:
-        payload = json.loads(body)
+        payload = json.loads(text, object_pairs_hook=_unique_keys, parse_int=_integer,
+                             parse_float=_float)
     except json.JSONDecodeError as e:
         raise bad_input(f"the body is not valid JSON: {e.msg} (line {e.lineno}, column "
                         f"{e.colno})") from None
-    except UnicodeDecodeError:
-        raise bad_input("the body is not valid UTF-8") from None
+    except RecursionError:
+        raise bad_input(f"the body is nested too deeply: at most {MAX_DEPTH} levels of arrays and "
+                        "objects") from None
+    _check_tree(payload)
     given = [k for k in FORMATS if isinstance(payload, dict) and k in payload]
     if len(given) != 1:
         raise bad_input(f"the body must be a JSON object with exactly one of {list(FORMATS)} "
                         "(and optionally params)")
     if extra := sorted(str(k) for k in payload if k not in (*FORMATS, "params")):
-        raise bad_input(f"unknown fields {extra[:5]}: the body takes one of {list(FORMATS)} "
-                        "and params")
+        raise bad_input(f"unknown fields {[_short_text(k) for k in extra[:5]]}: the body takes "
+                        f"one of {list(FORMATS)} and params")
     data = payload[given[0]]
     if given[0] == "dataframe_split":
-        if not isinstance(data, dict) or "data" not in data or set(data) - {"columns", "data",
-                                                                              "index"}:
-            raise bad_input("dataframe_split must be an object with data and optionally columns "
-                            "and index")
-        try:
-            data = pd.DataFrame(data["data"], columns=data.get("columns"), dtype=object)
-        except (ValueError, TypeError) as e:
-            raise bad_input(f"dataframe_split is not a table: {e}") from None
-    elif given[0] == "dataframe_records" and not isinstance(data, list):
-        raise bad_input("dataframe_records must be a list of records")
+        data = _split_frame(data)
+    elif given[0] == "dataframe_records":
+        if not isinstance(data, list):
+            raise bad_input("dataframe_records must be a list of records")
+        for i, record in enumerate(data):
+            if not isinstance(record, dict):
+                raise bad_input(f"dataframe_records must be a list of records (objects): record "
+                                f"{i} is {json_kind(record)}")
     return data, payload.get("params")
+
+
+def parse_csv_request(body: bytes | str):
+    """The DataFrame of a CSV request body: the first line names the columns, every cell is text
+    as written (`0042`, `NA`, `null`, `True`, `1e5` stay strings; an empty cell is ""), as the
+    same records sent as JSON strings. Raises MlflowException (400) with a one-line message."""
+    import io
+
+    import pandas as pd
+
+    text = request_text(body)
+    try:
+        cells = pd.read_csv(io.StringIO(text), header=None, dtype=str, keep_default_na=False,
+                            na_filter=False)
+    except pd.errors.EmptyDataError:
+        raise bad_input("the CSV body is empty: send a header line naming the columns "
+                        f"('{INSTRUCTION}', optionally '{INPUT}'), then one line per record") \
+            from None
+    except (pd.errors.ParserError, ValueError) as e:
+        raise bad_input(f"the body is not valid CSV: {e}") from None
+    header = cells.iloc[0].tolist()
+    return pd.DataFrame(cells.iloc[1:].to_numpy(), columns=header, dtype=object)
 
 
 def dolly_invocations(original):
@@ -145,23 +292,30 @@ def dolly_invocations(original):
         if not _is_dolly(model):
             return original(data, content_type, model, input_schema)
         try:
-            mime = (content_type or "").split(";")[0].strip().lower()
+            mime, *options = [part.strip() for part in (content_type or "").split(";")]
+            mime = mime.lower()
             if not mime:
                 return _error(415, "BAD_REQUEST", "no Content-Type header: send "
                               f"{', '.join(ACCEPTED_TYPES)}")
-            if mime != "application/json":
+            if mime not in ("application/json", "text/csv"):  # Parquet, or a 415
                 response = original(data, content_type, model, input_schema)
                 if response.status >= 400:
                     return _error(response.status, "BAD_REQUEST", response.response)
                 return response
-            records, params = parse_json_request(data)
+            if unsupported := _content_type_options(options):
+                return _error(415, "BAD_REQUEST", unsupported)
+            if mime == "text/csv":
+                records, params = parse_csv_request(data), None
+            else:
+                records, params = parse_json_request(data)
             stamped = current_deadline() is not None  # by _server_asyncio
             with (contextlib.nullcontext() if stamped else request_deadline(request_timeout())):
                 predictions = model.predict(records, params=params)
             return InvocationsResponse(response=json.dumps({"predictions": list(predictions)}),
                                        status=200, mimetype="application/json")
         except MlflowException as e:
-            _logger.warning("refused a request (%s): %s", e.error_code, str(e.message)[:10_000])
+            _logger.warning("refused a request (%s): %s", e.error_code,
+                            printable(str(e.message)[:10_000]))
             return _error(e.get_http_status_code(), e.error_code, e.message)
         except Exception:
             _logger.exception("internal error while answering a request")
@@ -170,6 +324,20 @@ def dolly_invocations(original):
 
     invocations.dolly = True
     return invocations
+
+
+def _content_type_options(options: list[str]) -> str | None:
+    """Why the Content-Type's parameters (`charset=utf-8`) cannot be served, or None: the body is
+    read as UTF-8, as MLflow's server reads it, and no other parameter is known."""
+    for option in filter(None, options):
+        name, _, value = option.partition("=")
+        name, value = name.strip().lower(), value.strip().strip('"').lower()
+        if name != "charset":
+            return (f"unknown Content-Type parameter {_short_text(printable(name))!r}: send "
+                    "charset=utf-8 or none")
+        if value not in ("utf-8", "utf8"):
+            return f"charset {_short_text(printable(value))}: the server reads UTF-8 only"
+    return None
 
 
 def request_timeout() -> float:

@@ -7,13 +7,16 @@ dolly.generation, the code evaluation measures with, in-process (`mlflow.pyfunc.
 Spark (`spark_udf`) and served (`mlflow models serve`), under one request contract
 (dolly.serve.contract) and a few request-level rules of its own:
 
-- Blank (whitespace only) instructions get "" without running the model, like missing ones; a
-  blank input means "no input". A record with a non-blank input gets Dolly's with-input prompt
+- Blank instructions (nothing visible: whitespace, format characters such as U+200B or U+FEFF;
+  dolly.prompts.is_blank) get "" without running the model, like missing ones; a blank input
+  means "no input". A record with a non-blank input gets Dolly's with-input prompt
   (dolly.prompts, byte-identical to training's).
 - A prompt too long for the context is shortened (dolly.generation.shorten_prompt_ids).
-- Refused with one line (HTTP 400 when served): an empty batch, a `max_new_tokens` that leaves no
-  room in the context, and, when served, more than `serve_max_rows` records or `serve_max_chars`
-  characters in one request.
+- `temperature` 0, or below GREEDY_BELOW (1e-5), is greedy, whatever `do_sample` says.
+- Refused with one line (HTTP 400 when served): an empty batch, a `max_new_tokens` set by the
+  caller that leaves no room in the context (the default is fitted to the context instead),
+  and, when served, more than `serve_max_rows` records or `serve_max_chars` characters in one
+  request.
 - Concurrent calls share generations (dolly.serve.request_batching) and a call stops work when its
   deadline passes (dolly.serve.deadline).
 
@@ -48,6 +51,9 @@ SHIPPED_CODE = ("__init__.py", "prompts.py", "generation.py", "serve")
 # Overrides the logged serve_batch_wait_ms where the model is loaded (0 = no batching across
 # calls): `mlflow models serve` has no other way to pass a setting to the model.
 BATCH_WAIT_ENV = "DOLLY_SERVE_BATCH_WAIT_MS"
+# A temperature below this is greedy, as 0 is (vLLM's rule): sampling divides the logits by the
+# temperature, and a tiny one (1e-320) makes them infinite, so torch.multinomial fails.
+GREEDY_BELOW = 1e-5
 
 
 def shipped_package(dest: str | Path) -> Path:
@@ -191,13 +197,16 @@ class DollyPyfunc:
         if serving and self.max_chars and chars > self.max_chars:
             raise bad_input(f"request too large: {chars} characters of instructions and inputs, "
                             f"the server takes at most {self.max_chars} per request")
-        settings = {**prompts.GENERATION_DEFAULTS, **check_params(params)}
+        given = check_params(params)
+        settings = {**prompts.GENERATION_DEFAULTS, **given}
         max_new = settings["max_new_tokens"]
-        if max_new + self._frame + 1 > self.context:
+        # only a max_new_tokens the caller set is refused: the default (256) is what a request
+        # without params (every CSV request) gets, and generation fits it to a small context
+        if "max_new_tokens" in given and max_new + self._frame + 1 > self.context:
             raise bad_input(f"max_new_tokens must be at most {self.context - self._frame - 1} "
                             f"for this model (context {self.context} tokens, prompt template "
                             f"{self._frame}), got {max_new}")
-        if settings["temperature"] == 0:
+        if settings["temperature"] < GREEDY_BELOW:
             settings["do_sample"] = False  # temperature 0: greedy, as most LLM APIs read it
         return settings
 

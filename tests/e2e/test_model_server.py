@@ -356,3 +356,114 @@ def test_null_params_mean_the_default_and_temperature_0_is_greedy(server):
     assert zero == greedy
     _answers(_post(server, {"inputs": rows, "params": {"max_new_tokens": 4, "do_sample": None,
                                                         "top_p": None}}), 2)
+
+
+# --- issue 23: every malformed request is a 400; CSV cells are text; invisible text is blank ---
+
+MALFORMED = {
+    "nested 1,000 deep": (b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+                          "the body is nested too deeply: at most 32 levels of arrays and objects"),
+    "an integer of 5,000 digits": (b'{"inputs": [' + b"7" * 5000 + b"]}",
+                                   "the body holds an integer of 5000 digits: at most 100"),
+    "a lone surrogate in an instruction": (
+        b'{"inputs": ["Greet \\ud800 Kalo."]}',
+        "the body is not valid Unicode text: a lone surrogate \\ud800 at character 6 of inputs[0]"),
+    "a lone surrogate in a column name": (
+        b'{"dataframe_split": {"columns": ["instruction", "cat\\udc00"], "data": [["a", "b"]]}}',
+        "the body is not valid Unicode text: a lone surrogate \\udc00 at character 3 of "
+        "dataframe_split.columns[1]"),
+    "a surrogate as raw bytes": (b'{"inputs": ["a\xed\xa0\x80"]}',
+                                 "the body is not valid UTF-8 (byte 14)"),
+    "input named twice": (
+        json.dumps({"dataframe_split": {"columns": ["instruction", "input", "input"],
+                                        "data": [["Greet Kalo.", "a", "b"]]}}).encode(),
+        'the column "input" is given 2 times: name each column once'),
+    "a record key given twice": (
+        b'{"dataframe_records": [{"instruction": "a", "instruction": "b"}]}',
+        'the body gives the key "instruction" twice in one object: send each key once'),
+    "a param given twice": (
+        b'{"inputs": ["Greet Kalo."], "params": {"max_new_tokens": 3, "max_new_tokens": 300}}',
+        'the body gives the key "max_new_tokens" twice in one object: send each key once'),
+    "a float too large": (b'{"inputs": ["Greet Kalo."], "params": {"temperature": 1e999}}',
+                          "the body holds a number too large for a float: 1e999"),
+    "an integer param too large for 64 bits": (
+        b'{"inputs": ["Greet Kalo."], "params": {"top_k": 100000000000000000000000000000}}',
+        "top_k must be an integer >= 0 (0 = off), got 100000000000000000000000000000"),
+    "dataframe_split rows of strings": (
+        b'{"dataframe_split": {"columns": ["instruction"], "data": ["Greet Kalo."]}}',
+        "dataframe_split data must be a list of rows (arrays): row 0 is a string"),
+    "dataframe_records of strings": (
+        b'{"dataframe_records": ["Greet Kalo."]}',
+        "dataframe_records must be a list of records (objects): record 0 is a string"),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_request_is_a_400_naming_the_fault_and_the_server_keeps_serving(server,
+                                                                                   case):
+    body, message = MALFORMED[case]
+    resp = requests.post(f"{server}/invocations", data=body, timeout=60,
+                         headers={"Content-Type": "application/json"})
+    assert (resp.status_code, resp.json()) == (400, {"error_code": "INVALID_PARAMETER_VALUE",
+                                                     "message": message})
+    _still_serving(server)
+
+
+@pytest.mark.timeout(300)
+def test_malformed_input_in_process_is_an_invalid_parameter_value(in_process):
+    cases = [
+        (pd.DataFrame({"instruction": ["Greet \ud800 Kalo."]}, dtype=object), GREEDY,
+         "row 0: instruction is not valid Unicode text (a lone surrogate \\ud800 at character 6)"),
+        ([{"instruction": "Greet Kalo.", "context": "x\udfff"}], GREEDY,
+         "row 0: input is not valid Unicode text (a lone surrogate \\udfff at character 1)"),
+        (pd.DataFrame([["Greet Kalo.", "a", "b"]], columns=["instruction", "input", "input"]),
+         GREEDY, 'the column "input" is given 2 times: name each column once'),
+        (["Greet Kalo."], {"max_new_tokens": 10 ** 5000},
+         "max_new_tokens must be an integer >= 1, got an integer of over 40 digits"),
+        (["Greet Kalo."], {"temperature": 10 ** 400},
+         "temperature must be a number >= 0 (0 = greedy), got an integer of over 40 digits"),
+    ]
+    for data, params, message in cases:
+        with pytest.raises(mlflow.exceptions.MlflowException) as e:
+            in_process.predict(data, params)
+        assert (e.value.error_code, e.value.message) == ("INVALID_PARAMETER_VALUE", message)
+
+
+def _csv(server, text):
+    return requests.post(f"{server}/invocations", data=text.encode("utf-8"), timeout=120,
+                         headers={"Content-Type": "text/csv"})
+
+
+@pytest.mark.timeout(300)
+def test_a_csv_request_is_text_as_the_same_records_in_json(server):
+    # MLflow's own CSV parse made `0042` the number 42.0 (a 400: "input is a number") and `NA`
+    # a missing value (answered "" without running the model)
+    cells = ["NA,0042", "null,", "NaN,1e5", "True,NA"]
+    copies = 4  # two batches of 8 rows
+    resp = _csv(server, "instruction,context\n" + "".join(f"{c}\n" for c in cells) * copies
+                + ",ma ko\n")
+    preds = _answers(resp, len(cells) * copies + 1)
+    assert preds[-1] == ""  # an empty cell is a blank instruction: "" without running the model
+    # A CSV request carries no params, so the model samples (do_sample=true by default) and a
+    # run may end at once ("", about 1 in 300 for the untrained tiny model). A value taken as
+    # missing would be "" in every copy; each instruction got a non-empty answer in some copy.
+    for k, cell in enumerate(cells):
+        assert any(preds[k::len(cells)][:copies]), (cell, preds[k::len(cells)][:copies])
+    resp = _csv(server, "instruction,input,input\nGreet Kalo.,a,b\n")
+    assert (resp.status_code, resp.json()) == (400, {
+        "error_code": "INVALID_PARAMETER_VALUE",
+        "message": 'the column "input" is given 2 times: name each column once'})
+    _still_serving(server)
+
+
+@pytest.mark.timeout(300)
+def test_invisible_instructions_are_blank_and_an_invisible_input_is_no_input(server):
+    preds = _answers(_post(server, {"inputs": ["\u200b", "\ufeff\u2060", "Greet Kalo."],
+                                    "params": GREEDY}), 3)
+    assert preds[:2] == ["", ""]
+    with_invisible = _post(server, {"inputs": [{"instruction": "Count the words in the input.",
+                                                "input": "\u200b"}], "params": GREEDY})
+    without = _post(server, {"inputs": [{"instruction": "Count the words in the input."}],
+                             "params": GREEDY})
+    assert _answers(with_invisible, 1) == _answers(without, 1)

@@ -157,6 +157,67 @@ def test_predict_rejects_what_it_cannot_answer(wrapped, data, params, message):
     assert e.value.get_http_status_code() == 400
 
 
+# --- issue 23: blank means nothing visible; invalid text is refused before the model runs -------
+
+GREEDY = {"max_new_tokens": 3, "do_sample": False}
+
+
+def test_invisible_instructions_are_answered_without_running_the_model(wrapped):
+    rows = ["\u200b", "\ufeff\u2060", "\u00ad", " \u3000\u200d\t", "\x00"]
+    with SeenPrompts(wrapped.pipeline.model) as seen:
+        out = wrapped.predict(rows, GREEDY)
+    assert out == ["", "", "", "", ""]
+    assert seen.prompts == []  # model.generate was never called
+    with SeenPrompts(wrapped.pipeline.model) as seen:
+        out = wrapped.predict(["\u200b", "Greet Mo."], GREEDY)
+    assert out[0] == "" and len(seen.prompts) == 1  # only the visible one was generated
+
+
+def test_an_invisible_input_is_no_input(wrapped):
+    tok = wrapped.pipeline.tokenizer
+    with SeenPrompts(wrapped.pipeline.model) as seen:
+        out = wrapped.predict([{"instruction": "Greet Mo.", "input": "\u200b"},
+                               {"instruction": "Greet Mo.", "input": "\ufeff \u2060"}], GREEDY)
+    no_input = tok(prompts.format_prompt("Greet Mo."), add_special_tokens=False)["input_ids"]
+    assert seen.prompts == [no_input, no_input]
+    assert out == wrapped.predict([{"instruction": "Greet Mo."}] * 2, GREEDY)
+
+
+@pytest.mark.parametrize("data, message", [
+    (pd.DataFrame({"instruction": ["Greet \ud800 Mo."]}, dtype=object),
+     "row 0: instruction is not valid Unicode text (a lone surrogate \\ud800 at character 6)"),
+    (pd.DataFrame({"instruction": ["Greet Mo.", "Count."], "context": ["", "ma \udfff"]},
+                  dtype=object),
+     "row 1: input is not valid Unicode text (a lone surrogate \\udfff at character 3)"),
+    (pd.DataFrame([["a", "x", "y"]], columns=["instruction", "input", "input"]),
+     'the column "input" is given 2 times: name each column once'),
+])
+def test_invalid_text_is_refused_before_the_model_runs(wrapped, data, message):
+    with SeenPrompts(wrapped.pipeline.model) as seen, pytest.raises(MlflowException) as e:
+        wrapped.predict(data, GREEDY)
+    assert (e.value.error_code, e.value.message) == ("INVALID_PARAMETER_VALUE", message)
+    assert seen.prompts == []
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(wrapped):
+    rows = ["Greet Mo.", "Repeat the word bada."]
+    # 1e-320 made the logits infinite: torch.multinomial raised a RuntimeError (a 500)
+    for temperature in (1e-320, 1e-6):
+        assert wrapped.predict(rows, {"max_new_tokens": 3, "temperature": temperature,
+                                      "do_sample": True}) == wrapped.predict(rows, GREEDY)
+
+
+def test_the_default_max_new_tokens_is_fitted_to_a_small_context(wrapped):
+    # a request without params (as every CSV request is) is answered by a model whose context
+    # (64 tokens here) is smaller than the default 256 new tokens; a caller's 60 is refused
+    out = wrapped.predict(["Greet Mo."])
+    assert len(out) == 1 and isinstance(out[0], str)
+    with pytest.raises(MlflowException) as e:
+        wrapped.predict(["Greet Mo."], {"max_new_tokens": 60})
+    assert e.value.message == ("max_new_tokens must be at most 40 for this model (context 64 "
+                               "tokens, prompt template 23), got 60")
+
+
 def test_the_model_is_loaded_in_a_thread_that_has_ended_and_its_errors_reach_the_caller():
     """With batching on, _load_pyfunc loads through dolly.serve.pyfunc._in_ended_thread, so the server's
     own thread starts no OpenMP pool that would slow the batcher's worker (see _load_pyfunc)."""
