@@ -10,7 +10,9 @@ and the error (why a row was not scored). The output folder must be new or empty
 mode=overwrite replaces only what an earlier batch_score run wrote there (listed in its
 _dolly_batch_score.json); anything else stops the step before any work. The model version that scored is
 pinned before scoring (an alias is resolved once) and recorded as this run's tags model_name /
-model_version / scored_model_uri and in <output>/_scored_by.json.
+model_version / scored_model_uri and in <output>/_scored_by.json. Column names are compared as
+Spark compares them (in any case unless spark.sql.caseSensitive=true): an input column that is
+one to Spark with another, or with a column the step adds, stops the step before any scoring.
 Metrics: rows_read = rows_scored + rows_empty + rows_errored, rows_written.
 """
 from __future__ import annotations

@@ -7,6 +7,11 @@ sent to the model and keep a null response, so "no instruction" stays distinguis
 empty answer; rows whose instruction is not a string get a null response and the reason in the
 error column. The output goes only into a new or empty folder, or replaces what an earlier run of
 the step wrote there (check_output): nothing the step did not write is deleted.
+
+Column names are compared as the Spark session compares them (dolly.scoring.columns: in any case
+unless spark.sql.caseSensitive=true): `-P column=Instruction` finds `instruction`, `Context` is
+the input, and input columns that Spark would take for one another, or for a column the step
+adds, stop the step before any work instead of being merged or replaced.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 
 from dolly.data import readers
 from dolly.errors import DataError, DollyError
+from dolly.scoring import columns
 from dolly.scoring.output import MARKER, OutputFolder, publish
 
 SUFFIXES = readers.SUFFIXES
@@ -70,11 +76,13 @@ def input_files(path: str | Path) -> list[Path]:
     return readers.list_files(path)
 
 
-def _text_frame(spark, f: Path, keep_types: tuple[str, ...] = ()):
+def _text_frame(spark, f: Path, keep_types: tuple[str, ...] = (), cs: bool = False):
     # Decoded by data_prep's reader (BOM, UTF-16/32, content over extension, NaN as null, no
     # silent U+FFFD); Spark then infers the columns from those records as JSON lines. A line or
     # item that is not a readable object stays as a row of nulls (skipped, not dropped). The
-    # keep_types columns are read as VARIANT: each value keeps its JSON type.
+    # keep_types columns (in any case unless `cs`) are read as VARIANT: each value keeps its
+    # JSON type. Keys that differ only in case are refused unless `cs`: Spark's JSON reader
+    # would make them one column and keep only one key's values.
     read = readers.read_file(f)
     order: dict[str, None] = {}
     lines = []
@@ -83,13 +91,16 @@ def _text_frame(spark, f: Path, keep_types: tuple[str, ...] = ()):
         if ok:
             order.update(dict.fromkeys(r.value))
         lines.append(json.dumps(r.value if ok else {}))
+    columns.refuse_clash(order, cs, str(f))
     rdd = spark.sparkContext.parallelize(lines)
     df = spark.read.json(rdd)
-    if any(n in df.columns for n in keep_types):
+    keep = {columns.key(n, cs) for n in keep_types}
+    if any(columns.key(n, cs) in keep for n in df.columns):
         from pyspark.sql import types as T
 
         df = spark.read.schema(T.StructType([
-            T.StructField(x.name, T.VariantType() if x.name in keep_types else x.dataType, True)
+            T.StructField(x.name, T.VariantType() if columns.key(x.name, cs) in keep
+                          else x.dataType, True)
             for x in df.schema.fields])).json(rdd)
     cols = [c for c in order if c in df.columns]
     return df.select(*[f"`{c.replace('`', '``')}`" for c in cols]) if cols else df
@@ -99,27 +110,41 @@ def read_input(spark, path: str | Path, keep_types: tuple[str, ...] = ()):
     """One DataFrame from a file or a folder of jsonl/json/csv/parquet files (columns unioned by
     name; a column missing from one file is null there; rows keep the files' order). The
     `keep_types` columns of JSON files are read as VARIANT, so that a number or a list stays one
-    (Spark would turn it into text) and score_to_parquet can refuse it."""
+    (Spark would turn it into text) and score_to_parquet can refuse it.
+
+    Names are compared as the session compares them (dolly.scoring.columns): unless it is
+    case-sensitive, `keep_types` match in any case, columns of different files that differ only
+    in case are one column (named as in the first file, as Spark's unionByName does), and a file
+    with two columns that differ only in case is refused (DataError, one line, naming both)."""
+    cs = columns.case_sensitive(spark)
     frames = []
     for f in input_files(path):
         if f.suffix.lower() == ".parquet":
+            if not cs:  # Spark would refuse it with a traceback naming one of them, lower-cased
+                import pyarrow.parquet as pq
+
+                try:
+                    names = pq.read_schema(f).names
+                except (OSError, ValueError):  # not readable as Parquet: Spark says why, as before
+                    names = []
+                columns.refuse_clash(names, cs, str(f))
             frames.append(spark.read.parquet(str(f)))
         else:
-            frames.append(_text_frame(spark, f, keep_types))
-    return _union(frames)
+            frames.append(_text_frame(spark, f, keep_types, cs))
+    return _union(frames, cs)
 
 
-def _union(frames):
+def _union(frames, cs: bool = False):
     """Union by name; a column that is VARIANT in one frame is made VARIANT in all."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    variant = {f.name for df in frames for f in df.schema.fields
+    variant = {columns.key(f.name, cs) for df in frames for f in df.schema.fields
                if isinstance(f.dataType, T.VariantType)}
     out = None
     for df in frames:
         for f in df.schema.fields:
-            if f.name in variant and isinstance(f.dataType, T.StringType):
+            if columns.key(f.name, cs) in variant and isinstance(f.dataType, T.StringType):
                 df = df.withColumn(f.name, F.col(f.name).cast("variant"))
         out = df if out is None else out.unionByName(df, allowMissingColumns=True)
     return out
@@ -167,9 +192,47 @@ def _as_text(df, name: str):
                          .when(t != "VOID", F.to_json(F.col(name))))
 
 
-def input_column(df) -> str | None:
-    """The column holding each record's input: `input`, or dolly-15k's `context`."""
-    return next((c for c in ("input", "context") if c in df.columns), None)
+# dolly.serve.contract.INPUT_ALIASES; not imported: scoring and serve are independent layers
+ALIASES = ("input", "context")
+
+
+def input_column(df, column: str | None = None) -> str | None:
+    """The column holding each record's input: `input`, or dolly-15k's `context`, as the session
+    finds them (`Context` or `INPUT` too, unless it is case-sensitive); None when there is none
+    or `column` (the instruction column) is one of them."""
+    cs = columns.case_sensitive(df.sparkSession)
+    if column is not None and columns.key(column, cs) in {columns.key(c, cs) for c in ALIASES}:
+        return None
+    return next((c for c in (columns.find(df.columns, a, cs) for a in ALIASES) if c), None)
+
+
+def check_columns(df, column: str, output_column: str = "response",
+                  error_column: str = "error") -> tuple[str, str | None]:
+    """(the instruction column, the input column or None) of `df` as Spark resolves them, or
+    DataError (one line) before any work: two columns Spark takes for one, no `column`, a
+    column the step would add (`output_column`, `error_column`) that the input already has in
+    any case (Spark would replace it), or the two added columns being one to Spark."""
+    cs = columns.case_sensitive(df.sparkSession)
+    columns.refuse_clash(df.columns, cs, "input")
+    found = columns.find(df.columns, column, cs)
+    if found is None:
+        other = columns.find(df.columns, column)  # there in another case: a case-sensitive session
+        hint = (f"; column names are case-sensitive in this session ({columns.CONF}=true): "
+                f"pass -P column={other}" if other else "; pass -P column=<name>")
+        raise DataError(f"input has no column '{column}' (columns: {', '.join(df.columns)}){hint}")
+    if columns.key(output_column, cs) == columns.key(error_column, cs):
+        both = (f"are both '{error_column}'" if output_column == error_column else
+                f"'{output_column}' and '{error_column}' are one column to Spark "
+                f"({columns.CONF}=false)")
+        raise DataError(f"output_column and error_column {both}: answers and error reasons "
+                        "need columns of their own")
+    for name, flag in ((output_column, "output_column"), (error_column, "error_column")):
+        if (have := columns.find(df.columns, name, cs)) is not None:
+            same = "" if have == name else (f", the same column as '{name}' to Spark "
+                                            f"({columns.CONF}=false)")
+            raise DataError(f"input already has a column '{have}'{same}; pass -P {flag}=<another "
+                            "name> to keep it")
+    return found, input_column(df, found)
 
 
 def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolder,
@@ -183,35 +246,36 @@ def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolde
     `column` (or input: `input_column(df)`) is present but not a string (a number, a boolean, a
     list, an object: JSON types survive read_input) is *errored* (null answer, the reason in
     `error_column`). Only the other rows reach the model, so one bad row never fails the job.
+    Columns are found and checked by `check_columns` first, as Spark compares names: every input
+    column is written unchanged, or nothing is done.
     """
     import mlflow
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    if column not in df.columns:
-        raise DataError(f"input has no column '{column}' (columns: {', '.join(df.columns)}); "
-                        "pass -P column=<name>")
-    for name, flag in ((output_column, "output_column"), (error_column, "error_column")):
-        if name in df.columns:
-            raise DataError(f"input already has a column '{name}'; pass -P {flag}=<another name>")
+    column, inp = check_columns(df, column, output_column, error_column)
+    # The step's helper columns, dropped at the end by name: none may be one of the user's
+    # (or the two the step adds), in any case.
+    taken = [*df.columns, output_column, error_column]
+    row, text_col, inp_col = (columns.fresh(n, taken)
+                              for n in (_ROW, "__dolly_text", "__dolly_input"))
     predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="string",
                                       env_manager="local", params=params or None)
     text, kind = _classify(df, column, required=True)
-    inp = input_column(df) if column not in ("input", "context") else None
     if inp:
         inp_text, inp_kind = _classify(df, inp, required=False)
         kind = F.coalesce(kind, inp_kind)
     else:
         inp_text = F.lit(None).cast("string")
-    df = (df.withColumn(_ROW, F.monotonically_increasing_id())
-          .withColumn("__dolly_text", text).withColumn("__dolly_input", inp_text)
+    df = (df.withColumn(row, F.monotonically_increasing_id())
+          .withColumn(text_col, text).withColumn(inp_col, inp_text)
           .withColumn(error_column, kind))
     for name in (column, inp):
         if name:
             df = _as_text(df, name)
     ok = F.col(error_column).isNull()
-    record = F.struct(F.col("__dolly_text").alias("instruction"),
-                      F.coalesce(F.col("__dolly_input"), F.lit("")).alias("input"))
+    record = F.struct(F.col(text_col).alias("instruction"),
+                      F.coalesce(F.col(inp_col), F.lit("")).alias("input"))
     # Persisted: the model runs once per row, although counting and the ordered write both read it
     # (a global sort samples its input first).
     scored = (df.filter(ok).withColumn(output_column, predict(record))
@@ -224,7 +288,7 @@ def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolde
                                                  F.col(error_column))))
         n_empty = rest.filter(F.col(error_column).isNull()).count()
         n_errored = rest.filter(F.col(error_column).isNotNull()).count()
-        (scored.unionByName(rest).orderBy(_ROW).drop(_ROW, "__dolly_text", "__dolly_input")
+        (scored.unionByName(rest).orderBy(row).drop(row, text_col, inp_col)
          .write.mode("errorifexists").parquet(str(staging)))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # our own staging folder, nothing else
