@@ -6,6 +6,15 @@ whether to convert it first, what to remove, or why to refuse. Checkpoints are r
 the user asked for it (`resume=never`): checkpoints of other settings stop the step before
 anything is touched, with the change named and the two ways on.
 
+The run's length is not in the fingerprint; each checkpoint's own trainer_state.json records the
+length of the schedule it was trained on (`max_steps`), and `schedule_conflict` compares it with
+the new run's: a checkpoint at or past the new run's last step, or one of a schedule of another
+length (cosine, linear), stops the step the same way. Measured (transformers 5.17, deepspeed
+0.19.8, 2 CPU ranks, cosine, no warmup): checkpoint-6 of a 6-step run resumed with max_steps=3
+trained a 7th step and handed back 7 steps (and save_total_limit deleted checkpoint-3);
+checkpoint-3 of a 3-step run resumed with max_steps=6 trained step 4 at learning rate 0 (the end
+of the 3-step schedule, restored with the optimizer) and steps 5-6 at the 6-step schedule's.
+
 The number of ranks may change between runs: a checkpoint written by another world size is
 converted (a copy; the original stays as it is) into DeepSpeed's universal checkpoint format
 (`deepspeed.checkpoint.ds_to_universal`), which the ranks load with
@@ -14,6 +23,7 @@ converted (a copy; the original stays as it is) into DeepSpeed's universal check
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dolly.errors import DollyError
+from dolly.train.handoff import LENGTH_FREE_SCHEDULES
 
 # Fingerprint entries a checkpoint survives changing: ZeRO shards are regrouped for the new
 # world size through the universal format.
@@ -38,6 +49,7 @@ class Checkpoint:
     step: int
     complete: bool           # trainer_state.json exists: the Trainer writes it last
     world_size: int | None = None  # ranks whose ZeRO shards it holds (None: no DeepSpeed state)
+    max_steps: int | None = None   # length of the schedule it was trained on (trainer_state.json)
 
 
 @dataclass(frozen=True)
@@ -68,11 +80,21 @@ def _world_size(ckpt: Path) -> int | None:
     return len(list(state.glob("*zero_pp_rank_*_optim_states.pt"))) or None
 
 
+def _max_steps(ckpt: Path) -> int | None:
+    """The schedule length trainer_state.json records (None: no such file or entry)."""
+    try:
+        steps = json.loads((ckpt / "trainer_state.json").read_text()).get("max_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) and steps > 0 else None
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """What a checkpoint-<step> folder is: its step, whether it is complete (the Trainer writes
-    trainer_state.json last) and the world size that wrote it."""
+    trainer_state.json last), the world size that wrote it and its schedule's length."""
     p = Path(path)
-    return Checkpoint(str(p), _step(p), (p / "trainer_state.json").is_file(), _world_size(p))
+    return Checkpoint(str(p), _step(p), (p / "trainer_state.json").is_file(), _world_size(p),
+                      _max_steps(p))
 
 
 def find_checkpoints(out: Path) -> list[Checkpoint]:
@@ -90,6 +112,35 @@ def changed_fields(old: dict[str, Any] | None, new: dict[str, Any],
                      if k not in ignore and old.get(k) != v)
 
 
+def schedule_conflict(ckpt: Checkpoint, steps: int, scheduler: str) -> str | None:
+    """Why resuming `ckpt` into a run whose `scheduler` schedule has `steps` optimizer steps
+    would not continue the schedule it was trained on, as '<name> (step k of n, <scheduler>
+    schedule) ...: resuming would ...'; None when it continues it exactly.
+
+    Refused: a checkpoint at or past `steps` (the Trainer trains one more step whatever
+    max_steps says), and one trained on a schedule of another length (or of an unrecorded one)
+    unless the schedule's value at a step does not depend on the length (LENGTH_FREE_SCHEDULES):
+    the learning rate restored with the optimizer is the old schedule's, the scheduler then
+    follows the new one, and the steps already taken followed the old one.
+    """
+    of = f" of {ckpt.max_steps}" if ckpt.max_steps else ", length not recorded"
+    head = (f"{Path(ckpt.path).name} (step {ckpt.step}{of}, {scheduler} schedule) and this "
+            f"run's schedule has {steps} steps: resuming would")
+    if ckpt.step >= steps:
+        return f"{head} train past step {steps}"
+    if ckpt.max_steps != steps and scheduler not in LENGTH_FREE_SCHEDULES:
+        return f"{head} train the rest on a mix of both schedules"
+    return None
+
+
+def _schedule_ways(ckpt: Checkpoint, rest: str) -> str:
+    """The ways on after a schedule refusal: finishing the checkpoint's own run when it is not
+    finished, then `rest`."""
+    if ckpt.max_steps is not None and ckpt.step < ckpt.max_steps:
+        return f"Set -P max_steps={ckpt.max_steps} to finish its run, or {rest}"
+    return rest[0].upper() + rest[1:]
+
+
 def _resume(ckpt: Checkpoint, world: int | None, notes: tuple[str, ...] = ()) -> ResumeDecision:
     if ckpt.world_size is None or world is None or ckpt.world_size == world:
         return ResumeDecision(ckpt.path, notes=notes)
@@ -100,14 +151,15 @@ def _resume(ckpt: Checkpoint, world: int | None, notes: tuple[str, ...] = ()) ->
 
 
 def decide_resume(resume: str, found: Sequence[Checkpoint], old: dict[str, Any] | None,
-                  new: dict[str, Any], out: str, explicit: Checkpoint | None = None
-                  ) -> ResumeDecision:
+                  new: dict[str, Any], out: str, explicit: Checkpoint | None = None,
+                  steps: int | None = None) -> ResumeDecision:
     """The resume decision, from facts only (no file access).
 
     resume: the config's `resume` ('auto', 'never' or a checkpoint path); found: output_dir's
     checkpoints, oldest first; old: the fingerprint file's content (None when absent); new: this
-    run's fingerprint (its `world_size` is the new number of ranks); out: output_dir (for the
-    messages); explicit: the checkpoint `resume` names, when it names one.
+    run's fingerprint (its `world_size` is the new number of ranks, its `lr_scheduler` the
+    schedule); out: output_dir (for the messages); explicit: the checkpoint `resume` names, when
+    it names one; steps: the optimizer steps of this run's schedule (None: not checked).
     """
     world = new.get("world_size")
     names = ", ".join(Path(c.path).name for c in found)
@@ -118,6 +170,13 @@ def decide_resume(resume: str, found: Sequence[Checkpoint], old: dict[str, Any] 
         if explicit is None or not explicit.complete:
             return ResumeDecision(None, refuse=f"config key 'resume': '{resume}' is not a "
                                   "checkpoint folder (no trainer_state.json)")
+        conflict = None if steps is None else schedule_conflict(
+            explicit, steps, new.get("lr_scheduler"))
+        if conflict:
+            return ResumeDecision(None, refuse=(
+                f"resume={resume}: {conflict}; nothing was deleted. " + _schedule_ways(
+                    explicit, "resume another checkpoint (or pass -P resume=never to start "
+                    "fresh)")))
         notes = () if old == new else (
             f"resume: {resume} was not written with these settings; resuming it as asked",)
         return _resume(explicit, world, notes)
@@ -135,6 +194,12 @@ def decide_resume(resume: str, found: Sequence[Checkpoint], old: dict[str, Any] 
         return ResumeDecision(None, notes=(
             f"resume: no complete checkpoint in {out} ({names} were interrupted while saving); "
             "starting fresh",))
+    conflict = None if steps is None else schedule_conflict(last, steps, new.get("lr_scheduler"))
+    if conflict:
+        return ResumeDecision(None, refuse=(
+            f"resume=auto: output_dir '{out}' holds {conflict}; nothing was deleted. "
+            + _schedule_ways(last, f"pass -P resume=never to delete {names} and start fresh (or "
+                             "-P output_dir=<another folder>)")))
     return _resume(last, world)
 
 

@@ -23,6 +23,10 @@ from dolly.errors import DollyError
 RANK_MODULE = "dolly.train.rank"
 FINAL_DIR = "final"                 # <output_dir>/final: the consolidated weights rank 0 writes
 RESULT_FILE = "train_result.json"   # <output_dir>/train_result.json: rank 0's summary
+# lr_scheduler values whose learning rate at a step does not depend on the run's length: a
+# checkpoint of one continues exactly into a longer run (checkpoints.schedule_conflict, and the
+# ranks' own check, trainer.ScheduleGuard)
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
 
 @dataclass

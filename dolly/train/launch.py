@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -34,8 +35,9 @@ from dolly.train.handoff import FINAL_DIR, RANK_MODULE, RESULT_FILE, Plan, b64_j
 
 FINGERPRINT_FILE = "fingerprint.json"
 # Settings that make a checkpoint belong to another experiment, declared on the Config fields
-# (checkpoint=True); the duration (epochs, max_steps) is not among them, so that a run can be
-# extended or finished in several goes.
+# (checkpoint=True). The duration (epochs, max_steps) is not among them: the schedule's length in
+# steps (`schedule_steps`) is checked against each checkpoint's own (checkpoints.schedule_conflict),
+# so an interrupted run is finished in several goes and a constant schedule can be extended.
 RESUME_FIELDS = fields_where(checkpoint=True)
 
 
@@ -100,6 +102,20 @@ def fingerprint(cfg: Config, data_hash: str, world_size: int, precision: str) ->
     return fields
 
 
+def schedule_steps(cfg: Config, records: int, world_size: int) -> int:
+    """The optimizer steps of the run's learning-rate schedule, counted as the Trainer counts
+    them: max_steps when set, else ceil(epochs x updates per epoch). An epoch is
+    ceil(records / per_device_batch_size) micro-batches shared out by accelerate, ceil(that /
+    world_size) per rank (it evens them out), and an update takes gradient_accumulation_steps of
+    them (a short last one counts)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = -(-records // cfg.per_device_batch_size)
+    per_rank = -(-batches // world_size)
+    updates = max(-(-per_rank // cfg.gradient_accumulation_steps), 1)
+    return math.ceil(cfg.epochs * updates)
+
+
 def _spark_world(cfg: Config, gpus: list[int]) -> tuple[bool, int, int]:
     """(gpu, ranks per node, world size) on Spark executors: num_gpus > 0 means GPU executors
     even when this driver has none; -1 follows this machine's GPUs; else CPU ranks."""
@@ -158,12 +174,14 @@ def prepare_launch(cfg: Config, prepared: Path) -> Plan:
 
     Raises ConfigError for settings that cannot run here (missing or non-stage-3 DeepSpeed
     config, more GPUs than visible, fp16 on CPU, a `resume` path that is no checkpoint) and,
-    before anything in output_dir changes, when resume=auto finds checkpoints of other settings;
+    before anything in output_dir changes, when resume=auto finds checkpoints of other settings
+    or the checkpoint to resume does not continue into this run's schedule (past its last step,
+    or a schedule of another length);
     DollyError when a checkpoint of another world size cannot be converted.
     """
     from dolly.data import load_prepared
 
-    _, _, summary = load_prepared(prepared)
+    train_df, _, summary = load_prepared(prepared)
     _check_deepspeed_config(cfg)
     notes: list[str] = []
     gpu, procs, world = _world(cfg, notes)
@@ -183,7 +201,8 @@ def prepare_launch(cfg: Config, prepared: Path) -> Plan:
     old = json.loads(fp_file.read_text()) if fp_file.is_file() else None
     explicit = None if cfg.resume in ("auto", "never") else checkpoints.read_checkpoint(cfg.resume)
     decision = checkpoints.decide_resume(cfg.resume, checkpoints.find_checkpoints(out), old, fp,
-                                         str(out), explicit)
+                                         str(out), explicit,
+                                         schedule_steps(cfg, len(train_df), world))
     if decision.refuse:
         raise ConfigError(decision.refuse)
     notes.extend(decision.notes)

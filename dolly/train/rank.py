@@ -186,8 +186,8 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     from dolly.models import load_base_model
     from dolly.prompts import special_ids
     from dolly.tokenizer import load_tokenizer
-    from dolly.train.trainer import (DollyTrainer, PartitionRecord, RankZeroMlflow, param_numel,
-                               rank_and_world)
+    from dolly.train.trainer import (DollyTrainer, PartitionRecord, RankZeroMlflow, ScheduleGuard,
+                                     param_numel, rank_and_world)
 
     rank, world = rank_and_world()
     # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per call site
@@ -215,9 +215,11 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
 
     resumed_from = None if cfg.resume == "never" else cfg.resume
     resumed_step = 0
+    guard = []
     if resumed_from:
         state = json.loads((Path(resumed_from) / "trainer_state.json").read_text())
         resumed_step = int(state["global_step"])
+        guard = [ScheduleGuard(resumed_from, state.get("max_steps"), cfg.lr_scheduler)]
         if rank == 0:
             print(f"train: resuming from {resumed_from} (step {resumed_step})", flush=True)
     flops = _flops_inputs(model, cfg.precision, world, gpu)
@@ -225,7 +227,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
               cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world,
               "param_count": sum(param_numel(p) for p in model.parameters()),
               "resumed_from_step": resumed_step, "device": "gpu" if gpu else "cpu"}
-    callbacks = [PartitionRecord()] + ([RankZeroMlflow(run_id, params)] if run_id else [])
+    callbacks = guard + [PartitionRecord()] + ([RankZeroMlflow(run_id, params)] if run_id else [])
     callbacks += list(extra_callbacks or [])
     trainer = DollyTrainer(
         model=model, args=args, train_dataset=train_ds,

@@ -17,8 +17,10 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from dolly.train import throughput
+from dolly.train.handoff import LENGTH_FREE_SCHEDULES
 from dolly.data.batching import LengthGroupedSampler
 from dolly.config import Config
+from dolly.errors import DollyError
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -185,3 +187,28 @@ class PartitionRecord(TrainerCallback):
         print(f"rank {rank}: ZeRO-3 holds {rec['local_numel']:,} of {rec['full_numel']:,} "
               f"parameter elements locally ({rec['partitioned_tensors']} of {rec['tensors']} "
               "tensors partitioned)", flush=True)
+
+
+class ScheduleGuard(TrainerCallback):
+    """The ranks' own check of a resume against the Trainer's step count, before the first step:
+    the parent refuses these before launch (checkpoints.schedule_conflict); this catches a
+    parent whose count of the schedule's steps differs from the Trainer's.
+
+    resumed: the checkpoint's path; old_max_steps: the length of the schedule it was trained on
+    (its trainer_state.json; None: not recorded); scheduler: this run's lr_scheduler.
+    """
+
+    def __init__(self, resumed: str, old_max_steps: int | None, scheduler: str):
+        self.resumed, self.old_max_steps, self.scheduler = resumed, old_max_steps, scheduler
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        step, steps = state.global_step, state.max_steps
+        if step >= steps:
+            why = f"train past this run's last step, {steps}"
+        elif self.old_max_steps != steps and self.scheduler not in LENGTH_FREE_SCHEDULES:
+            old = f"{self.old_max_steps}-step" if self.old_max_steps else "unrecorded-length"
+            why = f"train the rest of its {old} {self.scheduler} schedule as a {steps}-step one"
+        else:
+            return
+        raise DollyError(f"resuming {self.resumed} (step {step}) would {why}; stopped before "
+                         "training")

@@ -1,7 +1,8 @@
 """The train entry point as users run it: `mlflow run . -e train`, real DeepSpeed ZeRO-3 on 2 CPU
 ranks over gloo, a sqlite tracking store. One interrupted-and-resumed pair of runs serves the
 partitioning, saved-weights, resume and MLflow checks; one more run checks that a dying rank
-ends the step quickly with its error in the log."""
+ends the step quickly with its error in the log; reruns that would change the schedule of a
+checkpoint's run are refused before launch."""
 from __future__ import annotations
 
 import json
@@ -25,8 +26,11 @@ pytestmark = pytest.mark.timeout(900)
 
 STEPS_A, STEPS_B = 4, 8
 TRAIN = {k: v for k, v in TINY_OVERRIDES.items() if k != "builtin_records"}
+# constant: the rate at a step does not depend on the run's length, so run A (4 steps) is exactly
+# the first half of run B (8 steps) and stands for B interrupted at its step-4 checkpoint. A
+# cosine or linear schedule of 4 steps is not resumed into 8 (see the schedule tests below).
 TRAIN.update(per_device_batch_size=8, logging_steps=1, save_steps=4, eval_steps=4,
-             warmup_steps=0, learning_rate=3e-3, rank_timeout_s=60)
+             warmup_steps=0, learning_rate=3e-3, lr_scheduler="constant", rank_timeout_s=60)
 
 # not 29500: other test sessions on this machine may train at the same time
 TRAIN["master_port"] = free_port()
@@ -126,6 +130,10 @@ def test_rerun_resumes_from_the_checkpoint_and_ends_at_the_same_step(runs):
     assert run.data.metrics["resumed_from_step"] == STEPS_A
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert steps == list(range(STEPS_A + 1, STEPS_B + 1))  # continued, did not start over
+    # ... on the same (constant) schedule: every resumed step at the learning rate A trained at
+    rates = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                          "learning_rate"))
+    assert rates == [(5, 0.003), (6, 0.003), (7, 0.003), (8, 0.003)]
     _, run_a = runs.run(runs.a)
     assert run_a.data.params["resumed_from_step"] == "0"
     assert sorted(p.name for p in runs.out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
@@ -215,7 +223,9 @@ def six_steps(runs, tmp_path_factory) -> Path:
     """model.safetensors of 1 node x 2 ranks (DeepSpeed launcher), 6 steps: the weights the
     other ways of launching the same ranks must reproduce."""
     root = tmp_path_factory.mktemp("six_steps")
-    one = subprocess.run(_train_cmd(runs.prepared, root / "one", **SIX), cwd=ROOT,
+    # checkpoint-3 and checkpoint-6 as well: the schedule test shortens this run
+    one = subprocess.run(_train_cmd(runs.prepared, root / "one", **{**SIX, "save_steps": 3}),
+                         cwd=ROOT,
                          env=project_env(fresh_store(root)), capture_output=True, text=True,
                          timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
@@ -384,6 +394,78 @@ def test_resume_on_another_world_size_continues_to_the_same_total_steps(runs, tm
         assert loss < start - 0.5 and abs(loss - two[step]) < 0.35, (step, loss, two[step])
 
 
+# --- issue 23, case 9: a rerun whose schedule differs from its checkpoint's run ---------------
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with its sha256."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _refusal(proc: subprocess.CompletedProcess, uri: str) -> str:
+    """The one error line of a train step that stopped before launching (and trained nothing:
+    its MLflow run logged no loss)."""
+    import mlflow
+
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from" not in proc.stdout + proc.stderr  # no rank started
+    run = runs_in(uri, "train")[0]
+    assert run.info.status == "FAILED"
+    assert not mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "loss")
+    return errors[0]
+
+
+def test_a_rerun_asking_fewer_steps_than_its_checkpoint_is_refused_before_launch(
+        runs, six_steps, tmp_path):
+    """Trained max_steps=6 with save_steps=3, rerun into the same output_dir with max_steps=3.
+    Before: it resumed at step 6, trained a 7th step and logged that 7-step model as the
+    max_steps=3 result, and save_total_limit (2) then deleted checkpoint-3."""
+    out = tmp_path / "out"
+    shutil.copytree(six_steps.parent.parent, out)  # the 6-step run's output_dir
+    before = _tree(out)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    uri = fresh_store(tmp_path)
+    proc = mlflow_run("train", {"prepared": runs.prepared, "output_dir": out, **TRAIN, **SIX,
+                                "save_steps": 3, "max_steps": 3}, uri)
+    assert _refusal(proc, uri) == (
+        f"error: resume=auto: output_dir '{out}' holds checkpoint-6 (step 6 of 6, constant "
+        "schedule) and this run's schedule has 3 steps: resuming would train past step 3; "
+        "nothing was deleted. Pass -P resume=never to delete checkpoint-3, checkpoint-6 and "
+        "start fresh (or -P output_dir=<another folder>)")
+    # both checkpoints, the fingerprint, the 6-step run's final weights and result: untouched
+    assert _tree(out) == before
+
+
+def test_a_rerun_stretching_a_cosine_schedule_to_more_steps_is_refused_before_launch(
+        runs, tmp_path):
+    """3 steps of a cosine schedule, rerun with max_steps=6. Before: step 4 trained at learning
+    rate 0 (the 3-step schedule's end, restored with the optimizer) and steps 5-6 at the 6-step
+    schedule's 0.00075 and 0.000201, where a 6-step run trains step 4 at 0.0015 (measured)."""
+    import mlflow
+
+    out = tmp_path / "out"
+    uri = fresh_store(tmp_path)
+    params = {"prepared": runs.prepared, "output_dir": out, **TRAIN, "lr_scheduler": "cosine",
+              "eval_steps": 0, "save_steps": 3}
+    three = mlflow_run("train", {**params, "max_steps": 3}, uri)
+    assert three.returncode == 0, three.stdout[-3000:] + three.stderr[-5000:]
+    run = runs_in(uri, "train")[0]
+    rates = sorted((m.step, m.value) for m in mlflow.MlflowClient(uri).get_metric_history(
+        run.info.run_id, "learning_rate"))
+    assert rates == [(1, 0.003), (2, pytest.approx(0.00225)), (3, pytest.approx(0.00075))]
+    before = _tree(out)
+    six = mlflow_run("train", {**params, "max_steps": 6}, uri)
+    assert _refusal(six, uri) == (
+        f"error: resume=auto: output_dir '{out}' holds checkpoint-3 (step 3 of 3, cosine "
+        "schedule) and this run's schedule has 6 steps: resuming would train the rest on a mix "
+        "of both schedules; nothing was deleted. Pass -P resume=never to delete checkpoint-3 "
+        "and start fresh (or -P output_dir=<another folder>)")
+    assert _tree(out) == before
+
+
 # --- the parent's decisions, without launching ---------------------------------------------------
 
 @pytest.fixture
@@ -399,11 +481,14 @@ def fake_prepared(tmp_path) -> Path:
     return d
 
 
-def _checkpoint(out: Path, step: int, complete: bool = True) -> Path:
+def _checkpoint(out: Path, step: int, complete: bool = True, max_steps: int = 10) -> Path:
+    """A checkpoint folder as the parent sees it; max_steps: its schedule's length (10: the
+    default config's 10 epochs of one step on fake_prepared's one record)."""
     c = out / f"checkpoint-{step}"
     c.mkdir(parents=True)
     if complete:
-        (c / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (c / "trainer_state.json").write_text(json.dumps({"global_step": step,
+                                                          "max_steps": max_steps}))
     return c
 
 
@@ -457,6 +542,50 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     assert [n for n in never.notes if not n.startswith("master_port")] == [
         f"resume=never: removing checkpoint-4, checkpoint-8 from {out}"]
     assert not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.timeout(60)
+def test_plan_refuses_a_schedule_of_another_length_before_changing_anything(
+        fake_prepared, tmp_path, monkeypatch):
+    from dolly.config import load_config
+    from dolly.errors import ConfigError
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+
+    def plan(**settings):
+        return launch.prepare_launch(load_config(None, {"output_dir": out, "num_gpus": 0,
+                                                        **settings}), fake_prepared)
+
+    plan()  # the fingerprint of these settings
+    _checkpoint(out, 4)  # step 4 of the 10 steps that 10 epochs make here
+    (out / "train_result.json").write_text("{}")
+    before = _tree(out)
+    for settings, error in (
+            ({"epochs": 5}, "resume=auto: output_dir '{}' holds checkpoint-4 (step 4 of 10, "
+             "cosine schedule) and this run's schedule has 5 steps: resuming would train the "
+             "rest on a mix of both schedules; nothing was deleted. Set -P max_steps=10 to "
+             "finish its run, or pass -P resume=never to delete checkpoint-4 and start fresh "
+             "(or -P output_dir=<another folder>)"),
+            ({"max_steps": 3}, "resume=auto: output_dir '{}' holds checkpoint-4 (step 4 of 10, "
+             "cosine schedule) and this run's schedule has 3 steps: resuming would train past "
+             "step 3; nothing was deleted. Set -P max_steps=10 to finish its run, or pass -P "
+             "resume=never to delete checkpoint-4 and start fresh (or -P output_dir=<another "
+             "folder>)")):
+        with pytest.raises(ConfigError) as refused:
+            plan(**settings)
+        assert str(refused.value) == error.format(out)
+        assert _tree(out) == before  # no checkpoint, result or fingerprint touched
+    # the way on it names: max_steps=10 is the same schedule as 10 epochs of one step
+    assert plan(max_steps=10).resumed_from == str(out / "checkpoint-4")
+    # a constant schedule's rates do not depend on the length: extended
+    constant = tmp_path / "constant"
+    launch.prepare_launch(load_config(None, {"output_dir": constant, "num_gpus": 0,
+                                             "lr_scheduler": "constant"}), fake_prepared)
+    _checkpoint(constant, 4)
+    assert launch.prepare_launch(load_config(None, {
+        "output_dir": constant, "num_gpus": 0, "lr_scheduler": "constant", "epochs": 20}),
+        fake_prepared).resumed_from == str(constant / "checkpoint-4")
 
 
 @pytest.mark.timeout(60)

@@ -46,3 +46,27 @@ def test_partition_record_writes_what_this_rank_holds_once(tmp_path, monkeypatch
     assert rec == {"rank": 1, "world_size": 2, "pid": os.getpid(), "step": 1, "tensors": 2,
                    "partitioned_tensors": 0, "full_numel": 8, "local_numel": 8,
                    "materialized_numel": 8}
+
+
+def test_schedule_guard_stops_a_resume_past_the_end_or_into_another_length_before_a_step():
+    import pytest
+    from transformers import TrainerState
+
+    from dolly.errors import DollyError
+    from dolly.train.trainer import ScheduleGuard
+
+    def begin(guard, step, steps):
+        guard.on_train_begin(None, TrainerState(global_step=step, max_steps=steps), None)
+
+    with pytest.raises(DollyError) as past:
+        begin(ScheduleGuard("out/checkpoint-6", 6, "cosine"), 6, 3)
+    assert str(past.value) == ("resuming out/checkpoint-6 (step 6) would train past this run's "
+                               "last step, 3; stopped before training")
+    with pytest.raises(DollyError) as mixed:
+        begin(ScheduleGuard("out/checkpoint-3", 3, "cosine"), 3, 6)
+    assert str(mixed.value) == ("resuming out/checkpoint-3 (step 3) would train the rest of its "
+                                "3-step cosine schedule as a 6-step one; stopped before training")
+    with pytest.raises(DollyError, match="past this run's last step, 3"):
+        begin(ScheduleGuard("out/checkpoint-3", 6, "constant"), 3, 3)
+    begin(ScheduleGuard("out/checkpoint-3", 6, "cosine"), 3, 6)  # the same schedule: continues
+    begin(ScheduleGuard("out/checkpoint-3", 3, "constant"), 3, 6)  # a length-free one extends
