@@ -2,7 +2,8 @@
 `predict`, `spark_udf`, `mlflow models serve`): what a request holds and what is refused.
 
 - Records have an `instruction` (string) and an optional `input` (`context`, as dolly-15k names
-  it, is its alias), taken *by name* from a DataFrame, records (a list of dicts), a dict of
+  it, is its alias), taken *by name*, in any case as Spark finds columns (`Instruction`,
+  `Context`; two names that differ only in case are refused), from a DataFrame, records (a list of dicts), a dict of
   columns or a Spark struct; other columns are ignored. A bare string, a list of strings or one
   unnamed column are instructions.
 - Null, NaN and pandas' NA mean "missing": a missing instruction gets "" without running the
@@ -86,38 +87,56 @@ def is_missing(x) -> bool:
     return x is None or x is pd.NA or (isinstance(x, float) and x != x)
 
 
+def _field(names: list[str], wanted: tuple[str, ...], record: int | None = None) -> str | None:
+    """The one name in `names` that is one of `wanted`, compared ignoring case as Spark does by
+    default (spark.sql.caseSensitive=false: `Instruction`, `Context` and `INPUT` are found), or
+    None. Raises MlflowException (400) when two names match: two spellings of one field
+    (`input` and `Input`) or both aliases (`input` and `context`)."""
+    found = [n for n in names if n.lower() in wanted]
+    if len(found) > 1:
+        a, b = (f"'{printable(n)[:40]}'" for n in found[:2])
+        if found[0].lower() == found[1].lower():
+            where = "columns" if record is None else f"record {record}: fields"
+            raise bad_input(f"{where} {a} and {b} differ only in case: they name one field (as "
+                            "in Spark); send one of them")
+        if record is None:
+            raise bad_input(f"both {a} and {b} columns: '{INPUT_ALIASES[1]}' is another name "
+                            f"for '{INPUT}'; send one of them")
+        raise bad_input(f"record {record} has both {a} and {b}: send one of them")
+    return found[0] if found else None
+
+
 def _columns_of(frame) -> tuple[list, list | None]:
-    """(instructions, inputs or None) from a DataFrame, by column name."""
+    """(instructions, inputs or None) from a DataFrame, by column name (in any case)."""
     names = [str(c) for c in frame.columns]
     if len(set(names)) < len(names):
         twice = next(n for i, n in enumerate(names) if n in names[:i])
         raise bad_input(f"the column {_short(twice)} is given {names.count(twice)} times: name "
                         "each column once")
-    if INSTRUCTION in names:
-        ins = frame[frame.columns[names.index(INSTRUCTION)]].tolist()
-    elif len(names) == 1 and names[0] not in INPUT_ALIASES:  # one column: instructions
+    instruction = _field(names, (INSTRUCTION,))
+    if instruction is not None:
+        ins = frame[frame.columns[names.index(instruction)]].tolist()
+    elif len(names) == 1 and names[0].lower() not in INPUT_ALIASES:  # one column: instructions
         ins = frame.iloc[:, 0].tolist()
     else:
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise bad_input(f"no '{INSTRUCTION}' column among the {len(names)} columns ({shown}); "
                         f"name the columns '{INSTRUCTION}' and optionally '{INPUT}'")
-    given = [n for n in INPUT_ALIASES if n in names]
-    if len(given) > 1:
-        raise bad_input(f"both '{given[0]}' and '{given[1]}' columns: '{INPUT_ALIASES[1]}' is "
-                        f"another name for '{INPUT}'; send one of them")
-    inputs = frame[frame.columns[names.index(given[0])]].tolist() if given else None
+    given = _field(names, INPUT_ALIASES)
+    inputs = frame[frame.columns[names.index(given)]].tolist() if given is not None else None
     return ins, inputs
 
 
 def _record(row: dict, i: int) -> tuple[Any, Any]:
     keys = [str(k) for k in row]
-    if INSTRUCTION not in keys:
+    values = list(row.values())
+    instruction = _field(keys, (INSTRUCTION,), i)
+    if instruction is None:
         raise bad_input(f"record {i} has no '{INSTRUCTION}' field (fields: "
                         f"{', '.join(keys[:8]) or 'none'})")
-    given = [n for n in INPUT_ALIASES if n in keys]
-    if len(given) > 1:
-        raise bad_input(f"record {i} has both '{given[0]}' and '{given[1]}': send one of them")
-    return row[INSTRUCTION], (row[given[0]] if given else None)
+    given = _field(keys, INPUT_ALIASES, i)
+    return (values[keys.index(instruction)],
+            values[keys.index(given)] if given is not None else None)
 
 
 def records_of(data) -> tuple[list, list]:
@@ -149,7 +168,8 @@ def records_of(data) -> tuple[list, list]:
         return values, [None] * len(values)
     if isinstance(data, dict):
         only = str(next(iter(data))) if len(data) == 1 else None
-        if INSTRUCTION not in data and only is not None and only not in INPUT_ALIASES:
+        if (only is not None and only.lower() != INSTRUCTION
+                and only.lower() not in INPUT_ALIASES):
             # {"anything": [instructions]}
             return records_of(pd.Series(_as_list(next(iter(data.values()))), dtype=object))
         try:

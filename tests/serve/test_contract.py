@@ -172,3 +172,35 @@ def test_a_message_quoting_invalid_text_can_be_encoded():
     message = bad_input("no 'instruction' column among the 1 columns (\udfff)").message
     assert message == "no 'instruction' column among the 1 columns (\\udfff)"
     message.encode("utf-8")  # would raise on a lone surrogate
+
+
+# Issue 23, case 8's kind on the served side: names are found as Spark finds them (in any case),
+# so a spark_udf over struct("Instruction", "Context") never drops its input silently.
+@pytest.mark.parametrize("data", [
+    pd.DataFrame({"Instruction": ["Greet Mo."], "Context": ["x"]}),
+    pd.DataFrame({"instruction": ["Greet Mo."], "INPUT": ["x"]}),
+    [{"INSTRUCTION": "Greet Mo.", "Context": "x"}],
+    {"Instruction": ["Greet Mo."], "Input": ["x"]},
+])
+def test_columns_are_found_in_any_case(data):
+    frame = as_frame(data)
+    assert frame.to_dict("records") == [{"instruction": "Greet Mo.", "input": "x"}]
+
+
+@pytest.mark.parametrize("data, message", [
+    (pd.DataFrame({"instruction": ["a"], "Instruction": ["b"]}),
+     "columns 'instruction' and 'Instruction' differ only in case: they name one field (as in "
+     "Spark); send one of them"),
+    (pd.DataFrame({"instruction": ["a"], "input": ["b"], "Input": ["c"]}),
+     "columns 'input' and 'Input' differ only in case: they name one field (as in Spark); send "
+     "one of them"),
+    ([{"instruction": "a", "Context": "b", "input": "c"}],
+     "record 0 has both 'Context' and 'input': send one of them"),
+    ([{"instruction": "a", "INSTRUCTION": "b"}],
+     "record 0: fields 'instruction' and 'INSTRUCTION' differ only in case: they name one "
+     "field (as in Spark); send one of them"),
+])
+def test_two_names_of_one_field_are_refused(data, message):
+    with pytest.raises(MlflowException) as e:
+        as_frame(data)
+    assert e.value.message == message
