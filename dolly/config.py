@@ -166,13 +166,18 @@ class Config:
     )
     resume: str = _f(
         "auto",
-        "'auto' (continue from the newest checkpoint in output_dir), 'never', or a checkpoint path.",
+        "'auto' (continue from the newest checkpoint in output_dir), 'never', or a checkpoint "
+        "path. Only the same schedule is continued: a checkpoint at or past this run's last step, "
+        "or one of a cosine/linear schedule of another length, is refused before launch.",
         steps=TRAIN,
     )
     # 10 for the tiny default: the copy after `Hello, ` (greet) is the last skill it learns, at
     # ~600 steps of a 900-step cosine schedule in a plain loop; 6 epochs (510 steps) left it at 0.
-    epochs: float = _f(10.0, "Training epochs (ignored when max_steps > 0).", steps=TRAIN)
-    max_steps: int = _f(-1, "Optimizer steps to train; -1 = derived from epochs.", steps=TRAIN)
+    epochs: float = _f(10.0, "Training epochs (ignored when max_steps > 0). Changing the run's "
+                       "length between runs into one output_dir is refused unless the schedule "
+                       "is constant.", steps=TRAIN)
+    max_steps: int = _f(-1, "Optimizer steps to train; -1 = derived from epochs. See epochs for "
+                        "a change between runs.", steps=TRAIN)
     per_device_batch_size: int = _f(16, "Micro-batch size per rank.", steps=TRAIN, checkpoint=True)
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.",
         steps=TRAIN, checkpoint=True)
