@@ -8,7 +8,10 @@ answer is shortened, keeping the template and the *end* of the instruction.
 """
 from __future__ import annotations
 
+import json
+import re
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -136,6 +139,78 @@ class DeadlineStop(StoppingCriteria):
         return torch.tensor(late, dtype=torch.bool, device=input_ids.device)
 
 
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte (Radford et al. 2019, the
+    `bytes_to_unicode` table of GPT-2's encoder.py): the 188 printable bytes stand for themselves,
+    the other 68 (controls, space, 0x7F-0xA0, 0xAD) for U+0100 onwards, in byte order."""
+    own = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in own]
+    table = {chr(b): b for b in own}
+    table.update({chr(0x100 + n): b for n, b in enumerate(shifted)})
+    return table
+
+
+_BYTE_LEVEL = _gpt2_byte_decoder()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_KINDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _byte_kind(tokenizer) -> str | None:
+    """'byte-level' (GPT-2, GPT-J, Pythia, Llama 3: tokens are strings of `_BYTE_LEVEL`
+    characters), 'byte-fallback' (SentencePiece with `<0xNN>` byte tokens: Llama 2, Mistral) or
+    None (no way back to bytes), read from the fast tokenizer's decoder."""
+    try:
+        return _KINDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    kind = None
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is not None:
+        try:
+            spec = json.dumps(json.loads(decoder.__getstate__()))
+        except Exception:  # a decoder without a JSON state: no byte view
+            spec = ""
+        kind = ("byte-level" if '"ByteLevel"' in spec else
+                "byte-fallback" if '"ByteFallback"' in spec else None)
+    try:
+        _KINDS[tokenizer] = kind
+    except TypeError:
+        pass
+    return kind
+
+
+def _token_bytes(tokenizer, ids: list[int], kind: str) -> bytes:
+    special = set(tokenizer.all_special_ids)
+    out = bytearray()
+    for tok in tokenizer.convert_ids_to_tokens([t for t in ids if t not in special]):
+        if tok is None:
+            continue
+        byte = _BYTE_TOKEN.fullmatch(tok) if kind == "byte-fallback" else None
+        if byte:
+            out.append(int(byte.group(1), 16))
+        elif kind == "byte-level" and all(c in _BYTE_LEVEL for c in tok):
+            out.extend(_BYTE_LEVEL[c] for c in tok)
+        else:  # an added token (text as is), or a SentencePiece piece ("▁" is a space)
+            out.extend(tok.replace("\u2581", " ").encode("utf-8"))
+    return bytes(out)
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """The text of generated token ids (`ids`: list of int, special tokens skipped), never with a
+    U+FFFD that stands for bytes cut at a token boundary: a byte-level tokenizer can sample the
+    first bytes of a multi-byte UTF-8 character and then something else (or stop), which
+    `tokenizer.decode` shows as U+FFFD. Such incomplete sequences are dropped; a U+FFFD the
+    model wrote in full (the bytes EF BF BD) is kept. Tokenizers with no byte view (neither
+    byte-level nor byte-fallback) decode as `tokenizer.decode` does."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if "\ufffd" not in text:
+        return text
+    kind = _byte_kind(tokenizer)
+    if kind is None:
+        return text
+    return _token_bytes(tokenizer, ids, kind).decode("utf-8", "ignore")
+
+
 def _decode(tokenizer, ids: list[int], end_id: int, stop_ids: set[int]) -> tuple[str, bool, int]:
     """(response, stopped at `### End`, tokens generated) from the new tokens of one row."""
     n = 0
@@ -149,8 +224,7 @@ def _decode(tokenizer, ids: list[int], end_id: int, stop_ids: set[int]) -> tuple
         if t in stop_ids:
             break
         kept.append(t)
-    text = tokenizer.decode(kept, skip_special_tokens=True)
-    return prompts.parse_response(text), stopped, n
+    return prompts.parse_response(decode_text(tokenizer, kept)), stopped, n
 
 
 def generate(

@@ -194,3 +194,48 @@ def test_a_running_generation_stops_at_its_deadline(tok, monkeypatch):
     run = generation.generate(model, tok, INSTRUCTIONS[:1], max_new_tokens=50,
                               deadlines=[start + 4.0])
     assert run.generations[0].expired and run.generations[0].new_tokens == 4
+
+
+# Issue 24: answers are text. A byte-level tokenizer can sample the first bytes of a multi-byte
+# character and then something else; tokenizer.decode shows that as U+FFFD.
+def test_bytes_cut_at_a_token_boundary_are_dropped_and_a_real_replacement_character_kept():
+    from dolly.tokenizer import add_dolly_tokens, gptj_offline
+
+    t = add_dolly_tokens(gptj_offline())
+    ids = t.encode("héllo ✓ 😀", add_special_tokens=False)  # the emoji ends in 2 tokens
+    assert t.decode(ids[:-1]) == "héllo ✓ \ufffd"
+    assert generation.decode_text(t, ids[:-1]) == "héllo ✓ "
+    assert generation.decode_text(t, ids) == "héllo ✓ 😀"
+    cut_then_more = ids[:-1] + t.encode(" ok", add_special_tokens=False)
+    assert generation.decode_text(t, cut_then_more) == "héllo ✓  ok"
+    meant = t.encode("a\ufffdb", add_special_tokens=False)  # the bytes EF BF BD, whole
+    assert generation.decode_text(t, meant) == "a\ufffdb"
+
+
+def test_a_byte_fallback_tokenizer_drops_a_cut_character_too():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "\u2581ok": 257}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
+    t = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    check = [1 + 0xE2, 1 + 0x9C, 1 + 0x93]  # U+2713 in three byte tokens
+    assert generation.decode_text(t, [257, *check]) == " ok\u2713"
+    assert t.decode([257, *check[:2], 257]) == " ok\ufffd\ufffd ok"
+    assert generation.decode_text(t, [257, *check[:2], 257]) == " ok ok"
+
+
+def test_200_answers_sampled_with_dollys_defaults_hold_no_replacement_character(tok, monkeypatch):
+    model = tiny(tok)  # untrained: it samples byte tokens freely, the worst case
+    kw = dict(max_new_tokens=24, do_sample=True, top_p=0.92, top_k=0, temperature=1.0, seed=5,
+              batch_size=50)
+    ins = [f"Say hello to lomu {i}." for i in range(200)]
+    answers = [g.response for g in generation.generate(model, tok, ins, **kw).generations]
+    assert len(answers) == 200 and not any("\ufffd" in a for a in answers)
+    # the same samples decoded as tokenizer.decode does: the fault this guards against is there
+    monkeypatch.setattr(generation, "decode_text",
+                        lambda t, ids: t.decode(ids, skip_special_tokens=True))
+    raw = [g.response for g in generation.generate(model, tok, ins, **kw).generations]
+    assert sum("\ufffd" in a for a in raw) > 0
