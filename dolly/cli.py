@@ -49,15 +49,16 @@ def parse_args(argv: list[str], inputs: dict[str, str | None]) -> Args:
         pairs[key.replace("-", "_")] = value
         i += 1
     profile = pairs.pop("config", None) or DEFAULT_PROFILE
+    # An unknown key first: a typo (`ouput`) is the reason a required input seems missing.
+    unknown = [k for k in pairs if k not in FIELDS and k not in inputs]
+    if unknown:
+        raise unknown_key(unknown[0], [*FIELDS, *inputs])
     step_inputs = {}
     for name, default in inputs.items():
         value = pairs.pop(name, None)
         if value in (None, "") and default is None:
             raise ConfigError(f"parameter '{name}' is required (-P {name}=...)")
         step_inputs[name] = value if value not in (None, "") else default
-    unknown = [k for k in pairs if k not in FIELDS]
-    if unknown:
-        raise unknown_key(unknown[0], [*FIELDS, *inputs])
     return Args(load_config(profile, pairs), step_inputs, profile, pairs)
 
 

@@ -53,9 +53,9 @@ def main(argv: list[str]) -> None:
     # Fail fast, before a run or Spark starts: the input exists, the output is ours to write.
     files = scoring.input_files(inp["input"])
     folder = scoring.check_output(inp["output"], inp["input"], inp["mode"])
+    model = scoring.resolve_model(requested)  # the model exists: before a run or Spark starts
     with mlflow.start_run():
         tracking.log_config(cfg)
-        model = scoring.resolve_model(requested)
         mlflow.set_tags({"model_uri": requested, "scored_model_uri": model.uri,
                          "model_name": model.name, "model_version": model.version,
                          "input": inp["input"], "output": inp["output"]})

@@ -40,13 +40,47 @@ class ResolvedModel:
     version: str = ""
 
 
+_URI_KINDS = ("models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/<path> or a "
+              "folder holding an MLmodel file")
+
+
+def _model_exists(model_uri: str) -> None:
+    """Raise DollyError (one line, naming the URI and what is wrong) unless `model_uri` holds an
+    MLflow model (its MLmodel file is read: no weights are downloaded)."""
+    from pathlib import Path
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    scheme = model_uri.split(":", 1)[0] if "://" in model_uri or ":/" in model_uri else ""
+    if not scheme or scheme == "file":
+        folder = Path(model_uri[len("file://"):] if scheme else model_uri)
+        if not folder.exists():
+            raise DollyError(f"model_uri '{model_uri}': no such folder; use {_URI_KINDS}")
+        if not (folder / "MLmodel").is_file():
+            raise DollyError(f"model_uri '{model_uri}': not an MLflow model (the folder has no "
+                             f"MLmodel file); use {_URI_KINDS}")
+        return
+    try:
+        mlflow.models.get_model_info(model_uri)
+    except (MlflowException, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "RESOURCE_DOES_NOT_EXIST" in reason or "not found" in reason.lower():
+            reason = "no such run, model or artifact"
+        raise DollyError(f"model_uri '{model_uri}': cannot load its MLmodel ({reason[:200]})"
+                         ) from None
+
+
 def resolve_model(model_uri: str) -> ResolvedModel:
     """Pin `models:/name@alias` (or /latest) to `models:/name/<version>` so a moving alias can not
-    change the model halfway through a job; other URIs are used as they are."""
+    change the model halfway through a job; other URIs are used as they are. Either way the
+    model is checked to exist (its MLmodel read) before any Spark work: raises DollyError, one
+    line naming the URI."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if not model_uri.startswith("models:/"):
+        _model_exists(model_uri)
         return ResolvedModel(model_uri, model_uri)
     rest = model_uri[len("models:/"):].strip("/")
     client = mlflow.MlflowClient()
@@ -64,7 +98,8 @@ def resolve_model(model_uri: str) -> ResolvedModel:
             else:
                 mv = client.get_model_version(name, version)
         else:
-            return ResolvedModel(model_uri, model_uri)  # models:/m-<id>: a logged model
+            _model_exists(model_uri)  # models:/m-<id>: a logged model
+            return ResolvedModel(model_uri, model_uri)
     except MlflowException as e:
         raise DollyError(f"cannot resolve model '{model_uri}': {str(e).splitlines()[0]}") from None
     return ResolvedModel(model_uri, f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version))

@@ -249,3 +249,35 @@ def _echo_model(tmp_path, tiny_model) -> str:
         with mlflow.start_run(experiment_id=exp, run_name="echo model (test)"):
             return mlflow.pyfunc.log_model(name="echo", python_model=str(code)).model_uri
 
+
+
+# Issue 24: every input batch_score needs is resolved before any work, with one line.
+@pytest.mark.parametrize("params, line", [
+    ({"model_uri": "runs:/nope/model"},
+     "error: model_uri 'runs:/nope/model': cannot load its MLmodel (no such run, model or "
+     "artifact)"),
+    ({"model_uri": "dolly"},  # the project's own package folder, relative to the project
+     "error: model_uri 'dolly': not an MLflow model (the folder has no MLmodel file); use "
+     "models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/<path> or a folder "
+     "holding an MLmodel file"),
+    ({"ouput": "SCORED"},
+     "error: unknown config key 'ouput'; did you mean 'output'? (`mlflow run . -e config` "
+     "lists the keys)"),
+])
+def test_batch_score_refuses_a_bad_model_or_key_in_one_line_before_any_work(
+        tmp_path, params, line):
+    from helpers import mlflow_run
+
+    (tmp_path / "in.jsonl").write_text('{"instruction": "Greet Kalo."}\n')
+    out = tmp_path / "scored"
+    base = {"input": tmp_path / "in.jsonl", "output": out}
+    if "ouput" in params:
+        base.pop("output")
+        params = {"ouput": out}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = mlflow_run("batch_score", {**base, **params}, uri, timeout=300)
+    assert proc.returncode != 0
+    ours = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert ours == [line], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr.split("mlflow.exceptions")[0]
+    assert "SparkContext" not in proc.stderr and not out.exists()
