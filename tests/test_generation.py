@@ -239,3 +239,13 @@ def test_200_answers_sampled_with_dollys_defaults_hold_no_replacement_character(
                         lambda t, ids: t.decode(ids, skip_special_tokens=True))
     raw = [g.response for g in generation.generate(model, tok, ins, **kw).generations]
     assert sum("\ufffd" in a for a in raw) > 0
+
+
+def test_the_byte_view_skips_dollys_markers_as_decode_does(tok):
+    # The corpus tokenizer's all_special_ids lists only its own special token, not the markers.
+    instruction_id = tok.convert_tokens_to_ids(prompts.INSTRUCTION_KEY)
+    cut = tok.encode("ma", add_special_tokens=False) + [instruction_id]
+    first = tok.convert_tokens_to_ids("\u00e2")  # the first byte of a 3-byte character, alone
+    ids = cut + [first] + tok.encode("ko", add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=True) == "ma\ufffdko"
+    assert generation.decode_text(tok, ids) == "mako"
