@@ -36,10 +36,12 @@ _BASE = {"steps": TRAIN, "checkpoint": True, "base": True}  # shapes the (pretra
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, *, steps: tuple[str, ...],
-       checkpoint: bool = False, base: bool = False):
+       checkpoint: bool = False, base: bool = False, read_by: tuple[str, ...] = ()):
     """A Config field and what it means to each step, declared once.
 
-    steps: the steps whose result depends on it (see STEPS); checkpoint: a checkpoint written
+    steps: the steps whose result depends on it (see STEPS); read_by: entry points that read it
+    although their result does not depend on it (how ranks start, where runs go: `-e config`
+    lists both); checkpoint: a checkpoint written
     with another value belongs to another experiment (resume=auto refuses it); base: it shapes
     the base model (evaluate rebuilds the base a model was trained from with the train run's
     values of these fields).
@@ -47,7 +49,8 @@ def _f(default: Any, help: str, choices: tuple | None = None, *, steps: tuple[st
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown steps {sorted(unknown)}")
-    meta = {"help": help, "steps": tuple(steps), "checkpoint": checkpoint, "base": base}
+    meta = {"help": help, "steps": tuple(steps), "checkpoint": checkpoint, "base": base,
+            "read_by": tuple(read_by)}
     if choices:
         meta["choices"] = choices
     return field(default=default, metadata=meta)
@@ -228,7 +231,7 @@ class Config:
     experiment_name: str = _f(
         "dolly", "MLflow experiment of `main`'s runs when `mlflow run` put it in the Default "
         "experiment (MLFLOW_EXPERIMENT_NAME or --experiment-name win; '' = stay in Default).",
-        steps=())
+        steps=(), read_by=("main",))
     model_name: str = _f("dolly", "Registered model name.", steps=REGISTER+SCORE)
     champion_alias: str = _f("champion", "Alias that points at the best version.",
         steps=REGISTER+SCORE)
@@ -265,10 +268,11 @@ class Config:
     # --- memory plan (dolly/train/memory_plan.py; `mlflow run . -e plan`) ----------------------
     gpu_memory_gb: float = _f(
         0.0, "Memory of one GPU in GiB for `-e plan` (nvidia-smi's total MiB / 1024); 0 = the "
-        "visible GPU's. The train step's check uses the GPU it runs on.", steps=())
+        "visible GPU's. The train step's check uses the GPU it runs on.", steps=(), read_by=("plan",))
     plan_check: bool = _f(
         True, "On GPUs, stop the train step before loading weights when the memory plan says "
-        "the profile cannot fit (false: print a warning and try anyway).", steps=())
+        "the profile cannot fit (false: print a warning and try anyway).", steps=(),
+        read_by=("train",))
 
     # --- launching on Spark (added by the train step) --------------------------------------
     launcher: str = _f(
@@ -277,7 +281,7 @@ class Config:
         "a hostfile, or nodes started one by one) or 'spark' (a Spark barrier job through "
         "pyspark's DeepspeedTorchDistributor on the active session or one built from "
         "spark_master: num_gpus x num_nodes GPU ranks, or cpu_ranks x num_nodes CPU ranks).",
-        ("deepspeed", "spark"), steps=(),  # same weights either way (a test compares them)
+        ("deepspeed", "spark"), steps=(), read_by=("train",),  # same weights either way
     )
 
     def __post_init__(self) -> None:

@@ -13,7 +13,8 @@ def describe() -> list[dict[str, str]]:
         m = f.metadata
         rows.append({"key": name, "type": field_type(name), "default": to_text(f.default),
                      "choices": ", ".join(m.get("choices", ())),
-                     "steps": ", ".join(m["steps"]) or "-",
+                     "steps": ", ".join(dict.fromkeys((*m["steps"], *m.get("read_by", ()))))
+                     or "-",
                      "checkpoint": "yes" if m["checkpoint"] else "", "help": m["help"]})
     return rows
 

@@ -24,7 +24,8 @@ def main(argv: list[str]) -> None:
     print(f"{len(rows)} config key(s); profile {args.profile}; set one with -P <key>=<value>")
     for r in rows:
         value = values[r["key"]]
-        shown = f"{value!r}" + ("" if value == r["default"] else f" (default {r['default']!r})")
+        text = (lambda v: repr(v)) if r["type"] == "str" else (lambda v: v)  # quotes: text only
+        shown = text(value) + ("" if value == r["default"] else f" (default {text(r['default'])})")
         print(f"\n{r['key']} ({r['type']}) = {shown}")
         if r["choices"]:
             print(f"  choices: {r['choices']}")

@@ -202,3 +202,16 @@ def test_a_profile_that_is_a_folder_or_not_utf8_is_one_line(tmp_path):
     bom = tmp_path / "bom.yaml"
     bom.write_bytes(b"\xef\xbb\xbfseed: 7\n")
     assert load_config(bom).seed == 7
+
+
+def test_config_entry_point_shows_values_as_typed_and_every_reader(capsys):
+    # Issue 24: `builtin_records (int) = '3000'` and `launcher ... read by: -` misled.
+    from steps import config as config_step
+
+    config_step.main(["--builtin_records", "1500", "--key", "builtin_records"])
+    assert capsys.readouterr().out.splitlines()[2:4] == [
+        "builtin_records (int) = 1500 (default 3000)",
+        "  read by: data_prep, train, evaluate, register"]
+    config_step.main(["--key", "launcher"])
+    assert capsys.readouterr().out.splitlines()[2:5] == [
+        "launcher (str) = 'deepspeed'", "  choices: deepspeed, spark", "  read by: train"]
