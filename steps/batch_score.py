@@ -54,7 +54,8 @@ def main(argv: list[str]) -> None:
     files = scoring.input_files(inp["input"])
     folder = scoring.check_output(inp["output"], inp["input"], inp["mode"])
     model = scoring.resolve_model(requested)  # the model exists: before a run or Spark starts
-    with mlflow.start_run():
+    with mlflow.start_run(run_name=f"batch_score {model.name} v{model.version}"
+                          if model.version else "batch_score"):
         tracking.log_config(cfg)
         mlflow.set_tags({"model_uri": requested, "scored_model_uri": model.uri,
                          "model_name": model.name, "model_version": model.version,

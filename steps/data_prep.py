@@ -8,12 +8,13 @@ import tempfile
 
 import mlflow
 
-from dolly import cli, data, tracking
+from dolly import cli, data, pipeline, tracking
 
 
 def main(argv: list[str]) -> None:
     cfg, _ = cli.parse(argv, {})
-    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+    with (mlflow.start_run(run_name=pipeline.run_name("data_prep", cfg)) as run,
+          tempfile.TemporaryDirectory() as tmp):
         tracking.log_config(cfg)
         try:
             result = data.prepare(cfg, f"{tmp}/prepared")

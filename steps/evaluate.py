@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import mlflow
 
-from dolly import cli, data, models, tracking
+from dolly import cli, data, models, pipeline, tracking
 from dolly import eval as evaluation
 
 
 def main(argv: list[str]) -> None:
     cfg, inp = cli.parse(argv, {"model_uri": None, "prepared": None})
-    with mlflow.start_run():
+    with mlflow.start_run(run_name=pipeline.run_name("evaluate", cfg)):
         tracking.log_config(cfg)
         inputs = evaluation.resolve_inputs(cfg, inp["model_uri"], inp["prepared"])
         test_ds = data.log_split(cfg, inputs.test, "test", inputs.data_hash, context="evaluation")

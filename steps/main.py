@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
     code = pipeline.code_version()
     fingerprint = pipeline.input_fingerprint(cfg)
     client = mlflow.MlflowClient()
-    with mlflow.start_run() as launched:
+    with mlflow.start_run(run_name=pipeline.run_name("main", cfg)) as launched:
         target = pipeline.target_experiment(client, cfg, launched.info.experiment_id)
         if target is None:
             run_pipeline(client, args, reuse, code, fingerprint)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from dolly import cli, registry, tracking
+from dolly import cli, pipeline, registry, tracking
 from dolly import eval as evaluation
 from dolly.digests import EVAL_SET_TAG
 from dolly.errors import DollyError
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
     dataset = train_params.get("dataset", cfg.dataset)
     base_model = ev.data.tags.get("base_model") or train_params.get("base_model", cfg.base_model)
 
-    with mlflow.start_run():
+    with mlflow.start_run(run_name=pipeline.run_name("register", cfg)):
         tracking.log_config(cfg)
         result = registry.register(
             inp["model_uri"], cfg, eval_metrics=dict(ev.data.metrics), eval_run=inp["eval_run"],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 
-from dolly import cli, data, models, registry, tracking, train
+from dolly import cli, data, models, pipeline, registry, tracking, train
 from dolly.errors import DollyError
 from dolly.tokenizer import load_tokenizer
 
@@ -17,7 +17,9 @@ from dolly.tokenizer import load_tokenizer
 def main(argv: list[str]) -> None:
     cfg, inputs = cli.parse(argv, {"prepared": None})
     # system metrics (CPU, memory, GPU) of this process's machine, sampled by MLflow
-    with mlflow.start_run(log_system_metrics=True) as run, train.exclusive(cfg):
+    with (mlflow.start_run(run_name=pipeline.run_name("train", cfg),
+                           log_system_metrics=True) as run,
+          train.exclusive(cfg)):
         prepared = tracking.local_path(inputs["prepared"], "prepared data")
         train_df, _, summary = data.load_prepared(prepared)
         gpus = train.visible_gpu()[0] if cfg.num_gpus != 0 else 0

@@ -25,6 +25,7 @@ def test_builtin_offline_default(tracking_uri, tmp_path):
     assert (m["records_read"], m["records_kept"], m["records_rejected"]) == (300, 300, 0)
     assert (m["records_train"], m["records_test"]) == (270, 30)
     assert run.data.tags["mlflow.project.entryPoint"] == "data_prep"
+    assert run.info.run_name == "data_prep tiny-gptj"  # named by step and model, not at random
     assert len(run.data.tags["data_hash"]) == 64
     files = {f.path for f in client.list_artifacts(run.info.run_id, "prepared")}
     assert {"prepared/train.parquet", "prepared/test.parquet", "prepared/rejected.jsonl",

@@ -171,6 +171,7 @@ def test_batch_score_keeps_every_row_and_counts_bad_ones(tiny_model, champion, i
     assert scored_by["scored_model_uri"] == f"models:/dolly/{champion}"
     run = runs_in(tiny_model.tracking_uri, "batch_score")[0]
     assert run.data.tags["model_version"] == champion
+    assert run.info.run_name == f"batch_score dolly v{champion}"
     m = run.data.metrics
     assert (m["rows_read"], m["rows_scored"], m["rows_empty"], m["rows_errored"],
             m["rows_written"]) == (11, 3, 4, 4, 11)
