@@ -8,7 +8,6 @@ answer is shortened, keeping the template and the *end* of the instruction.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 import weakref
@@ -167,7 +166,8 @@ def _byte_kind(tokenizer) -> str | None:
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     if decoder is not None:
         try:
-            spec = json.dumps(json.loads(decoder.__getstate__()))
+            state = decoder.__getstate__()  # the decoder as JSON
+            spec = state.decode() if isinstance(state, bytes) else str(state)
         except Exception:  # a decoder without a JSON state: no byte view
             spec = ""
         kind = ("byte-level" if '"ByteLevel"' in spec else

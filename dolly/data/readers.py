@@ -313,8 +313,9 @@ def _quote_fault(lines: list[str], first: int, last: int, error: csv.Error) -> s
     """Why physical lines first..last (from 1) are no CSV record: the one-line detail of a
     `malformed_csv` rejection."""
     span = lines[first - 1:last]
-    if "end of data" in str(error) or (_quote_opened(span) and last == len(lines)):
-        opened = first + _quote_opened(span)
+    at = _quote_opened(span)
+    if "end of data" in str(error) or (at and last == len(lines)):
+        opened = first + at
         if opened == last:
             return f"unclosed quote on line {last}, the last line"
         return (f"unclosed quote from line {opened}: lines {opened}-{last}, to the end of the "

@@ -47,8 +47,6 @@ _URI_KINDS = ("models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/
 def _model_exists(model_uri: str) -> None:
     """Raise DollyError (one line, naming the URI and what is wrong) unless `model_uri` holds an
     MLflow model (its MLmodel file is read: no weights are downloaded)."""
-    from pathlib import Path
-
     import mlflow
     from mlflow.exceptions import MlflowException
 

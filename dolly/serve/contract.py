@@ -3,8 +3,8 @@
 
 - Records have an `instruction` (string) and an optional `input` (`context`, as dolly-15k names
   it, is its alias), taken *by name*, in any case as Spark finds columns (`Instruction`,
-  `Context`; two names that differ only in case are refused), from a DataFrame, records (a list of dicts), a dict of
-  columns or a Spark struct; other columns are ignored. A bare string, a list of strings or one
+  `Context`; two names that differ only in case are refused), from a DataFrame, records (a
+  list of dicts), a dict of columns or a Spark struct; other columns are ignored. A bare string, a list of strings or one
   unnamed column are instructions.
 - Null, NaN and pandas' NA mean "missing": a missing instruction gets "" without running the
   model, a missing input means "no input".
