@@ -399,6 +399,13 @@ def fields_where(*, step: str | None = None, checkpoint: bool | None = None,
                  and (base is None or f.metadata["base"] == base))
 
 
+def read_by(step: str) -> tuple[str, ...]:
+    """Names of the fields entry point `step` reads (in declaration order): its result depends on
+    them (metadata `steps`) or it reads them anyway (metadata `read_by`)."""
+    return tuple(name for name, f in FIELDS.items()
+                 if step in f.metadata["steps"] or step in f.metadata["read_by"])
+
+
 def field_type(name: str) -> str:
     """The field's type as a name: 'str', 'int', 'float' or 'bool'."""
     kind = FIELDS[name].type

@@ -11,11 +11,17 @@ from dolly.errors import DollyError
 _MAX_PARAM = 500
 
 
-def log_config(cfg: Config, prefix: str = "") -> None:
-    """The resolved config as params and as config.yaml on the active run."""
+def log_config(cfg: Config, step: str | None = None) -> None:
+    """The resolved config on the active run: as params the fields entry point `step` reads
+    (dolly.config.read_by; every field for None, as `main` hands all to its steps), and the
+    whole config as config.yaml."""
     import mlflow
 
-    params = {f"{prefix}{k}": v[:_MAX_PARAM] for k, v in cfg.to_strings().items()}
+    from dolly.config import read_by
+
+    keep = set(read_by(step)) if step else None
+    params = {k: v[:_MAX_PARAM] for k, v in cfg.to_strings().items()
+              if keep is None or k in keep}
     run = mlflow.active_run()
     # `mlflow run` already logged the user's -P values verbatim ("1" for test_size 1.0); MLflow
     # forbids changing a param, so those keep the user's spelling and config.yaml has all.

@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
     model = scoring.resolve_model(requested)  # the model exists: before a run or Spark starts
     with mlflow.start_run(run_name=f"batch_score {model.name} v{model.version}"
                           if model.version else "batch_score"):
-        tracking.log_config(cfg)
+        tracking.log_config(cfg, "batch_score")
         mlflow.set_tags({"model_uri": requested, "scored_model_uri": model.uri,
                          "model_name": model.name, "model_version": model.version,
                          "input": inp["input"], "output": inp["output"]})

@@ -15,7 +15,7 @@ def main(argv: list[str]) -> None:
     cfg, _ = cli.parse(argv, {})
     with (mlflow.start_run(run_name=pipeline.run_name("data_prep", cfg)) as run,
           tempfile.TemporaryDirectory() as tmp):
-        tracking.log_config(cfg)
+        tracking.log_config(cfg, "data_prep")
         try:
             result = data.prepare(cfg, f"{tmp}/prepared")
         except data.PrepareFailed as e:  # the failed run still says what was read and rejected

@@ -18,7 +18,7 @@ from dolly import eval as evaluation
 def main(argv: list[str]) -> None:
     cfg, inp = cli.parse(argv, {"model_uri": None, "prepared": None})
     with mlflow.start_run(run_name=pipeline.run_name("evaluate", cfg)):
-        tracking.log_config(cfg)
+        tracking.log_config(cfg, "evaluate")
         inputs = evaluation.resolve_inputs(cfg, inp["model_uri"], inp["prepared"])
         test_ds = data.log_split(cfg, inputs.test, "test", inputs.data_hash, context="evaluation")
         mlflow.set_tags(inputs.tags())

@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
     base_model = ev.data.tags.get("base_model") or train_params.get("base_model", cfg.base_model)
 
     with mlflow.start_run(run_name=pipeline.run_name("register", cfg)):
-        tracking.log_config(cfg)
+        tracking.log_config(cfg, "register")
         result = registry.register(
             inp["model_uri"], cfg, eval_metrics=dict(ev.data.metrics), eval_run=inp["eval_run"],
             data_hash=ev.data.tags.get("data_hash", ""), train_run=train_run,

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
         plan = train.prepare_launch(cfg, prepared)
         for note in plan.notes:
             print(f"train: {note}", flush=True)
-        tracking.log_config(plan.cfg)
+        tracking.log_config(plan.cfg, "train")
         base = models.ensure_base(plan.cfg, load_tokenizer(str(prepared / "tokenizer")),
                                   log=lambda line: print(f"train: {line}", flush=True))
         if base is not None:  # the ranks load it from the cache; this run says which one

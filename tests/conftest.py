@@ -70,7 +70,7 @@ def tiny_model(tmp_path_factory) -> TinyModel:
         client = mlflow.MlflowClient()
         exp = client.create_experiment(E2E_EXPERIMENT, artifact_location=str(root / "artifacts"))
         with mlflow.start_run(experiment_id=exp, run_name="train (test fixture)") as run:
-            tracking.log_config(cfg)
+            tracking.log_config(cfg, "train")
             model_uri = registry.log_model(final, cfg)
             mlflow.set_tags({"model_uri": model_uri, "data_hash": prepared.data_hash,
                              "mlflow.project.entryPoint": "train"})

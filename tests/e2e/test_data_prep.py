@@ -37,6 +37,7 @@ def test_builtin_offline_default(tracking_uri, tmp_path):
     contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
     assert contexts == ["test", "train"]
     assert run.data.params["builtin_records"] == "300"
+    assert "learning_rate" not in run.data.params  # params: the keys data_prep reads
 
 
 def test_mixed_jsonl_accounts_for_every_line(tracking_uri, tmp_path):
