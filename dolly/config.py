@@ -154,7 +154,9 @@ class Config:
     master_addr: str = _f("127.0.0.1", "Address of the rank-0 node.", steps=TRAIN)
     master_port: int = _f(29500, "Port of the rank-0 node's rendezvous.", steps=TRAIN)
     rank_timeout_s: int = _f(
-        120, "Seconds a collective may wait before a stuck or dead rank fails the step.",
+        120, "Seconds a collective may wait before a stuck or dead rank fails the step; also "
+        "how long the ranks wait at the start for every node to join (start the nodes' train "
+        "steps within it of each other).",
         steps=TRAIN,
     )
     deepspeed_config: str = _f(

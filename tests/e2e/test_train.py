@@ -258,19 +258,28 @@ def test_two_nodes_of_one_rank_train_the_same_weights_as_one_node_of_two(runs, s
                                                                            tmp_path):
     """ZeRO-3 over 2 "machines" (two train steps, node_rank 0 and 1, on loopback, each with its
     own output folder) ends with the weights 1 node x 2 ranks gets from the same data and seed."""
-    env = project_env(fresh_store(tmp_path))
     port = free_port()
     nodes = []
     for rank in (0, 1):
+        # each "machine" its own tracking store: two processes writing one sqlite file is not
+        # what two machines do (they share a tracking server), and can time out on a busy host
+        (store := tmp_path / f"store{rank}").mkdir()
+        env = project_env(fresh_store(store))
         log = (tmp_path / f"node{rank}.log").open("w")
+        # rank_timeout_s bounds the rendezvous too: on a loaded 2-core host one node's process
+        # may start a minute after the other's
         nodes.append((subprocess.Popen(
             _train_cmd(runs.prepared, tmp_path / f"node{rank}", **SIX, num_nodes=2,
-                       cpu_ranks=1, node_rank=rank, master_addr="127.0.0.1", master_port=port),
+                       cpu_ranks=1, node_rank=rank, master_addr="127.0.0.1", master_port=port,
+                       rank_timeout_s=300),
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    codes = []
     for proc, log in nodes:
-        code = proc.wait(timeout=600)
+        codes.append(proc.wait(timeout=800))
         log.close()
-        assert code == 0, Path(log.name).read_text()[-3000:]
+    logs = [Path(log.name).read_text()[-3000:] for _, log in nodes]
+    assert codes == [0, 0], "\n".join(f"--- node{r} (exit {c}):\n{text}"
+                                       for r, (c, text) in enumerate(zip(codes, logs)))
     assert "node 0 logs the model" in (tmp_path / "node1.log").read_text()
     assert not (tmp_path / "node1" / "final").exists()  # global rank 0 (node 0) saves
     assert _weight_delta(runs, six_steps, tmp_path / "node0" / "final" / "model.safetensors") < 1e-5
