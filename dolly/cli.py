@@ -68,19 +68,69 @@ def parse(argv: list[str], inputs: dict[str, str | None]) -> tuple[Config, dict[
     return args.cfg, args.inputs
 
 
-def run(main: Callable[[list[str]], int | None]) -> None:
-    """Call `main(argv)`; a DollyError becomes one line on stderr and exit code 2."""
+def run(main: Callable[[list[str]], int | None], keep_run: bool = True) -> None:
+    """Call `main(argv)`; a DollyError becomes one line on stderr and exit code 2.
+
+    keep_run=False (the read-only entry points, config and plan): the run `mlflow run` created
+    for this process before it started is ended and deleted (MLflow's trash: `mlflow runs
+    restore` brings it back), failed or not, so looking something up leaves no run behind."""
     try:
-        code = main(sys.argv[1:])
+        code = main(sys.argv[1:]) or 0
     except DollyError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        code = 130
     except Exception as e:  # unexpected: keep the traceback for a bug report, end with one line
         traceback.print_exc()
         print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr, flush=True)
-        sys.exit(1)
-    sys.exit(code or 0)
+        code = 1
+    if not keep_run:
+        discard_launch_run(code)
+    sys.exit(code)
+
+
+def discard_launch_run(code: int) -> None:
+    """Delete, once `mlflow run` has ended it, the run it made for this entry point
+    (MLFLOW_RUN_ID), if it is one (its `mlflow.project.entryPoint` tag names this module's entry
+    point). MLflow's CLI ends the run after this process exits and fails on a run already
+    deleted (MLflow 3.17 compares the run's status text with RunStatus numbers, so it cannot see
+    that the run has ended), so a detached process waits for the end (at most 120 s), then
+    deletes it. Nothing happens outside `mlflow run`; a tracking store that cannot be reached
+    leaves the run as it was."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    spec = sys.modules["__main__"].__spec__
+    if not run_id or spec is None:
+        return
+    root = str(Path(__file__).resolve().parents[1])
+    script = (f"import sys; sys.path.insert(0, {root!r}); from dolly.cli import _delete_when_ended; "
+              f"_delete_when_ended({run_id!r}, {spec.name.rsplit('.', 1)[-1]!r})")
+    subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _delete_when_ended(run_id: str, entry_point: str, wait_s: float = 120.0) -> None:
+    import time
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + wait_s
+    try:
+        while time.monotonic() < deadline:
+            run = client.get_run(run_id)
+            if run.data.tags.get("mlflow.project.entryPoint") != entry_point:
+                return
+            if run.info.status != "RUNNING":
+                client.delete_run(run_id)
+                return
+            time.sleep(0.2)
+    except (MlflowException, OSError):
+        pass

@@ -1,6 +1,8 @@
 """`mlflow run . -e plan` as the README shows it: offline, no weights, one plan per profile."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from helpers import mlflow_run
@@ -31,3 +33,37 @@ def test_plan_of_an_unknown_model_offline_is_one_line(tracking_uri, tmp_path):
     assert errors[0].startswith(f"error: cannot read the config of base_model "
                                 f"'{tmp_path / 'nowhere'}': ")
     assert "Traceback" not in proc.stderr
+
+
+def _runs(tracking_uri: str, view) -> list:
+    import mlflow
+    from mlflow.entities import ViewType
+
+    client = mlflow.MlflowClient(tracking_uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return client.search_runs(ids, run_view_type=view)
+
+
+@pytest.mark.parametrize("entry_point, params, code", [
+    ("plan", {}, 0),
+    ("config", {"key": "max_steps"}, 0),
+    ("config", {"key": "max_stepz"}, 2),  # failed: unknown key
+])
+def test_looking_something_up_leaves_no_run(tracking_uri, entry_point, params, code):
+    """`mlflow run` creates a run before the entry point starts; plan and config end and delete
+    it (MLflow's trash), failed or not, and the CLI still reports the exit status."""
+    from mlflow.entities import ViewType
+
+    proc = mlflow_run(entry_point, params, tracking_uri)
+    assert proc.returncode == (0 if code == 0 else 1), proc.stderr[-2000:]
+    if code:
+        assert "error: unknown config key 'max_stepz'; did you mean 'max_steps'?" in proc.stderr
+    else:
+        assert "Run (ID" in proc.stderr and "succeeded" in proc.stderr
+    deadline = time.monotonic() + 60  # deleted by a process of its own once the CLI ended it
+    while _runs(tracking_uri, ViewType.ACTIVE_ONLY) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _runs(tracking_uri, ViewType.ACTIVE_ONLY) == []
+    deleted = _runs(tracking_uri, ViewType.DELETED_ONLY)
+    assert [(r.data.tags["mlflow.project.entryPoint"], r.info.status) for r in deleted] == [
+        (entry_point, "FINISHED" if code == 0 else "FAILED")]
