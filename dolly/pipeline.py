@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,50 @@ def target_experiment(client, cfg: Config, launched_in: str) -> str | None:
 def run_name(step: str, cfg: Config) -> str:
     """A run's name: its step and the model it is about ('train gpt-j-6b', 'main tiny-gptj')."""
     return f"{step} {cfg.base_model.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+@contextmanager
+def step_run(cfg: Config, step: str, name: str | None = None, **start_run_kwargs):
+    """The MLflow run step `step` logs into, active inside the block: named `name` (default
+    `run_name(step, cfg)`), in the experiment `main`'s runs go to (`target_experiment`).
+
+    `mlflow run -e <step>` puts its run in the Default experiment before any code of ours runs,
+    and MLflow cannot move runs: then the step runs in a new run in cfg.experiment_name, and the
+    CLI's run is named the same, tagged `dolly.step_run` and described with a link to it (the
+    CLI ends it with the step's exit status). A step `main` started, or one whose experiment the
+    user chose, keeps its run. `start_run_kwargs` go to the run the step logs into."""
+    import mlflow
+
+    name = name or run_name(step, cfg)
+    client = mlflow.MlflowClient()
+    launched_id = os.environ.get("MLFLOW_RUN_ID")
+    if launched_id:
+        launched_in = client.get_run(launched_id).info.experiment_id
+    else:
+        from mlflow.tracking.fluent import _get_experiment_id
+
+        launched_in = _get_experiment_id()
+    target = target_experiment(client, cfg, launched_in)
+    if target is None:
+        with mlflow.start_run(run_name=name, **start_run_kwargs) as run:
+            yield run
+        return
+    os.environ.pop("MLFLOW_RUN_ID", None)  # else start_run resumes the CLI's run
+    with mlflow.start_run(experiment_id=target, run_name=name,
+                          tags={"mlflow.project.entryPoint": step,
+                                **({"dolly.launched_by": launched_id} if launched_id else {})},
+                          **start_run_kwargs) as run:
+        if launched_id:
+            client.set_tag(launched_id, "mlflow.runName", name)
+            client.set_tag(launched_id, "dolly.step_run", run.info.run_id)
+            client.set_tag(launched_id, "mlflow.note.content", (
+                f"This launch ran {step} as run {run.info.run_id} in experiment "
+                f"'{cfg.experiment_name}' ([open it](#/experiments/{target}/runs/"
+                f"{run.info.run_id}))."))
+        print(f"{step}: run {run.info.run_id} in experiment '{cfg.experiment_name}' (id {target})"
+              + (f"; this launch's run {launched_id} points there" if launched_id else ""),
+              flush=True)
+        yield run
 
 
 def step_key(name: str, params: dict[str, str], cfg: Config, code: str, fingerprint: str) -> str:

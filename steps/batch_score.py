@@ -21,7 +21,7 @@ import time
 
 import mlflow
 
-from dolly import cli, scoring, tracking
+from dolly import cli, pipeline, scoring, tracking
 from dolly.spark_session import spark_session
 from dolly.config import parse_bool
 from dolly.errors import ConfigError
@@ -54,8 +54,8 @@ def main(argv: list[str]) -> None:
     files = scoring.input_files(inp["input"])
     folder = scoring.check_output(inp["output"], inp["input"], inp["mode"])
     model = scoring.resolve_model(requested)  # the model exists: before a run or Spark starts
-    with mlflow.start_run(run_name=f"batch_score {model.name} v{model.version}"
-                          if model.version else "batch_score"):
+    with pipeline.step_run(cfg, "batch_score", f"batch_score {model.name} v{model.version}"
+                           if model.version else "batch_score"):
         tracking.log_config(cfg, "batch_score")
         mlflow.set_tags({"model_uri": requested, "scored_model_uri": model.uri,
                          "model_name": model.name, "model_version": model.version,

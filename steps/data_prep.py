@@ -13,7 +13,7 @@ from dolly import cli, data, pipeline, tracking
 
 def main(argv: list[str]) -> None:
     cfg, _ = cli.parse(argv, {})
-    with (mlflow.start_run(run_name=pipeline.run_name("data_prep", cfg)) as run,
+    with (pipeline.step_run(cfg, "data_prep") as run,
           tempfile.TemporaryDirectory() as tmp):
         tracking.log_config(cfg, "data_prep")
         try:

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
     dataset = train_params.get("dataset", cfg.dataset)
     base_model = ev.data.tags.get("base_model") or train_params.get("base_model", cfg.base_model)
 
-    with mlflow.start_run(run_name=pipeline.run_name("register", cfg)):
+    with pipeline.step_run(cfg, "register"):
         tracking.log_config(cfg, "register")
         result = registry.register(
             inp["model_uri"], cfg, eval_metrics=dict(ev.data.metrics), eval_run=inp["eval_run"],

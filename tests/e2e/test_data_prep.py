@@ -11,9 +11,13 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def only_run(tracking_uri):
+    """The one step run of the store (the run `mlflow run` made in Default points to it)."""
     runs = runs_in(tracking_uri)
-    assert len(runs) == 1
-    return mlflow.MlflowClient(tracking_uri), runs[0]
+    step = [r for r in runs if "dolly.step_run" not in r.data.tags]
+    assert len(step) == 1 and len(runs) <= 2
+    assert all(r.data.tags["dolly.step_run"] == step[0].info.run_id for r in runs
+               if r is not step[0])
+    return mlflow.MlflowClient(tracking_uri), step[0]
 
 
 def test_builtin_offline_default(tracking_uri, tmp_path):
@@ -26,6 +30,14 @@ def test_builtin_offline_default(tracking_uri, tmp_path):
     assert (m["records_train"], m["records_test"]) == (270, 30)
     assert run.data.tags["mlflow.project.entryPoint"] == "data_prep"
     assert run.info.run_name == "data_prep tiny-gptj"  # named by step and model, not at random
+    # in the experiment main's runs go to; the run `mlflow run` made in Default points to it
+    assert client.get_experiment(run.info.experiment_id).name == "dolly"
+    launched = client.get_run(run.data.tags["dolly.launched_by"])
+    assert (launched.info.experiment_id, launched.info.run_name, launched.info.status) == (
+        "0", "data_prep tiny-gptj", "FINISHED")
+    assert launched.data.tags["dolly.step_run"] == run.info.run_id
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in \
+        launched.data.tags["mlflow.note.content"]
     assert len(run.data.tags["data_hash"]) == 64
     files = {f.path for f in client.list_artifacts(run.info.run_id, "prepared")}
     assert {"prepared/train.parquet", "prepared/test.parquet", "prepared/rejected.jsonl",
