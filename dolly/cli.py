@@ -74,6 +74,7 @@ def run(main: Callable[[list[str]], int | None], keep_run: bool = True) -> None:
     keep_run=False (the read-only entry points, config and plan): the run `mlflow run` created
     for this process before it started is ended and deleted (MLflow's trash: `mlflow runs
     restore` brings it back), failed or not, so looking something up leaves no run behind."""
+    quiet_third_party()
     try:
         code = main(sys.argv[1:]) or 0
     except DollyError as e:
@@ -90,6 +91,43 @@ def run(main: Callable[[list[str]], int | None], keep_run: bool = True) -> None:
     if not keep_run:
         discard_launch_run(code)
     sys.exit(code)
+
+
+# Third-party output a user cannot act on, which buried the steps' own lines: per-file and
+# per-tensor progress bars ('Downloading artifacts', 'Loading weights', 'Writing model shards'),
+# and warnings about choices this project made knowingly. The environment reaches the processes
+# a step starts (training ranks, Spark's Python workers); a variable the user set is kept. The
+# Trainer's per-step bar is progress on long work and stays.
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+# pyspark 4.1 warns at every pandas UDF that pandas 3 is not fully supported (the scoring UDF's
+# use of pandas is tested here).
+_QUIET_WARNING = "ignore:PySpark does not yet fully support pandas:FutureWarning"
+# batch_score scores in this environment on purpose (`env_manager="local"`: the step already
+# runs in the model's environment); MLflow warns of it at every call.
+_QUIET_LOG = ("mlflow.pyfunc", 'Calling `spark_udf()` with `env_manager="local"`')
+
+
+def quiet_third_party() -> None:
+    """Silence _QUIET_ENV's progress bars, _QUIET_WARNING and _QUIET_LOG for this process and
+    the ones it starts."""
+    import logging
+    import os
+    import warnings
+
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if "huggingface_hub" in sys.modules:  # read its setting when it was imported
+        from huggingface_hub.utils import disable_progress_bars
+
+        if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+            disable_progress_bars()
+    given = os.environ.get("PYTHONWARNINGS", "")
+    if _QUIET_WARNING not in given:
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (given, _QUIET_WARNING)))
+    warnings.filterwarnings("ignore", message=_QUIET_WARNING.split(":")[1],
+                            category=FutureWarning)
+    logger, prefix = _QUIET_LOG
+    logging.getLogger(logger).addFilter(lambda record: not record.getMessage().startswith(prefix))
 
 
 def discard_launch_run(code: int) -> None:

@@ -60,6 +60,9 @@ def main(argv: list[str]) -> None:
         mlflow.set_tags({"model_uri": requested, "scored_model_uri": model.uri,
                          "model_name": model.name, "model_version": model.version,
                          "input": inp["input"], "output": inp["output"]})
+        which = f"{model.name} v{model.version}" if model.version else model.uri
+        print(f"batch_score: scoring {inp['input']} ({len(files)} file(s)) with {which} on Spark "
+              f"{cfg.spark_master or '(default master)'}", flush=True)
         t0 = time.perf_counter()
         spark = spark_session(cfg.spark_master)
         try:
@@ -75,7 +78,6 @@ def main(argv: list[str]) -> None:
             "model_version": model.version, "params": params, "column": inp["column"],
             "input_files": [str(f) for f in files], **counts})
         mlflow.log_metrics({**{k: float(v) for k, v in counts.items()}, "seconds": seconds})
-        which = f"{model.name} v{model.version}" if model.version else model.uri
         print(f"batch_score: {counts['rows_read']} rows in, {counts['rows_scored']} scored, "
               f"{counts['rows_empty']} empty (null/blank {inp['column']}, null response), "
               f"{counts['rows_errored']} errored (not a string, reason in "

@@ -147,6 +147,13 @@ def test_batch_score_keeps_every_row_and_counts_bad_ones(tiny_model, champion, i
         "spark_master": "local[2]"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "batch_score: 11 rows in, 3 scored, 4 empty" in proc.stdout
+    assert proc.stdout.startswith(f"batch_score: scoring {src} (1 file(s)) with dolly "
+                                  f"v{champion} on Spark local[2]\n")
+    # the step's own lines are not buried: no per-file or per-tensor bars, no Spark start-up
+    # warnings, no warnings about choices the project made knowingly
+    for noise in ("Downloading artifacts", "Loading weights", "NativeCodeLoader", "WARN Utils",
+                  "does not yet fully support pandas", 'env_manager="local"', "[Stage "):
+        assert noise not in proc.stderr, noise
     assert "4 errored (not a string, reason in 'error')" in proc.stdout
     df = pd.read_parquet(out)
     assert list(df["id"]) == list(range(1, 12))  # every row, in input order
