@@ -130,7 +130,8 @@ def trainer_path(cfg, prepared_train, timed, tmp: Path, args) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"train step failed:\n{proc.stderr[-3000:]}")
         run = max(client.search_runs([exp]), key=lambda r: r.info.start_time)
-        m = {k: client.get_metric_history(run.info.run_id, k)[-1].value
+        # the whole run's figures: tags set once at the end (dolly.train.trainer.SUMMARY_TAGS)
+        m = {k: float(run.data.tags[f"mean_{k}"])
              for k in ("train_tokens_per_second", "padding_efficiency")}
         out[batching] = {**m, "wall": wall}
         progress(f"train step, batching={batching}: {m['train_tokens_per_second']:.0f} non-pad "

@@ -1,6 +1,7 @@
 """register entry point: the train run's logged model -> a new version of cfg.model_name, gated.
 
-Inputs: -P model_uri=<the model the train run logged: models:/m-... or runs:/<train run>/model>
+Inputs: -P model_uri=<the model the train run logged: models:/m-... or
+        runs:/<train run>/dolly-<base model>, e.g. dolly-tiny-gptj>
         -P eval_run=<the evaluate run id that evaluated that same model_uri>
 The model is registered where it was logged (no second copy). The version gets the evaluation
 metrics, data hash and runs as tags, a model card as description; the registered model a licence

@@ -1,7 +1,8 @@
 """train entry point: prepared/ -> DeepSpeed ZeRO-3 ranks -> <output_dir>/final -> logged model.
 
 This process owns the MLflow run: it logs the resolved config, launches the ranks (rank 0 logs
-params and metrics into this run), and logs the final model once.
+params, the per-step curves and the end-of-training tags into this run: dolly.train.trainer), and
+logs the final model once, named after its base (`dolly-<base model>`, dolly.registry).
 """
 from __future__ import annotations
 
@@ -47,8 +48,7 @@ def main(argv: list[str]) -> None:
         if plan.cfg.node_rank != 0:
             print("train: this node's ranks finished; node 0 logs the model", flush=True)
             return
-        result = train.read_result(plan.cfg)
-        mlflow.log_metric("resumed_from_step", result["resumed_from_step"])
+        result = train.read_result(plan.cfg)  # rank 0 logged resumed_from_step as a param
         model_uri = registry.log_model(Path(result["final_dir"]), plan.cfg)
         mlflow.set_tag("model_uri", model_uri)
         print(f"train: {result['global_step']} steps (resumed from step "

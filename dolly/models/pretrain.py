@@ -4,8 +4,8 @@ the built-in corpus (dolly.data.corpus), built once per configuration and kept i
 Why a cache folder and not a logged MLflow model: the train step's ranks load the base with
 `from_pretrained` (ZeRO-3 partitions it while loading), evaluate loads the same base, and both
 find it by a key computed from what shapes it, whatever tracking store or experiment they log to;
-a logged model would have to be searched for by tag in one store. The train run records the key
-and the base's perplexity (tags `base_key`, `base_perplexity`, `base_random_perplexity`).
+a logged model would have to be searched for by tag in one store. The train and evaluate runs
+record the key and the base's held-out corpus perplexity (`log_base`).
 
 The key is a sha256 over every Config field declared `base=True` (seed, the tiny_* shape, the
 pretrain_* fields, ...), the tokenizer's content and CORPUS_VERSION. The cache lives in
@@ -236,14 +236,21 @@ def ensure_base(cfg: Config, tok, log: Callable[[str], None] = print) -> Path | 
 
 
 def log_base(folder: Path) -> dict[str, Any]:
-    """Record on the active MLflow run which pretrained base it used: tags `base_key`,
-    `base_perplexity` and `base_random_init_perplexity` (held-out corpus text), metrics
-    `pretrain/perplexity` and `pretrain/random_init_perplexity`. Returns the base's info."""
+    """Record on the active MLflow run which pretrained base it used and its held-out corpus
+    perplexity: exp(mean next-token cross-entropy, nats) over `held_out_chunks` (paragraphs of
+    the corpus's kind drawn from another random stream, so text pretraining never saw; every
+    next token scored), of the base and of the same model at its random initialisation: what
+    pretraining learned, not comparable with evaluate's response perplexity (Dolly-format
+    records, response tokens only). Tags `base_key`, `base_corpus_perplexity`,
+    `base_random_init_corpus_perplexity`; metrics `pretrain/corpus_perplexity`,
+    `pretrain/random_init_corpus_perplexity`. Returns the base's info (base_info.json, whose
+    `perplexity` and `random_init_perplexity` are these corpus perplexities)."""
     import mlflow
 
     info = base_info(folder)
-    mlflow.set_tags({"base_key": info["key"], "base_perplexity": f"{info['perplexity']:.3f}",
-                     "base_random_init_perplexity": f"{info['random_init_perplexity']:.1f}"})
-    mlflow.log_metrics({"pretrain/perplexity": info["perplexity"],
-                        "pretrain/random_init_perplexity": info["random_init_perplexity"]})
+    ppl, random_ppl = info["perplexity"], info["random_init_perplexity"]
+    mlflow.set_tags({"base_key": info["key"], "base_corpus_perplexity": f"{ppl:.3f}",
+                     "base_random_init_corpus_perplexity": f"{random_ppl:.1f}"})
+    mlflow.log_metrics({"pretrain/corpus_perplexity": ppl,
+                        "pretrain/random_init_corpus_perplexity": random_ppl})
     return info

@@ -13,6 +13,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "card": ["base_licence", "data_licence", "license_note", "merge_licences", "model_card",
                  "registered_model_description"],
         "gate": ["GateResult", "champion", "gate_decision", "promote", "register"],
-        "package": ["log_model", "pip_requirements"],
+        "package": ["log_model", "logged_model_name", "pip_requirements"],
     },
 )

@@ -8,6 +8,7 @@ dolly.serve.contract.
 """
 from __future__ import annotations
 
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -36,8 +37,19 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def log_model(model_dir: str | Path, cfg: Config, name: str = "model") -> str:
-    """Log the saved model folder (weights + tokenizer) to the active run; returns its model URI.
+def logged_model_name(cfg: Config) -> str:
+    """`dolly-<base>`: the name of the model the train step logs, after the base it was tuned
+    from: the last path component of cfg.base_model (the rule of dolly.pipeline.run_name), with
+    each run of characters other than letters, digits, `_` and `-` made one `-` (MLflow refuses
+    `/ : . % " '` in a logged model's name). 'EleutherAI/gpt-j-6b' -> 'dolly-gpt-j-6b'."""
+    short = cfg.base_model.rstrip("/").rsplit("/", 1)[-1]
+    return "dolly-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", short).strip("-") or "model")
+
+
+def log_model(model_dir: str | Path, cfg: Config, name: str | None = None) -> str:
+    """Log the saved model folder (weights + tokenizer) to the active run as the logged model
+    `name` (default `logged_model_name(cfg)`); returns its model URI (`models:/m-<id>`; the
+    run's `runs:/<run id>/<name>` names it too).
 
     A transformers-flavor model whose pyfunc is dolly.serve.pyfunc's wrapper of MLflow's (it
     shortens too-long instructions and checks requests). The folder is logged as is, without loading the
@@ -48,7 +60,7 @@ def log_model(model_dir: str | Path, cfg: Config, name: str = "model") -> str:
 
     info = Model.log(
         artifact_path=None,  # MLflow 3: `name` names a logged model
-        name=name,
+        name=name or logged_model_name(cfg),
         flavor=pyfunc,
         transformers_model=str(model_dir),
         task="text-generation",

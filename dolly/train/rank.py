@@ -235,7 +235,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
         processing_class=tok, callbacks=callbacks, dolly_cfg=cfg, flops=flops)
 
     t0 = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resumed_from)
+    trainer.train(resume_from_checkpoint=resumed_from)
     step = trainer.state.global_step
     evaluated = any("eval_loss" in h and h.get("step") == step for h in trainer.state.log_history)
     if cfg.eval_steps and not evaluated:
@@ -257,7 +257,8 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
         "global_step": step, "max_steps": trainer.state.max_steps,
         "resumed_from_step": resumed_step, "resumed_from": resumed_from,
         "final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
-        "train_loss": output.training_loss, "probe_loss": probe, "probe_records": PROBE_RECORDS,
+        # not the Trainer's training_loss: it divides this run's losses by all steps, resumed too
+        "probe_loss": probe, "probe_records": PROBE_RECORDS,
         "seconds": round(time.perf_counter() - t0, 3), "world_size": world,
         "precision": cfg.precision, "final_dir": str(final.resolve()),
         "param_count": params["param_count"],

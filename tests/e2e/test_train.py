@@ -126,8 +126,8 @@ def test_rerun_resumes_from_the_checkpoint_and_ends_at_the_same_step(runs):
     assert result["global_step"] == result["max_steps"] == STEPS_B
     assert f"(step {STEPS_A})" in runs.b.stdout + runs.b.stderr
     client, run = runs.run(runs.b)
-    assert run.data.params["resumed_from_step"] == str(STEPS_A)
-    assert run.data.metrics["resumed_from_step"] == STEPS_A
+    assert run.data.params["resumed_from_step"] == str(STEPS_A)  # a fact, not a curve
+    assert "resumed_from_step" not in run.data.metrics
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert steps == list(range(STEPS_A + 1, STEPS_B + 1))  # continued, did not start over
     # ... on the same (constant) schedule: every resumed step at the learning rate A trained at
@@ -144,13 +144,31 @@ def test_mlflow_run_logs_params_metrics_and_a_loadable_model(runs):
     import numpy as np
 
     client, run = runs.run(runs.b)
-    p, m = run.data.params, run.data.metrics
+    p, m, tags = run.data.params, run.data.metrics, run.data.tags
     assert (p["zero_stage"], p["world_size"], p["precision"]) == ("3", "2", "fp32")
     assert p["effective_batch_size"] == "16" and p["prepared"] == runs.prepared_uri
-    for key in ("train_tokens_per_second", "padding_efficiency", "peak_rss_mb_rank0",
-                "peak_rss_mb_rank1", "learning_rate", "grad_norm", "eval_loss"):
-        assert key in m, key
+    # charted: the per-step curves (mfu needs a known GPU peak) and the base's corpus perplexity;
+    # none of the Trainer's leftovers (epoch, total_flos, train_loss, train_runtime, eval speed)
+    assert {k for k in m if not k.startswith("system/")} == {
+        "loss", "grad_norm", "learning_rate", "eval_loss", "train_tokens_per_second",
+        "padding_efficiency", "model_tflops_per_second", "peak_rss_mb_rank0",
+        "peak_rss_mb_rank1", "pretrain/corpus_perplexity",
+        "pretrain/random_init_corpus_perplexity"}
+    for key in ("loss", "train_tokens_per_second", "peak_rss_mb_rank1"):  # one point a step
+        steps = [h.step for h in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(STEPS_A + 1, STEPS_B + 1)), (key, steps)
     assert m["train_tokens_per_second"] > 0 and 0.5 < m["padding_efficiency"] <= 1.0
+    # the whole run's figures, once, as tags
+    assert float(tags["train_runtime_s"]) > 0 and float(tags["mean_train_tokens_per_second"]) > 0
+    assert 0.5 < float(tags["mean_padding_efficiency"]) <= 1.0
+    assert float(tags["base_corpus_perplexity"]) == pytest.approx(
+        m["pretrain/corpus_perplexity"], rel=1e-3)
+    # the logged model is named after its base, and the run's URI of that name finds it
+    model_id = tags["model_uri"].removeprefix("models:/")
+    assert client.get_logged_model(model_id).name == "dolly-tiny-gptj"
+    with tracking_to(runs.tracking_uri):
+        info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/dolly-tiny-gptj")
+    assert info.model_id == model_id
     # the loss history of the two runs together falls
     _, run_a = runs.run(runs.a)
     hist = [h.value for r in (run_a, run) for h in

@@ -11,7 +11,7 @@ from dolly.config import Config, fields_where
 from dolly.errors import DollyError
 from dolly.models.base import load_base_model
 
-from helpers import corpus_tokenizer
+from helpers import corpus_tokenizer, fresh_store, tracking_to
 
 SMALL = Config(builtin_records=60, tiny_n_layer=1, tiny_n_embd=32, tiny_n_head=2,
                tiny_rotary_dim=8, tiny_n_positions=64, max_length=64, pretrain_steps=3,
@@ -55,6 +55,8 @@ def test_cache_builds_once_and_loads_the_same_base(tok, tmp_path, monkeypatch):
     assert pretrain.ensure_base(SMALL, tok, log=lines.append) == folder  # reused, not rebuilt
     assert os.stat(folder / "model.safetensors").st_mtime_ns == stamp
     assert sum("pretraining the tiny GPT-J" in line for line in lines) == 1
+    assert "held-out corpus perplexity" in lines[-1]
+    _check_log_base(folder, info, tmp_path / "store")
     a = load_base_model(SMALL, tok, pretrain_missing=False)
     b = load_base_model(SMALL, tok)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -64,6 +66,24 @@ def test_cache_builds_once_and_loads_the_same_base(tok, tmp_path, monkeypatch):
     c = load_base_model(SMALL, tok)
     for (name, x), (_, y) in zip(a.state_dict().items(), c.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def _check_log_base(folder, info, store):
+    """log_base names the held-out corpus perplexity apart from evaluate's response perplexity."""
+    import mlflow
+
+    store.mkdir()
+    uri = fresh_store(store)
+    with tracking_to(uri), mlflow.start_run() as run:
+        pretrain.log_base(folder)
+    run = mlflow.MlflowClient(uri).get_run(run.info.run_id)
+    assert run.data.metrics == {
+        "pretrain/corpus_perplexity": pytest.approx(info["perplexity"]),
+        "pretrain/random_init_corpus_perplexity": pytest.approx(info["random_init_perplexity"])}
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    assert tags == {"base_key": folder.name,
+                    "base_corpus_perplexity": f"{info['perplexity']:.3f}",
+                    "base_random_init_corpus_perplexity": f"{info['random_init_perplexity']:.1f}"}
 
 
 def test_a_race_keeps_one_whole_base(tok, tmp_path, monkeypatch):

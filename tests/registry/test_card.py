@@ -1,6 +1,11 @@
-"""dolly.registry.card: the data and base licences, the model card, the licence note."""
+"""dolly.registry.card: the data and base licences, the model card, the licence note; and the
+name the logged model gets (dolly.registry.package)."""
+import dataclasses
+
 from dolly import registry
+from dolly.config import Config
 from dolly.registry.card import PROJECT_DATA
+from dolly.registry.package import logged_model_name
 
 
 def test_data_licence():
@@ -66,3 +71,15 @@ def test_license_note_names_both_licences_and_no_link():
     note = registry.license_note("EleutherAI/gpt-j-6b", "tatsu-lab/alpaca")
     assert "Apache-2.0 (EleutherAI's GPT-J 6B)" in note and "CC BY-NC 4.0" in note
     assert "http" not in registry.license_note("outputs/train/final", "my.jsonl")
+
+
+def test_the_logged_model_is_named_after_its_base():
+    def name(base_model: str) -> str:
+        return logged_model_name(dataclasses.replace(Config(), base_model=base_model))
+
+    assert name("tiny-gptj") == "dolly-tiny-gptj"
+    assert name("EleutherAI/gpt-j-6b") == "dolly-gpt-j-6b"
+    assert name("/models/gpt-j-6b/") == "dolly-gpt-j-6b"
+    # MLflow refuses / : . % " ' in a logged model's name
+    assert name("/data/gpt-j.v1.5 (fp16)") == "dolly-gpt-j-v1-5-fp16"
+    assert name("...") == "dolly-model"

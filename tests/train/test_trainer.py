@@ -7,7 +7,7 @@ import os
 from helpers import fresh_store, tracking_to
 
 
-def test_rank_zero_mlflow_logs_params_once_and_numeric_logs_as_metrics_at_their_step(tmp_path):
+def test_rank_zero_mlflow_charts_the_curves_at_their_step_and_the_summary_as_tags(tmp_path):
     import mlflow
     from transformers import TrainerState
 
@@ -19,14 +19,28 @@ def test_rank_zero_mlflow_logs_params_once_and_numeric_logs_as_metrics_at_their_
         cb = RankZeroMlflow(run_id, {"zero_stage": 3, "world_size": 2})
         state = TrainerState(global_step=7, is_world_process_zero=True)
         cb.on_train_begin(None, state, None)
-        cb.on_log(None, state, None, logs={"loss": 1.5, "epoch": 2, "flag": True, "note": "x"})
+        cb.on_log(None, state, None, logs={"loss": 1.5, "epoch": 2, "flag": True, "note": "x",
+                                           "train_tokens_per_second": 900.0,
+                                           "peak_rss_mb_rank1": 700.5})
+        cb.on_log(None, state, None, logs={"eval_loss": 1.25, "eval_runtime": 0.5, "epoch": 2,
+                                           "eval_samples_per_second": 80.0})
+        # the Trainer's end-of-training entry, with DollyTrainer's whole-run figures
+        cb.on_log(None, state, None, logs={
+            "train_runtime": 12.345678, "train_samples_per_second": 5.0, "total_flos": 7.7e7,
+            "train_steps_per_second": 0.5, "train_loss": 2.42, "epoch": 2.0,
+            "train_tokens_per_second": 812.3456789, "padding_efficiency": 0.875,
+            "model_tflops_per_second": 0.0012, "peak_rss_mb_rank1": 701.0})
         other = TrainerState(global_step=8, is_world_process_zero=False)
         cb.on_log(None, other, None, logs={"loss": 9.0})  # another rank: nothing logged
         run = client.get_run(run_id)
-        history = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
+        history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
+                   for k in run.data.metrics}
     assert run.data.params == {"zero_stage": "3", "world_size": "2"}
-    assert run.data.metrics == {"loss": 1.5, "epoch": 2.0}
-    assert history == [(7, 1.5)]
+    assert history == {"loss": [(7, 1.5)], "train_tokens_per_second": [(7, 900.0)],
+                       "peak_rss_mb_rank1": [(7, 700.5)], "eval_loss": [(7, 1.25)]}
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    assert tags == {"train_runtime_s": "12.3457", "mean_train_tokens_per_second": "812.346",
+                    "mean_padding_efficiency": "0.875", "mean_model_tflops_per_second": "0.0012"}
 
 
 def test_partition_record_writes_what_this_rank_holds_once(tmp_path, monkeypatch):
