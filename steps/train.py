@@ -18,8 +18,7 @@ from dolly.tokenizer import load_tokenizer
 def main(argv: list[str]) -> None:
     cfg, inputs = cli.parse(argv, {"prepared": None})
     # system metrics (CPU, memory, GPU) of this process's machine, sampled by MLflow
-    with (mlflow.start_run(run_name=pipeline.run_name("train", cfg),
-                           log_system_metrics=True) as run,
+    with (pipeline.step_run(cfg, "train", log_system_metrics=True) as run,
           train.exclusive(cfg)):
         prepared = tracking.local_path(inputs["prepared"], "prepared data")
         train_df, _, summary = data.load_prepared(prepared)
