@@ -98,7 +98,10 @@ def run(main: Callable[[list[str]], int | None], keep_run: bool = True) -> None:
 # and warnings about choices this project made knowingly. The environment reaches the processes
 # a step starts (training ranks, Spark's Python workers); a variable the user set is kept. The
 # Trainer's per-step bar is progress on long work and stays.
-_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+# Usage telemetry is off too: the default profile makes no network calls (MLflow 3 and the Hub
+# send usage data by default).
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+              "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_TELEMETRY": "1"}
 # pyspark 4.1 warns at every pandas UDF that pandas 3 is not fully supported (the scoring UDF's
 # use of pandas is tested here).
 _QUIET_WARNING = "ignore:PySpark does not yet fully support pandas:FutureWarning"

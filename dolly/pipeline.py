@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("data_prep", "train", "evaluate", "register")
 KEY_TAG = "dolly.step_key"
 CODE_TAG = "dolly.code_version"
-SUMMARY_METRICS = ("exact_match", "rouge_l", "perplexity", "eval_loss", "stop_rate", "empty_rate")
+SUMMARY_METRICS = ("exact_match", "rouge_l", "response_perplexity", "eval_loss", "stop_rate",
+                   "empty_rate")
 # What the steps run: a change elsewhere (README, tests, benchmarks) does not invalidate reuse.
 CODE_PATHS = ("dolly", "steps", "configs", "MLproject", "conda.yaml", "requirements.txt")
 

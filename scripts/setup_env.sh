@@ -212,4 +212,7 @@ path="$venv/bin:$PATH"
     path="$venv/bin:$java_home/bin:$PATH"
   fi
   printf 'export PATH=%q\n' "$path"
+  # usage telemetry off (the default profile makes no network calls), unless you set them
+  printf 'export MLFLOW_DISABLE_TELEMETRY=%q\n' "${MLFLOW_DISABLE_TELEMETRY:-true}"
+  printf 'export HF_HUB_DISABLE_TELEMETRY=%q\n' "${HF_HUB_DISABLE_TELEMETRY:-1}"
 } >&3

@@ -1,11 +1,15 @@
 """evaluate entry point: base model vs tuned model on the held-out test split.
 
-Inputs: -P model_uri=<the train run's logged model (models:/m-..., runs:/<run>/model, a registered
-model URI, or a saved folder)> -P prepared=<data_prep's prepared/ (runs:/<run>/prepared or a path)>.
-Logs base/<metric> and tuned/<metric> (see dolly/eval/evaluate.py), per task family
-base/exact_match/<family>, tuned/exact_match/<family> (and rouge_l), a per-example table
-(eval_examples.json), the tags data_hash, model_uri, train_run_id, and as the run's description
-(and comparison.md) base and tuned answers side by side by family (dolly/eval/report.py).
+Inputs: -P model_uri=<the train run's logged model (models:/m-..., runs:/<run>/dolly-<base model>,
+a registered model URI, or a saved folder)> -P prepared=<data_prep's prepared/ (runs:/<run>/prepared
+or a path)>.
+Logs base/<metric> and tuned/<metric> (see dolly/eval/evaluate.py; each once: the tuned/ ones also
+on the model's MLflow 3 LoggedModel page), per task family base/exact_match/<family>,
+tuned/exact_match/<family> (and rouge_l), a per-example table (eval_examples.json), the tags
+data_hash, model_uri, train_run_id, and as the run's description (and comparison.md) base and tuned
+answers side by side by family (dolly/eval/report.py). Each record's base and tuned answer with its
+scores: two nested evaluation runs '<this run> base' and '<this run> tuned', one trace per record
+(dolly/eval/genai.py; the MLflow UI's Evaluation runs page compares them).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from dolly import eval as evaluation
 
 def main(argv: list[str]) -> None:
     cfg, inp = cli.parse(argv, {"model_uri": None, "prepared": None})
-    with mlflow.start_run(run_name=pipeline.run_name("evaluate", cfg)):
+    with pipeline.step_run(cfg, "evaluate"):
         tracking.log_config(cfg, "evaluate")
         inputs = evaluation.resolve_inputs(cfg, inp["model_uri"], inp["prepared"])
         test_ds = data.log_split(cfg, inputs.test, "test", inputs.data_hash, context="evaluation")
@@ -27,10 +31,11 @@ def main(argv: list[str]) -> None:
 
         if result.base_folder is not None:  # the pretrained base it was compared with
             models.log_base(result.base_folder)
-        mlflow.log_metrics(result.metrics)
+        mlflow.log_metrics(result.other_metrics, dataset=test_ds)
+        # tuned/<metric> once: on this run and, for an MLflow 3 LoggedModel, the same records on
+        # the model's page and in the Models tables
         model_id = tracking.logged_model_id(inp["model_uri"])
-        if model_id:  # MLflow 3 shows a logged model's metrics on its page and in Models tables
-            mlflow.log_metrics(result.tuned_metrics, model_id=model_id, dataset=test_ds)
+        mlflow.log_metrics(result.tuned_metrics, model_id=model_id, dataset=test_ds)
         mlflow.log_table(data=result.comparison, artifact_file="base_vs_tuned.json")
         mlflow.log_table(data=result.examples, artifact_file="eval_examples.json")
         # The run page shows its description at once (rendered Markdown), comparison.md in the
@@ -39,6 +44,7 @@ def main(argv: list[str]) -> None:
         mlflow.log_text(result.note, "comparison.md")
         for line in result.lines:
             print(line, flush=True)
+        evaluation.log_evaluations(result.examples, model_id=model_id)  # each record's answers
 
 
 if __name__ == "__main__":

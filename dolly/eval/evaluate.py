@@ -1,9 +1,16 @@
 """Evaluation of a causal LM on the held-out split, and the evaluate step's comparison of a tuned
 model with the base it was trained from.
 
-Loss and perplexity are measured on response tokens only (the tokens training learns; the prompt is
-masked the same way), from the prepared token ids. Generation metrics come from batched greedy
-decoding in Dolly's prompt format (dolly.generation, the code the served model answers with):
+Loss and response perplexity are measured on response tokens only (the tokens training learns; the
+prompt is masked the same way), from the prepared token ids:
+
+- eval_loss: mean cross-entropy per response token (nats)
+- response_perplexity: exp(eval_loss), on the response tokens of the held-out instruction records
+  (not the base's corpus perplexity of dolly.models.pretrain: other text, every token; never
+  compare the two)
+
+Generation metrics come from batched greedy decoding in Dolly's prompt format (dolly.generation,
+the code the served model answers with):
 
 - exact_match, rouge_l: dolly.eval.metrics
 - stop_rate: answers that ended with `### End` before the token limit
@@ -39,8 +46,8 @@ from dolly.prompts import special_ids
 from dolly.tokenizer import load_tokenizer
 from dolly.tracking import local_path
 
-METRICS = ("eval_loss", "perplexity", "exact_match", "rouge_l", "stop_rate", "empty_rate",
-           "response_length", "tokens_per_s")
+METRICS = ("eval_loss", "response_perplexity", "exact_match", "rouge_l", "stop_rate",
+           "empty_rate", "response_length", "tokens_per_s")
 
 
 def response_loss(model, test: pd.DataFrame, collator: CompletionCollator,
@@ -111,7 +118,8 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, *, max_new_tokens: int,
     n = max(len(gens), 1)
     metrics = {
         "eval_loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),  # capped: an untrained model's exp(loss) overflows
+        # capped: an untrained model's exp(loss) overflows
+        "response_perplexity": math.exp(min(loss, 50.0)),
         "exact_match": float(ex["exact_match"].mean()) if len(ex) else 0.0,
         "rouge_l": float(ex["rouge_l"].mean()) if len(ex) else 0.0,
         "stop_rate": sum(g.stopped for g in gens) / n,
@@ -288,12 +296,18 @@ class Evaluation:
     """What the evaluate step logs: every metric, the tables and the run's description."""
 
     metrics: dict[str, float]        # base/<m>, tuned/<m>, <who>/<m>/<family>, eval_records
-    tuned_metrics: dict[str, float]  # the tuned model's METRICS (for its LoggedModel page)
+    tuned_metrics: dict[str, float]  # the tuned/ part of `metrics` (also on its LoggedModel)
     comparison: pd.DataFrame         # metric, base, tuned: base_vs_tuned.json
     examples: pd.DataFrame           # one row per record, both answers: eval_examples.json
     note: str                        # Markdown: the run's description and comparison.md
     base_folder: Path | None = None  # the cached pretrained base that was evaluated, if any
     lines: list[str] = field(default_factory=list)  # the summary the step prints
+
+    @property
+    def other_metrics(self) -> dict[str, float]:
+        """`metrics` less `tuned_metrics`: base/..., eval_records. The step logs these and
+        `tuned_metrics` once each, so every measure has one name and one record on the run."""
+        return {k: v for k, v in self.metrics.items() if k not in self.tuned_metrics}
 
 
 def _free(model) -> None:
@@ -358,9 +372,9 @@ def base_vs_tuned(cfg: Config, inputs: EvalInputs,
     # The run page shows its description at once (rendered Markdown): the comparison goes there.
     note = run_description(table, base_cfg.base_model)
     line = ", ".join(f"{m} {metrics[f'base/{m}']:.4g} -> {metrics[f'tuned/{m}']:.4g}"
-                     for m in ("exact_match", "rouge_l", "perplexity", "stop_rate"))
+                     for m in ("exact_match", "rouge_l", "response_perplexity", "stop_rate"))
     lines = [f"evaluate: {len(test)} records, base -> tuned: {line}"]
     lines += [f"evaluate: {by_family}" for by_family in
               (family_line(metrics, who) for who in ("tuned", "base")) if by_family]
-    return Evaluation(metrics, {k: float(v) for k, v in results["tuned"].metrics.items()},
-                      comparison(metrics), table, note, base_folder, lines)
+    tuned_metrics = {k: v for k, v in metrics.items() if k.startswith("tuned/")}
+    return Evaluation(metrics, tuned_metrics, comparison(metrics), table, note, base_folder, lines)

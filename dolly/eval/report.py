@@ -4,8 +4,9 @@ The evaluate run's description (the `mlflow.note.content` tag; the MLflow UI ren
 Markdown on the run page's Overview, its first lines at once and the rest after 'Show more')
 holds a short comparison: first the exact match of base and tuned, overall and per task family,
 in one paragraph (visible without a click), then per family its first few evaluated records with
-the reference, the base answer and the tuned answer. The same Markdown is logged as the artifact
-`comparison.md` (the Artifacts tab renders .md files).
+the reference, the base answer and the tuned answer. Every record with its scores is in the two
+nested evaluation runs of dolly.eval.genai (the MLflow UI's Evaluation runs page). The same
+Markdown is logged as the artifact `comparison.md` (the Artifacts tab renders .md files).
 
 Answers are model output and inputs are user data: every cell goes through `md_cell`, which
 turns Markdown and HTML syntax into character references, so a `|`, a backtick, a newline or a
@@ -130,7 +131,9 @@ def comparison_markdown(table: pd.DataFrame, base_model: str, *, per_family: int
              + " · ".join(figures), "",
              f"{what_it_shows(base_model)} Greedy decoding; exact match ignores case, spacing "
              "and trailing punctuation; ✓ / ✗: exact match. Every evaluated record is in the "
-             "artifact `eval_examples.json`."]
+             "artifact `eval_examples.json`, and with its scores in this run's two nested "
+             "evaluation runs, base and tuned (Evaluation runs page: tick both, then "
+             "Compare)."]
     if per_family > 0:
         picked = pick_examples(table, per_family)
         for f in shown:

@@ -21,8 +21,8 @@ def test_evaluate_entry_point(tiny_model):
     run = runs_in(tiny_model.tracking_uri, "evaluate")[0]
     m, tags = run.data.metrics, run.data.tags
     for who in ("base", "tuned"):
-        for k in ("perplexity", "eval_loss", "exact_match", "rouge_l", "stop_rate", "empty_rate",
-                  "response_length", "tokens_per_s"):
+        for k in ("response_perplexity", "eval_loss", "exact_match", "rouge_l", "stop_rate",
+                  "empty_rate", "response_length", "tokens_per_s"):
             assert f"{who}/{k}" in m, f"{who}/{k}"
     # The fixture's model is the untrained base: evaluate must rebuild exactly that base
     # (from the train run's settings, although this run used the default profile).
@@ -185,7 +185,8 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     # the logged model carries its evaluation metrics (MLflow 3 shows them on its page)
     logged = client.get_logged_model(
         children["train"].data.tags["model_uri"].removeprefix("models:/"))
-    assert {m.key for m in logged.metrics} >= {"exact_match", "rouge_l", "perplexity"}
+    assert {m.key for m in logged.metrics} >= {"tuned/exact_match", "tuned/rouge_l",
+                                              "tuned/response_perplexity"}
     trained_on = [i.dataset for i in children["train"].inputs.dataset_inputs]
     assert [d.digest for d in trained_on] == [inputs["train"].digest]
     assert all(r.info.status == "FINISHED" for r in children.values())
@@ -207,12 +208,12 @@ def test_main_runs_four_child_steps_then_reuses_them(tracking_uri, tmp_path):
     assert (t["promoted"], t["gate_reason"]) == (reg["promoted"], reg["gate_reason"])
     assert m["promoted"] == (1.0 if reg["promoted"] == "true" else 0.0)
     assert client.get_model_version("dolly", "1").tags["promoted"] == reg["promoted"]
-    assert {"base/exact_match", "tuned/exact_match", "tuned/perplexity", "registered_version",
+    assert {"base/exact_match", "tuned/exact_match", "tuned/response_perplexity", "registered_version",
             "promoted"} <= set(m)
     per_family = {k for k in children["evaluate"].data.metrics if "/exact_match/" in k}
     assert per_family and {k: m[k] for k in per_family} == {
         k: children["evaluate"].data.metrics[k] for k in per_family}
-    assert m["tuned/perplexity"] < m["base/perplexity"]  # 10 steps already lower the loss
+    assert m["tuned/response_perplexity"] < m["base/response_perplexity"]  # 10 steps already lower the loss
     assert client.get_model_version("dolly", "1").run_id == children["train"].info.run_id
     assert "main: summary" in proc.stdout
 

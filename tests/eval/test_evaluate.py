@@ -57,11 +57,12 @@ def test_evaluate_model_metrics(tok):
     test = split(tok, [("Greet Kalo.", "", "Hello, Kalo!"), ("Repeat the word bada.", "", "bada"),
                        ("Count the words in the input.", "ma ko", "two")])
     res = evaluate.evaluate_model(model, tok, test, max_new_tokens=4, batch_size=2)
-    names = {"eval_loss", "perplexity", "exact_match", "rouge_l", "stop_rate", "empty_rate",
-             "response_length", "tokens_per_s"}
+    names = {"eval_loss", "response_perplexity", "exact_match", "rouge_l", "stop_rate",
+             "empty_rate", "response_length", "tokens_per_s"}
     assert names <= set(evaluate.METRICS) and names <= set(res.metrics)
     assert all(math.isfinite(res.metrics[k]) for k in names)
-    assert res.metrics["perplexity"] == pytest.approx(math.exp(res.metrics["eval_loss"]))
+    assert res.metrics["response_perplexity"] == pytest.approx(math.exp(res.metrics["eval_loss"]))
+    assert "perplexity" not in res.metrics  # one name per measure: not the base's corpus perplexity
     assert len(res.examples) == 3
     assert 0 <= res.metrics["stop_rate"] <= 1 and 0 <= res.metrics["empty_rate"] <= 1
     assert metrics.category_metrics(test, res.examples).keys() == {"exact_match/c",

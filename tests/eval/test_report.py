@@ -77,7 +77,9 @@ def test_comparison_markdown():
         "instruction fine-tune teaches a pretrained language model to follow instructions; the "
         "base continues the prompt as text and does not answer Dolly-format instructions. "
         "Greedy decoding; exact match ignores case, spacing and trailing punctuation; ✓ / ✗: "
-        "exact match. Every evaluated record is in the artifact `eval_examples.json`.",
+        "exact match. Every evaluated record is in the artifact `eval_examples.json`, and with "
+        "its scores in this run's two nested evaluation runs, base and tuned (Evaluation runs "
+        "page: tick both, then Compare).",
         "",
         "**(no category): 0.00 → 1.00** (the first 1 of 1 records)",
         "",
