@@ -58,6 +58,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -164,7 +165,12 @@ def _offline_quiet():
     os.environ.update(added)
     captured = io.StringIO()
     try:
-        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+        with (contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured),
+              warnings.catch_warnings()):
+            # raised in MLflow's scoring threads (so not captured above) when it logs the
+            # evaluation data as a dataset: the hint is about model signatures
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer",
+                                    category=UserWarning)
             yield
     except BaseException:
         sys.stderr.write(captured.getvalue())
