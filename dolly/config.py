@@ -231,9 +231,10 @@ class Config:
 
     # --- registry and scoring ---------------------------------------------------------------
     experiment_name: str = _f(
-        "dolly", "MLflow experiment of `main`'s runs when `mlflow run` put it in the Default "
-        "experiment (MLFLOW_EXPERIMENT_NAME or --experiment-name win; '' = stay in Default).",
-        steps=(), read_by=("main",))
+        "dolly", "MLflow experiment of the runs of `main`, and of a step launched alone, when "
+        "`mlflow run` put its run in the Default experiment (MLFLOW_EXPERIMENT_NAME or "
+        "--experiment-name win; '' = stay in Default).",
+        steps=(), read_by=("main", "data_prep", "train", "evaluate", "register", "batch_score"))
     model_name: str = _f("dolly", "Registered model name.", steps=REGISTER+SCORE)
     champion_alias: str = _f("champion", "Alias that points at the best version.",
         steps=REGISTER+SCORE)

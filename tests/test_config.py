@@ -220,8 +220,9 @@ def test_config_entry_point_shows_values_as_typed_and_every_reader(capsys):
 def test_read_by_lists_the_fields_an_entry_point_reads_in_declaration_order():
     from dolly.config import read_by
 
-    assert read_by("batch_score") == ("model_name", "champion_alias", "spark_master")
+    assert read_by("batch_score") == ("experiment_name", "model_name", "champion_alias",
+                                      "spark_master")
     assert read_by("data_prep") == ("dataset", "dataset_split", "columns", "builtin_records",
                                     "max_length", "too_long", "test_size", "seed", "base_model",
-                                    "tokenizer", "tokenizer_vocab_size")
+                                    "tokenizer", "tokenizer_vocab_size", "experiment_name")
     assert "launcher" in read_by("train") and "learning_rate" not in read_by("data_prep")
