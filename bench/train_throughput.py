@@ -93,7 +93,7 @@ def trainer_path(cfg, prepared_train, timed, tmp: Path, args) -> dict:
     """The real train step (`python -m steps.train`: DeepSpeed ZeRO-3, the HF Trainer, this
     machine's ranks) on exactly the timed records, one epoch, with batching=length_grouped (ours)
     and batching=random (Dolly v1's sampler; the collator is ours on both sides). The figures
-    are the step's own final train_tokens_per_second / padding_efficiency metrics."""
+    are the step's own whole-run mean_train_tokens_per_second / mean_padding_efficiency tags."""
     import mlflow
 
     rows = prepared_train.iloc[timed]

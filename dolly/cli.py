@@ -6,6 +6,7 @@ every `--key` that is not one of the step's own inputs must be a config field.
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -89,7 +90,7 @@ def run(main: Callable[[list[str]], int | None], keep_run: bool = True) -> None:
               file=sys.stderr, flush=True)
         code = 1
     if not keep_run:
-        discard_launch_run(code)
+        discard_launch_run()
     sys.exit(code)
 
 
@@ -133,7 +134,7 @@ def quiet_third_party() -> None:
     logging.getLogger(logger).addFilter(lambda record: not record.getMessage().startswith(prefix))
 
 
-def discard_launch_run(code: int) -> None:
+def discard_launch_run() -> None:
     """Delete, once `mlflow run` has ended it, the run it made for this entry point
     (MLFLOW_RUN_ID), if it is one (its `mlflow.project.entryPoint` tag names this module's entry
     point). MLflow's CLI ends the run after this process exits and fails on a run already
@@ -150,28 +151,32 @@ def discard_launch_run(code: int) -> None:
     if not run_id or spec is None:
         return
     root = str(Path(__file__).resolve().parents[1])
-    script = (f"import sys; sys.path.insert(0, {root!r}); from dolly.cli import _delete_when_ended; "
-              f"_delete_when_ended({run_id!r}, {spec.name.rsplit('.', 1)[-1]!r})")
+    script = (f"import sys; sys.path.insert(0, {root!r}); "
+              "from dolly.cli import _delete_when_ended; "
+              f"_delete_when_ended({run_id!r}, {spec.name.rsplit('.', 1)[-1]!r}, "
+              f"{int(time.time() * 1000)})")
     subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _delete_when_ended(run_id: str, entry_point: str, wait_s: float = 120.0) -> None:
-    import time
-
+def _delete_when_ended(run_id: str, entry_point: str, exited_ms: int,
+                       wait_s: float = 120.0) -> None:
+    """Delete run `run_id` of `entry_point` once it has ended, if it ended after `exited_ms`
+    (the entry point's exit, epoch ms): a run that had ended before is not this launch's."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     deadline = time.monotonic() + wait_s
-    try:
-        while time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        try:  # a store busy for a moment (sqlite) is tried again until the deadline
             run = client.get_run(run_id)
             if run.data.tags.get("mlflow.project.entryPoint") != entry_point:
                 return
             if run.info.status != "RUNNING":
-                client.delete_run(run_id)
+                if (run.info.end_time or 0) >= exited_ms - 1000:  # ms clocks of one machine
+                    client.delete_run(run_id)
                 return
-            time.sleep(0.2)
-    except (MlflowException, OSError):
-        pass
+        except (MlflowException, OSError):
+            pass
+        time.sleep(0.2)

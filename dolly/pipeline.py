@@ -120,28 +120,38 @@ def step_run(cfg: Config, step: str, name: str | None = None, **start_run_kwargs
     `mlflow run -e <step>` puts its run in the Default experiment before any code of ours runs,
     and MLflow cannot move runs: then the step runs in a new run in cfg.experiment_name, and the
     CLI's run is named the same, tagged `dolly.step_run` and described with a link to it (the
-    CLI ends it with the step's exit status). A step `main` started, or one whose experiment the
-    user chose, keeps its run. `start_run_kwargs` go to the run the step logs into."""
+    CLI ends it with the step's exit status). A step `main` started, one whose experiment the
+    user chose, and a run the user handed over (MLFLOW_RUN_ID of a run that is not a project run
+    of this step, `mlflow run --run-id`) keep their run. `start_run_kwargs` go to the run the
+    step logs into."""
     import mlflow
 
     name = name or run_name(step, cfg)
     client = mlflow.MlflowClient()
     launched_id = os.environ.get("MLFLOW_RUN_ID")
     if launched_id:
-        launched_in = client.get_run(launched_id).info.experiment_id
+        launched = client.get_run(launched_id)
+        tags = launched.data.tags
+        ours = (tags.get("mlflow.project.entryPoint") == step
+                and tags.get("mlflow.source.type") == "PROJECT"
+                and not tags.get("mlflow.note.content"))  # made by the CLI just now
+        target = target_experiment(client, cfg, launched.info.experiment_id) if ours else None
     else:
         from mlflow.tracking.fluent import _get_experiment_id
 
-        launched_in = _get_experiment_id()
-    target = target_experiment(client, cfg, launched_in)
+        target = target_experiment(client, cfg, _get_experiment_id())
     if target is None:
         with mlflow.start_run(run_name=name, **start_run_kwargs) as run:
             yield run
         return
     os.environ.pop("MLFLOW_RUN_ID", None)  # else start_run resumes the CLI's run
-    with mlflow.start_run(experiment_id=target, run_name=name,
-                          tags={"mlflow.project.entryPoint": step,
-                                **({"dolly.launched_by": launched_id} if launched_id else {})},
+    # the launch's source (project URI, git commit) too: the UI's Source and Version columns
+    source = ({k: v for k, v in launched.data.tags.items()
+               if k.startswith(("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL"))}
+              if launched_id else {})
+    tags = {**source, **start_run_kwargs.pop("tags", {}), "mlflow.project.entryPoint": step,
+            **({"dolly.launched_by": launched_id} if launched_id else {})}
+    with mlflow.start_run(experiment_id=target, run_name=name, tags=tags,
                           **start_run_kwargs) as run:
         if launched_id:
             client.set_tag(launched_id, "mlflow.runName", name)

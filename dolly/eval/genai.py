@@ -134,7 +134,7 @@ def answer_rows(table: pd.DataFrame, who: str) -> list[dict[str, Any]]:
             inputs["context"] = _text(r.get("input"))
         rows.append({"inputs": inputs, "outputs": _text(r.get(f"{who}_response")),
                      "expectations": {EXPECTATION: _text(r.get("reference"))},
-                     "stopped": bool(r.get(f"{who}_stopped")),
+                     "stopped": _text(r.get(f"{who}_stopped")) == "True",  # NaN: not stopped
                      "category": _text(r.get("category"))})
     return rows
 
