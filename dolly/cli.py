@@ -74,7 +74,10 @@ def run(main: Callable[[list[str]], int | None], keep_run: bool = True) -> None:
 
     keep_run=False (the read-only entry points, config and plan): the run `mlflow run` created
     for this process before it started is ended and deleted (MLflow's trash: `mlflow runs
-    restore` brings it back), failed or not, so looking something up leaves no run behind."""
+    restore` brings it back), failed or not, so looking something up leaves no run behind. Any
+    other entry point that fails before it started that run (a mistyped key, a model URI that
+    does not resolve: nothing logged but the CLI's parameters) has it deleted too, unless `main`
+    started it (main names a failed step's run)."""
     quiet_third_party()
     try:
         code = main(sys.argv[1:]) or 0
@@ -89,8 +92,12 @@ def run(main: Callable[[list[str]], int | None], keep_run: bool = True) -> None:
         print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr, flush=True)
         code = 1
+    import os
+
     if not keep_run:
         discard_launch_run()
+    elif code != 0 and os.environ.get("MLFLOW_RUN_ID"):  # still unused: start_run pops it
+        discard_launch_run(top_level_only=True)
     sys.exit(code)
 
 
@@ -134,7 +141,7 @@ def quiet_third_party() -> None:
     logging.getLogger(logger).addFilter(lambda record: not record.getMessage().startswith(prefix))
 
 
-def discard_launch_run() -> None:
+def discard_launch_run(top_level_only: bool = False) -> None:
     """Delete, once `mlflow run` has ended it, the run it made for this entry point
     (MLFLOW_RUN_ID), if it is one (its `mlflow.project.entryPoint` tag names this module's entry
     point). MLflow's CLI ends the run after this process exits and fails on a run already
@@ -154,15 +161,16 @@ def discard_launch_run() -> None:
     script = (f"import sys; sys.path.insert(0, {root!r}); "
               "from dolly.cli import _delete_when_ended; "
               f"_delete_when_ended({run_id!r}, {spec.name.rsplit('.', 1)[-1]!r}, "
-              f"{int(time.time() * 1000)})")
+              f"{int(time.time() * 1000)}, top_level_only={top_level_only})")
     subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _delete_when_ended(run_id: str, entry_point: str, exited_ms: int,
-                       wait_s: float = 120.0) -> None:
+                       top_level_only: bool = False, wait_s: float = 120.0) -> None:
     """Delete run `run_id` of `entry_point` once it has ended, if it ended after `exited_ms`
-    (the entry point's exit, epoch ms): a run that had ended before is not this launch's."""
+    (the entry point's exit, epoch ms): a run that had ended before is not this launch's.
+    top_level_only: not a child run (of `main`)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -171,7 +179,9 @@ def _delete_when_ended(run_id: str, entry_point: str, exited_ms: int,
     while time.monotonic() < deadline:
         try:  # a store busy for a moment (sqlite) is tried again until the deadline
             run = client.get_run(run_id)
-            if run.data.tags.get("mlflow.project.entryPoint") != entry_point:
+            tags = run.data.tags
+            if (tags.get("mlflow.project.entryPoint") != entry_point
+                    or (top_level_only and "mlflow.parentRunId" in tags)):
                 return
             if run.info.status != "RUNNING":
                 if (run.info.end_time or 0) >= exited_ms - 1000:  # ms clocks of one machine

@@ -154,6 +154,25 @@ def runs_in(tracking_uri: str, entry_point: str | None = None) -> list:
                               order_by=["attributes.start_time DESC"])
 
 
+def runs_left(tracking_uri: str, wait_s: float = 60.0) -> list:
+    """The store's active (not deleted) runs, in every experiment, once none is left or after
+    `wait_s`: a run an entry point discards is deleted by a process of its own after
+    `mlflow run` has ended it (dolly.cli.discard_launch_run)."""
+    import time
+
+    import mlflow
+    from mlflow.entities import ViewType
+
+    client = mlflow.MlflowClient(tracking_uri)
+    deadline = time.monotonic() + wait_s
+    while True:
+        ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        runs = client.search_runs(ids, run_view_type=ViewType.ACTIVE_ONLY)
+        if not runs or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
 @contextmanager
 def tracking_to(uri: str):
     """In-process MLflow calls go to `uri` inside the block; the previous setting comes back."""

@@ -281,3 +281,7 @@ def test_batch_score_refuses_a_bad_model_or_key_in_one_line_before_any_work(
     assert ours == [line], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr.split("mlflow.exceptions")[0]
     assert "SparkContext" not in proc.stderr and not out.exists()
+    # the run `mlflow run` made holds nothing but the parameters: deleted, not left in Default
+    from helpers import runs_left
+
+    assert runs_left(uri) == []
