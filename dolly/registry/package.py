@@ -8,6 +8,7 @@ dolly.serve.contract.
 """
 from __future__ import annotations
 
+import logging
 import re
 from importlib import metadata
 from pathlib import Path
@@ -56,9 +57,37 @@ def log_model(model_dir: str | Path, cfg: Config, name: str | None = None) -> st
     weights: the low-memory way for a 6B model.
     """
     import mlflow
+
+    # MLflow's transformers flavor warns that a local folder has no Hub model card and no
+    # licence; this project writes both itself (license_text here, the card at register).
+    flavor_log = logging.getLogger("mlflow.transformers")
+    quiet = _Skip(("The model card could not be retrieved from the hub",
+                   "Unable to find license information"))
+    flavor_log.addFilter(quiet)
+    try:
+        info = _log(model_dir, cfg, name)
+    finally:
+        flavor_log.removeFilter(quiet)
+    # The weights' fingerprint: register refuses to make a second version of the same weights.
+    mlflow.set_logged_model_tags(info.model_id, {WEIGHTS_TAG: weights_digest(model_dir)})
+    return info.model_uri
+
+
+class _Skip(logging.Filter):
+    """Drops log records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def _log(model_dir: str | Path, cfg: Config, name: str | None):
     from mlflow.models import Model
 
-    info = Model.log(
+    return Model.log(
         artifact_path=None,  # MLflow 3: `name` names a logged model
         name=name or logged_model_name(cfg),
         flavor=pyfunc,
@@ -80,6 +109,3 @@ def log_model(model_dir: str | Path, cfg: Config, name: str | None = None) -> st
         metadata={"base_model": cfg.base_model, "dataset": cfg.dataset,
                   "prompt_format": "dolly-v1", "end_key": prompts.END_KEY},
     )
-    # The weights' fingerprint: register refuses to make a second version of the same weights.
-    mlflow.set_logged_model_tags(info.model_id, {WEIGHTS_TAG: weights_digest(model_dir)})
-    return info.model_uri
