@@ -113,15 +113,11 @@ _QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROG
 # pyspark 4.1 warns at every pandas UDF that pandas 3 is not fully supported (the scoring UDF's
 # use of pandas is tested here).
 _QUIET_WARNING = "ignore:PySpark does not yet fully support pandas:FutureWarning"
-# batch_score scores in this environment on purpose (`env_manager="local"`: the step already
-# runs in the model's environment); MLflow warns of it at every call.
-_QUIET_LOG = ("mlflow.pyfunc", 'Calling `spark_udf()` with `env_manager="local"`')
 
 
 def quiet_third_party() -> None:
-    """Silence _QUIET_ENV's progress bars, _QUIET_WARNING and _QUIET_LOG for this process and
+    """Silence _QUIET_ENV's progress bars and _QUIET_WARNING for this process and
     the ones it starts."""
-    import logging
     import os
     import warnings
 
@@ -137,8 +133,6 @@ def quiet_third_party() -> None:
         os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (given, _QUIET_WARNING)))
     warnings.filterwarnings("ignore", message=_QUIET_WARNING.split(":")[1],
                             category=FutureWarning)
-    logger, prefix = _QUIET_LOG
-    logging.getLogger(logger).addFilter(lambda record: not record.getMessage().startswith(prefix))
 
 
 def discard_launch_run(top_level_only: bool = False) -> None:

@@ -2,6 +2,8 @@
 folders, logged-model URIs. Datasets as run inputs are dolly.data.lineage."""
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from dolly.config import Config
@@ -48,3 +50,39 @@ def logged_model_id(model_uri: str) -> str | None:
     """'m-<id>' of a `models:/m-<id>` URI (an MLflow 3 LoggedModel), else None."""
     rest = model_uri.removeprefix("models:/")
     return rest if model_uri.startswith("models:/m-") and "/" not in rest else None
+
+
+class _DropPrefixed(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextmanager
+def without_log_lines(logger: str, *prefixes: str):
+    """Inside the block, records of the logging logger `logger` (an MLflow module's) whose
+    message starts with one of `prefixes` are dropped: warnings about a choice this project
+    made knowingly, which buried the steps' own output."""
+    target, drop = logging.getLogger(logger), _DropPrefixed(prefixes)
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
+
+
+@contextmanager
+def without_schema_hint():
+    """Inside the block, MLflow's "Hint: Inferred schema contains integer column(s)" warning is
+    not shown. It is advice for model signatures (an integer column cannot hold a missing value)
+    and came at every dataset the steps log, whose integer columns (a split's token `length`)
+    are never missing. Threads started inside (MLflow's evaluation workers) see the filter too."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer",
+                                category=UserWarning)
+        yield

@@ -7,6 +7,7 @@ from pathlib import Path
 from dolly.config import Config
 from dolly.data.readers import resolve_source
 from dolly.digests import eval_set_digest
+from dolly.tracking import without_schema_hint
 
 
 def dataset_source(cfg: Config):
@@ -30,17 +31,11 @@ def log_split(cfg: Config, df, split: str, data_hash: str, context: str | None =
     run, named `<dataset>-<split>`; its digest is the split's own (data hash + its records), so
     the train and test splits differ. `context` defaults to the split's name. Returns the
     mlflow Dataset (to link metrics to it)."""
-    import warnings
-
     import mlflow
 
     digest = eval_set_digest(data_hash, df)[:8]
     cols = [c for c in ("instruction", "input", "response", "text", "length") if c in df.columns]
-    with warnings.catch_warnings():
-        # MLflow's hint about integer columns and missing values is for model signatures; a
-        # prepared split's `length` (tokens) is never missing
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer",
-                                category=UserWarning)
+    with without_schema_hint():
         ds = mlflow.data.from_pandas(df[cols], source=dataset_source(cfg),
                                      name=f"{cfg.dataset}-{split}", digest=digest)
         mlflow.log_input(ds, context=context or split)  # the schema is inferred here

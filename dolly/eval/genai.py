@@ -58,7 +58,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,6 +65,7 @@ import pandas as pd
 from mlflow.genai.scorers import scorer
 
 from dolly.eval import metrics
+from dolly.tracking import without_schema_hint
 
 MODELS = ("base", "tuned")
 EXPECTATION = "expected_response"
@@ -165,12 +165,10 @@ def _offline_quiet():
     os.environ.update(added)
     captured = io.StringIO()
     try:
+        # the schema hint comes from MLflow's scoring threads (not captured here) when it logs
+        # the evaluation data as a dataset
         with (contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured),
-              warnings.catch_warnings()):
-            # raised in MLflow's scoring threads (so not captured above) when it logs the
-            # evaluation data as a dataset: the hint is about model signatures
-            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer",
-                                    category=UserWarning)
+              without_schema_hint()):
             yield
     except BaseException:
         sys.stderr.write(captured.getvalue())

@@ -8,7 +8,6 @@ dolly.serve.contract.
 """
 from __future__ import annotations
 
-import logging
 import re
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +16,7 @@ from dolly import prompts
 from dolly.config import Config
 from dolly.digests import WEIGHTS_TAG, weights_digest
 from dolly.registry.card import license_note
+from dolly.tracking import without_log_lines
 from dolly.serve import pyfunc, signature
 
 # What the model needs at serving time, pinned to what trained it: MLflow 3.17's inferred
@@ -60,28 +60,13 @@ def log_model(model_dir: str | Path, cfg: Config, name: str | None = None) -> st
 
     # MLflow's transformers flavor warns that a local folder has no Hub model card and no
     # licence; this project writes both itself (license_text here, the card at register).
-    flavor_log = logging.getLogger("mlflow.transformers")
-    quiet = _Skip(("The model card could not be retrieved from the hub",
-                   "Unable to find license information"))
-    flavor_log.addFilter(quiet)
-    try:
+    with without_log_lines("mlflow.transformers",
+                           "The model card could not be retrieved from the hub",
+                           "Unable to find license information"):
         info = _log(model_dir, cfg, name)
-    finally:
-        flavor_log.removeFilter(quiet)
     # The weights' fingerprint: register refuses to make a second version of the same weights.
     mlflow.set_logged_model_tags(info.model_id, {WEIGHTS_TAG: weights_digest(model_dir)})
     return info.model_uri
-
-
-class _Skip(logging.Filter):
-    """Drops log records whose message starts with one of `prefixes`."""
-
-    def __init__(self, prefixes: tuple[str, ...]):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
 
 
 def _log(model_dir: str | Path, cfg: Config, name: str | None):

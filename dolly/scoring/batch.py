@@ -25,6 +25,7 @@ from dolly.data import readers
 from dolly.errors import DataError, DollyError
 from dolly.scoring import columns
 from dolly.scoring.output import MARKER, OutputFolder, publish
+from dolly.tracking import without_log_lines
 
 SUFFIXES = readers.SUFFIXES
 _ROW = "__dolly_row"
@@ -292,8 +293,10 @@ def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolde
     taken = [*df.columns, output_column, error_column]
     row, text_col, inp_col = (columns.fresh(n, taken)
                               for n in (_ROW, "__dolly_text", "__dolly_input"))
-    predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="string",
-                                      env_manager="local", params=params or None)
+    # env_manager="local" on purpose: the step already runs in the model's environment
+    with without_log_lines("mlflow.pyfunc", 'Calling `spark_udf()` with `env_manager="local"`'):
+        predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="string",
+                                          env_manager="local", params=params or None)
     text, kind = _classify(df, column, required=True)
     if inp:
         inp_text, inp_kind = _classify(df, inp, required=False)
