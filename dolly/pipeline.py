@@ -113,13 +113,14 @@ def run_name(step: str, cfg: Config) -> str:
 
 
 @contextmanager
-def step_run(cfg: Config, step: str, name: str | None = None, **start_run_kwargs):
+def step_run(cfg: Config, step: str, name: str | None = None, pointer_tag: str = "dolly.step_run",
+             **start_run_kwargs):
     """The MLflow run step `step` logs into, active inside the block: named `name` (default
     `run_name(step, cfg)`), in the experiment `main`'s runs go to (`target_experiment`).
 
     `mlflow run -e <step>` puts its run in the Default experiment before any code of ours runs,
     and MLflow cannot move runs: then the step runs in a new run in cfg.experiment_name, and the
-    CLI's run is named the same, tagged `dolly.step_run` and described with a link to it (the
+    CLI's run is named the same, tagged `pointer_tag` and described with a link to it (the
     CLI ends it with the step's exit status). A step `main` started, one whose experiment the
     user chose, and a run the user handed over (MLFLOW_RUN_ID of a run that is not a project run
     of this step, `mlflow run --run-id`) keep their run. `start_run_kwargs` go to the run the
@@ -155,7 +156,7 @@ def step_run(cfg: Config, step: str, name: str | None = None, **start_run_kwargs
                           **start_run_kwargs) as run:
         if launched_id:
             client.set_tag(launched_id, "mlflow.runName", name)
-            client.set_tag(launched_id, "dolly.step_run", run.info.run_id)
+            client.set_tag(launched_id, pointer_tag, run.info.run_id)
             client.set_tag(launched_id, "mlflow.note.content", (
                 f"This launch ran {step} as run {run.info.run_id} in experiment "
                 f"'{cfg.experiment_name}' ([open it](#/experiments/{target}/runs/"

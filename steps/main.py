@@ -21,24 +21,8 @@ def main(argv: list[str]) -> None:
     code = pipeline.code_version()
     fingerprint = pipeline.input_fingerprint(cfg)
     client = mlflow.MlflowClient()
-    with mlflow.start_run(run_name=pipeline.run_name("main", cfg)) as launched:
-        target = pipeline.target_experiment(client, cfg, launched.info.experiment_id)
-        if target is None:
-            run_pipeline(client, args, reuse, code, fingerprint)
-            return
-        # `mlflow run` put this run in the Default experiment before any code of ours ran, and
-        # MLflow cannot move runs: the pipeline runs in cfg.experiment_name; this run points there.
-        mlflow.set_tags({"dolly.pipeline_experiment": cfg.experiment_name})
-    with mlflow.start_run(experiment_id=target, run_name=pipeline.run_name("main", cfg),
-                          tags={"mlflow.project.entryPoint": "main",
-                                "dolly.launched_by": launched.info.run_id}) as parent:
-        note = (f"This launch ran the pipeline as run {parent.info.run_id} in experiment "
-                f"'{cfg.experiment_name}' ([open it](#/experiments/{target}/runs/"
-                f"{parent.info.run_id})).")
-        client.set_tag(launched.info.run_id, "mlflow.note.content", note)
-        client.set_tag(launched.info.run_id, "dolly.pipeline_run", parent.info.run_id)
-        print(f"main: runs go to experiment '{cfg.experiment_name}' (id {target}); "
-              f"this launch's run {launched.info.run_id} points there", flush=True)
+    # in cfg.experiment_name when `mlflow run` put its run in Default (that run points here)
+    with pipeline.step_run(cfg, "main", pointer_tag="dolly.pipeline_run"):
         run_pipeline(client, args, reuse, code, fingerprint)
 
 
