@@ -12,7 +12,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submod_attrs={  # module -> the public names it defines
         "base": ["load_base_model"],
         "pretrain": ["CACHE_ENV", "base_info", "base_key", "cache_root", "cached_base",
-                     "ensure_base", "is_pretrained_tiny", "log_base"],
+                     "copy_accuracy", "ensure_base", "is_pretrained_tiny", "log_base",
+                     "pretraining_texts", "unseen_copy_lines"],
         "tiny": ["build_tiny", "tiny_config"],
     },
 )

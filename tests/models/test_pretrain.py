@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from dolly.data import corpus
 from dolly.models import pretrain
 from dolly.config import Config, fields_where
 from dolly.errors import DollyError
@@ -79,11 +80,18 @@ def _check_log_base(folder, info, store):
     run = mlflow.MlflowClient(uri).get_run(run.info.run_id)
     assert run.data.metrics == {
         "pretrain/corpus_perplexity": pytest.approx(info["perplexity"]),
-        "pretrain/random_init_corpus_perplexity": pytest.approx(info["random_init_perplexity"])}
+        "pretrain/random_init_corpus_perplexity": pytest.approx(info["random_init_perplexity"]),
+        "pretrain/unseen_copy_accuracy": pytest.approx(info["unseen_copy_accuracy"])}
+    # the copy accuracy at init and at the last step (3 steps: before the first COPY_EVERY)
+    history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id,
+                                                          "pretrain/unseen_copy_accuracy")
+    assert [(m.step, m.value) for m in history] == [tuple(p) for p in info["unseen_copy_curve"]]
+    assert [m.step for m in history] == [0, 3]
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
     assert tags == {"base_key": folder.name,
                     "base_corpus_perplexity": f"{info['perplexity']:.3f}",
-                    "base_random_init_corpus_perplexity": f"{info['random_init_perplexity']:.1f}"}
+                    "base_random_init_corpus_perplexity": f"{info['random_init_perplexity']:.1f}",
+                    "base_unseen_copy_accuracy": f"{info['unseen_copy_accuracy']:.3f}"}
 
 
 def test_a_race_keeps_one_whole_base(tok, tmp_path, monkeypatch):
@@ -108,3 +116,64 @@ def test_zero_steps_is_the_random_base(tok, tmp_path, monkeypatch):
     cfg = dataclasses.replace(SMALL, pretrain_steps=0)
     assert pretrain.ensure_base(cfg, tok) is None and not pretrain.is_pretrained_tiny(cfg)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_back_lines_are_packed_whole_with_padding_masked(tok):
+    lines = ["ka ;ka", "zobo lu ;zobo lu", "mi ;mi", "strimperwaxle zobo ;strimperwaxle zobo"]
+    ids, labels = pretrain._line_rows(tok, lines, 16)
+    sep = tok("\n\n", add_special_tokens=False)["input_ids"]
+    # a line longer than a row is cut to the row
+    encs = [(tok(line, add_special_tokens=False)["input_ids"] + sep)[:16] for line in lines]
+    assert max(len(tok(line, add_special_tokens=False)["input_ids"]) for line in lines) > 16
+    rows, row = [], []
+    for enc in encs:  # the packing rule, written out: a line that does not fit starts a row
+        if len(row) + len(enc) > 16:
+            rows.append(row)
+            row = []
+        row = row + enc
+    rows.append(row)
+    assert ids.shape == (len(rows), 16) and ids.dtype == torch.int64
+    for i, row in enumerate(rows):
+        assert ids[i, :len(row)].tolist() == row == labels[i, :len(row)].tolist()
+        assert labels[i, len(row):].tolist() == [-100] * (16 - len(row))
+        assert ids[i, len(row):].tolist() == [tok.eos_token_id] * (16 - len(row))
+
+
+class _Copier(torch.nn.Module):
+    """Predicts the true next token everywhere (`right`) or token 0 (not `right`)."""
+
+    def __init__(self, right: bool):
+        super().__init__()
+        self.right = right
+
+    def forward(self, input_ids):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(*input_ids.shape, 500)
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1) if self.right \
+            else torch.zeros_like(input_ids)
+        logits.scatter_(2, nxt.unsqueeze(-1), 1.0)
+        return SimpleNamespace(logits=logits)
+
+
+def test_copy_accuracy_scores_the_copied_half_only(tok):
+    lines = ["kela zu ;kela zu", "mopi ;mopi"]
+    assert pretrain.copy_accuracy(_Copier(True), tok, lines) == 1.0
+    assert pretrain.copy_accuracy(_Copier(False), tok, lines) == 0.0
+    cfg = dataclasses.replace(SMALL, seed=3)
+    unseen = pretrain.unseen_copy_lines(cfg, 4)
+    assert len(unseen) == 4 and all(len(line.split(";")[0].split()) == 1 for line in unseen)
+
+
+def test_pretraining_texts_are_just_enough_for_the_steps(tok):
+    cfg = dataclasses.replace(SMALL, pretrain_steps=40)
+    paragraphs, lines = pretrain.pretraining_texts(cfg, tok)
+    stream = pretrain._token_stream(tok, paragraphs)
+    need = cfg.pretrain_steps * cfg.pretrain_batch_size * cfg.pretrain_seq_len
+    assert len(paragraphs) > 1
+    assert len(stream) >= need > len(pretrain._token_stream(tok, paragraphs[:-1]))
+    assert paragraphs == corpus.generate(len(paragraphs), cfg.seed)
+    assert lines == corpus.read_back_lines(len(lines), cfg.seed)
+    # the read-back lines fill every read-back step's rows
+    rows, _ = pretrain._line_rows(tok, lines, cfg.pretrain_seq_len)
+    assert len(rows) >= (cfg.pretrain_steps + 1) // 2 * pretrain.READ_BACK_ROWS
