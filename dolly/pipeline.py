@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("data_prep", "train", "evaluate", "register")
 KEY_TAG = "dolly.step_key"
 CODE_TAG = "dolly.code_version"
-SUMMARY_METRICS = ("exact_match", "rouge_l", "response_perplexity", "eval_loss", "stop_rate",
-                   "empty_rate")
+SUMMARY_METRICS = ("exact_match", "rouge_l", "response_perplexity", "exact_match_unseen",
+                   "eval_loss", "stop_rate", "empty_rate")
 # What the steps run: a change elsewhere (README, tests, benchmarks) does not invalidate reuse.
 CODE_PATHS = ("dolly", "steps", "configs", "MLproject", "conda.yaml", "requirements.txt")
 
@@ -304,8 +304,9 @@ def summary(cfg: Config, runs: dict[str, Any], reused: dict[str, bool],
     m, t = runs["evaluate"].data.metrics, runs["register"].data.tags
     metrics = {f"{who}/{k}": m[f"{who}/{k}"] for who in ("base", "tuned")
                for k in SUMMARY_METRICS if f"{who}/{k}" in m}
-    metrics.update({f"{who}/exact_match/{family}": v for who in ("base", "tuned")
-                    for family, v in by_family(m, who).items()})
+    metrics.update({f"{who}/{metric}/{family}": v for who in ("base", "tuned")
+                    for metric in ("exact_match", "exact_match_unseen")
+                    for family, v in by_family(m, who, metric).items()})
     promoted = t.get("promoted") == "true"
     version = t.get("registered_version", "")
     if version:
@@ -324,6 +325,9 @@ def summary(cfg: Config, runs: dict[str, Any], reused: dict[str, bool],
         f"{k} {m[f'base/{k}']:.4g} -> {m[f'tuned/{k}']:.4g}" for k in SUMMARY_METRICS[:4]
         if f"base/{k}" in m and f"tuned/{k}" in m) + "  (base -> tuned)")
     lines += [f"  {line}" for line in (family_line(m, "tuned"), family_line(m, "base")) if line]
+    lines += [f"  {line} (unseen words)" for line in (family_line(m, "tuned", "exact_match_unseen"),
+                                                      family_line(m, "base", "exact_match_unseen"))
+              if line]
     verdict = (f"promoted to @{cfg.champion_alias}" if promoted
                else f"not promoted ({t.get('gate_reason', '?')})")
     lines.append(f"  registered {t.get('registered_model', cfg.model_name)} v{version}: {verdict}"

@@ -5,7 +5,10 @@ a registered model URI, or a saved folder)> -P prepared=<data_prep's prepared/ (
 or a path)>.
 Logs base/<metric> and tuned/<metric> (see dolly/eval/evaluate.py; each once: the tuned/ ones also
 on the model's MLflow 3 LoggedModel page), per task family base/exact_match/<family>,
-tuned/exact_match/<family> (and rouge_l), a per-example table (eval_examples.json), the tags
+tuned/exact_match/<family> (and rouge_l), for the built-in families the unseen-word probe
+(dolly/eval/probe.py) as base/exact_match_unseen, tuned/exact_match_unseen and per family
+<who>/exact_match_unseen/<family> with its table probe_examples.json, a per-example table
+(eval_examples.json), the tags
 data_hash, model_uri, train_run_id, and as the run's description (and comparison.md) base and tuned
 answers side by side by family (dolly/eval/report.py). Each record's base and tuned answer with its
 scores: two nested evaluation runs '<this run> base' and '<this run> tuned', one trace per record
@@ -38,6 +41,8 @@ def main(argv: list[str]) -> None:
         mlflow.log_metrics(result.tuned_metrics, model_id=model_id, dataset=test_ds)
         mlflow.log_table(data=result.comparison, artifact_file="base_vs_tuned.json")
         mlflow.log_table(data=result.examples, artifact_file="eval_examples.json")
+        if result.probe_examples is not None:
+            mlflow.log_table(data=result.probe_examples, artifact_file="probe_examples.json")
         # The run page shows its description at once (rendered Markdown), comparison.md in the
         # Artifacts tab.
         mlflow.set_tag("mlflow.note.content", result.note)

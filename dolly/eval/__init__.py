@@ -12,7 +12,7 @@ import lazy_loader
 # room costs nothing until one of its names is used.
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=["compare", "evaluate", "genai", "metrics", "report"],
+    submodules=["compare", "evaluate", "genai", "metrics", "probe", "report"],
     submod_attrs={  # module -> the public names it defines
         "compare": ["evaluate_on", "evaluation_set", "rescore_champion"],
         "evaluate": ["METRICS", "EvalInputs", "Evaluation", "ModelEval", "base_vs_tuned",
@@ -21,6 +21,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "genai": ["SCORERS", "answer_rows", "exact_match_scorer", "log_evaluations",
                   "rouge_l_scorer", "source_metadata", "stop_scorer"],
         "metrics": ["category_metrics", "exact_match", "normalise", "rouge_l"],
+        "probe": ["PROBE_RECORDS", "applies", "checked_against", "probe_records", "task_words",
+                  "trained_words"],
         "report": ["by_family", "family_line", "md_cell", "run_description", "what_it_shows"],
     },
 )

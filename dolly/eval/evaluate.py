@@ -40,6 +40,7 @@ from dolly.data import IGNORE_INDEX, CompletionCollator, load_prepared
 from dolly.digests import EVAL_SET_TAG, eval_set_digest
 from dolly.errors import ConfigError, DollyError
 from dolly.eval.report import family_line, run_description
+from dolly.eval import probe
 from dolly.eval.metrics import category_metrics, exact_match, rouge_l
 from dolly.models import base_key, cache_root, is_pretrained_tiny, load_base_model
 from dolly.prompts import special_ids
@@ -97,17 +98,16 @@ class ModelEval:
     examples: pd.DataFrame  # response, exact_match, rouge_l, stopped, new_tokens
 
 
-def evaluate_model(model, tokenizer, test: pd.DataFrame, *, max_new_tokens: int,
-                   batch_size: int) -> ModelEval:
-    """Every metric of METRICS for one model on `test` (a prepared split)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = CompletionCollator(pad_token_id=pad_id, response_key_id=special_ids(tokenizer)[0])
-    loss = response_loss(model, test, collator, batch_size)
-    inputs = [i if isinstance(i, str) else None for i in test["input"]]
-    run = generation.generate(model, tokenizer, list(test["instruction"]), inputs,
+def answer(model, tokenizer, records: pd.DataFrame, *, max_new_tokens: int,
+           batch_size: int) -> tuple[pd.DataFrame, generation.GenerationRun]:
+    """Greedy answers to `records` (columns instruction, input, response) in Dolly's format, and
+    the generation run: one row per record with response, exact_match, rouge_l, stopped,
+    new_tokens."""
+    inputs = [i if isinstance(i, str) else None for i in records["input"]]
+    run = generation.generate(model, tokenizer, list(records["instruction"]), inputs,
                               max_new_tokens=max_new_tokens, batch_size=batch_size)
     gens = run.generations
-    refs = list(test["response"])
+    refs = list(records["response"])
     ex = pd.DataFrame({
         "response": [g.response for g in gens],
         "exact_match": [exact_match(g.response, r) for g, r in zip(gens, refs)],
@@ -115,6 +115,17 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, *, max_new_tokens: int,
         "stopped": [g.stopped for g in gens],
         "new_tokens": [g.new_tokens for g in gens],
     })
+    return ex, run
+
+
+def evaluate_model(model, tokenizer, test: pd.DataFrame, *, max_new_tokens: int,
+                   batch_size: int) -> ModelEval:
+    """Every metric of METRICS for one model on `test` (a prepared split)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = CompletionCollator(pad_token_id=pad_id, response_key_id=special_ids(tokenizer)[0])
+    loss = response_loss(model, test, collator, batch_size)
+    ex, run = answer(model, tokenizer, test, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gens = run.generations
     n = max(len(gens), 1)
     metrics = {
         "eval_loss": loss,
@@ -129,6 +140,15 @@ def evaluate_model(model, tokenizer, test: pd.DataFrame, *, max_new_tokens: int,
         "generation_s": run.seconds,
     }
     return ModelEval(metrics, ex)
+
+
+def unseen_metrics(records: pd.DataFrame, ex: pd.DataFrame) -> dict[str, float]:
+    """exact_match_unseen (the mean over the unseen-word probe, dolly.eval.probe) and
+    exact_match_unseen/<family>, from the probe's records and one model's answers (`answer`)."""
+    out = {"exact_match_unseen": float(ex["exact_match"].mean()) if len(ex) else 0.0}
+    out.update({f"exact_match_unseen/{k.split('/', 1)[1]}": v
+                for k, v in category_metrics(records, ex).items() if k.startswith("exact_match/")})
+    return out
 
 
 def select(test: pd.DataFrame, limit: int) -> pd.DataFrame:
@@ -247,6 +267,7 @@ class EvalInputs:
     train_run: str | None         # the run that logged the model
     train_tags: dict[str, str]
     base_cfg: Config              # cfg with the train run's base-model fields
+    builtin: bool = False         # the built-in families: the unseen-word probe applies
 
     def tags(self) -> dict[str, str]:
         """The evaluate run's tags that say what was evaluated (register reads them)."""
@@ -279,7 +300,8 @@ def resolve_inputs(cfg: Config, model_uri: str, prepared_uri: str,
         log(f"evaluate: warning: the model was trained on data {train_tags['data_hash'][:12]}, "
             f"evaluating on {data_hash[:12]}")
     return EvalInputs(model_uri, prepared_uri, prepared, model_local, test, data_hash,
-                      eval_set_digest(data_hash, test), train_run, train_tags, base_cfg)
+                      eval_set_digest(data_hash, test), train_run, train_tags, base_cfg,
+                      probe.applies(summary))
 
 
 def comparison(metrics: dict[str, float]) -> pd.DataFrame:
@@ -302,6 +324,7 @@ class Evaluation:
     note: str                        # Markdown: the run's description and comparison.md
     base_folder: Path | None = None  # the cached pretrained base that was evaluated, if any
     lines: list[str] = field(default_factory=list)  # the summary the step prints
+    probe_examples: pd.DataFrame | None = None  # the same as `examples`, unseen-word probe
 
     @property
     def other_metrics(self) -> dict[str, float]:
@@ -340,6 +363,16 @@ def base_vs_tuned(cfg: Config, inputs: EvalInputs,
                 f"{inputs.train_tags['base_key']}, evaluating base {key}")
         base_folder = cache_root() / key
     results["base"] = evaluate_model(base, base_tok, test, **kw)
+    probe_set, probe_answers = None, {}
+    if inputs.builtin:
+        t1 = time.perf_counter()
+        trained = probe.trained_words(inputs.prepared, base_cfg, base_tok)
+        n = min(probe.PROBE_RECORDS, cfg.eval_limit) if cfg.eval_limit > 0 else probe.PROBE_RECORDS
+        probe_set = probe.probe_records(base_cfg.seed, trained, n)
+        log(f"evaluate: unseen-word probe: {len(probe_set)} records whose words are none of the "
+            f"{len(trained)} words of {probe.checked_against(base_cfg)} "
+            f"({time.perf_counter() - t1:.1f}s)")
+        probe_answers["base"] = answer(base, base_tok, probe_set, **kw)[0]
     _free(base)
     log(f"evaluate: base done in {time.perf_counter() - t0:.1f}s")
 
@@ -349,6 +382,8 @@ def base_vs_tuned(cfg: Config, inputs: EvalInputs,
         raise DollyError(f"the model's tokenizer differs from {inputs.prepared_uri}/tokenizer: "
                          "evaluate a model on the prepared data it was trained on")
     results["tuned"] = evaluate_model(tuned, tuned_tok, test, **kw)
+    if probe_set is not None:
+        probe_answers["tuned"] = answer(tuned, tuned_tok, probe_set, **kw)[0]
     _free(tuned)
     log(f"evaluate: tuned done in {time.perf_counter() - t0:.1f}s")
 
@@ -359,22 +394,43 @@ def base_vs_tuned(cfg: Config, inputs: EvalInputs,
         metrics.update({f"{who}/{k}": v
                         for k, v in category_metrics(test, results[who].examples).items()})
     metrics["eval_records"] = float(len(test))
-    b, t = results["base"].examples, results["tuned"].examples
-    table = pd.DataFrame({
-        "instruction": test["instruction"], "input": test["input"],
-        "reference": test["response"],
-        "category": test["category"] if "category" in test.columns else "",
-        "base_response": b["response"], "tuned_response": t["response"],
-        "base_exact_match": b["exact_match"], "tuned_exact_match": t["exact_match"],
-        "base_rouge_l": b["rouge_l"], "tuned_rouge_l": t["rouge_l"],
-        "base_stopped": b["stopped"], "tuned_stopped": t["stopped"],
-    })
+    probe_table = None
+    if probe_set is not None:
+        for who in ("tuned", "base"):
+            metrics.update({f"{who}/{k}": v
+                            for k, v in unseen_metrics(probe_set, probe_answers[who]).items()})
+        metrics["probe_records"] = float(len(probe_set))
+        probe_table = _side_by_side(probe_set, probe_answers["base"], probe_answers["tuned"])
+    table = _side_by_side(test, results["base"].examples, results["tuned"].examples)
     # The run page shows its description at once (rendered Markdown): the comparison goes there.
-    note = run_description(table, base_cfg.base_model)
+    note = run_description(table, base_cfg.base_model, unseen=probe_table,
+                           checked=probe.checked_against(base_cfg))
     line = ", ".join(f"{m} {metrics[f'base/{m}']:.4g} -> {metrics[f'tuned/{m}']:.4g}"
                      for m in ("exact_match", "rouge_l", "response_perplexity", "stop_rate"))
     lines = [f"evaluate: {len(test)} records, base -> tuned: {line}"]
     lines += [f"evaluate: {by_family}" for by_family in
               (family_line(metrics, who) for who in ("tuned", "base")) if by_family]
+    if probe_table is not None:
+        lines.append(f"evaluate: unseen-word probe, {len(probe_table)} records: exact match "
+                     f"{metrics['base/exact_match_unseen']:.4g} -> "
+                     f"{metrics['tuned/exact_match_unseen']:.4g}")
+        lines += [f"evaluate: {by_family} (unseen words)" for by_family in
+                  (family_line(metrics, who, "exact_match_unseen") for who in ("tuned", "base"))
+                  if by_family]
     tuned_metrics = {k: v for k, v in metrics.items() if k.startswith("tuned/")}
-    return Evaluation(metrics, tuned_metrics, comparison(metrics), table, note, base_folder, lines)
+    return Evaluation(metrics, tuned_metrics, comparison(metrics), table, note, base_folder,
+                      lines, probe_table)
+
+
+def _side_by_side(records: pd.DataFrame, b: pd.DataFrame, t: pd.DataFrame) -> pd.DataFrame:
+    """One row per record: its fields, the reference, and base's and tuned's answers and scores."""
+    return pd.DataFrame({
+        "instruction": records["instruction"].to_numpy(), "input": records["input"].to_numpy(),
+        "reference": records["response"].to_numpy(),
+        "category": (records["category"].to_numpy() if "category" in records.columns else ""),
+        "base_response": b["response"].to_numpy(), "tuned_response": t["response"].to_numpy(),
+        "base_exact_match": b["exact_match"].to_numpy(),
+        "tuned_exact_match": t["exact_match"].to_numpy(),
+        "base_rouge_l": b["rouge_l"].to_numpy(), "tuned_rouge_l": t["rouge_l"].to_numpy(),
+        "base_stopped": b["stopped"].to_numpy(), "tuned_stopped": t["stopped"].to_numpy(),
+    })

@@ -105,7 +105,9 @@ def _mark(hit) -> str:
 
 
 def comparison_markdown(table: pd.DataFrame, base_model: str, *, per_family: int = PER_FAMILY,
-                        width: int = CELL_WIDTH, max_families: int = MAX_FAMILIES) -> str:
+                        width: int = CELL_WIDTH, max_families: int = MAX_FAMILIES,
+                        unseen: pd.DataFrame | None = None,
+                        checked: str = "the fine-tuning, pretraining and tokenizer texts") -> str:
     """The comparison as Markdown.
 
     The first paragraph holds every figure (exact match base -> tuned, overall and per family),
@@ -113,7 +115,10 @@ def comparison_markdown(table: pd.DataFrame, base_model: str, *, per_family: int
     clicked; then what the base is, then per family its first `per_family` records as a table.
     `table` needs the columns instruction, input, reference, base_response, tuned_response,
     base_exact_match, tuned_exact_match (0/1 floats) and optionally category; one row per
-    evaluated record. Per-family exact match is the mean over all of a family's rows."""
+    evaluated record. Per-family exact match is the mean over all of a family's rows.
+    `unseen`, the same kind of table for the unseen-word probe (dolly.eval.probe), adds its
+    figures as the second paragraph and, with `per_family` > 0, its first record per family;
+    `checked` says which texts its words were checked against."""
     fams = pd.Series(families(table), index=table.index)
     names = sorted(set(fams))
     shown = names[:max_families]
@@ -134,6 +139,26 @@ def comparison_markdown(table: pd.DataFrame, base_model: str, *, per_family: int
              "artifact `eval_examples.json`, and with its scores in this run's two nested "
              "evaluation runs, base and tuned (Evaluation runs page: tick both, then "
              "Compare)."]
+    if unseen is not None:
+        ufams = pd.Series(families(unseen), index=unseen.index)
+        ufigures = [f"**all {scores(unseen)}**" if len(unseen) else "**no records**"]
+        ufigures += [f"{md_cell(f, FAMILY_WIDTH)} {scores(unseen[ufams == f])}"
+                     for f in sorted(set(ufams))[:max_families]]
+        lines[1:1] = ["", f"**Unseen words, base → tuned**, {len(unseen)} probe records whose "
+                          f"words occur nowhere in {md_cell(checked, 200)}: "
+                          + " · ".join(ufigures)]
+        if per_family > 0:
+            lines += ["", "**Unseen words** (the first record of each family; all in the "
+                          "artifact `probe_examples.json`)", "",
+                      "| instruction | input | reference | base answer | tuned answer |",
+                      "|---|---|---|---|---|"]
+            for rows in pick_examples(unseen, 1).values():
+                for _, r in rows.iterrows():
+                    lines.append(
+                        f"| {md_cell(r['instruction'], width)} | {md_cell(r['input'], width)} | "
+                        f"{md_cell(r['reference'], width)} | "
+                        f"{md_cell(r['base_response'], width)}{_mark(r['base_exact_match'])} | "
+                        f"{md_cell(r['tuned_response'], width)}{_mark(r['tuned_exact_match'])} |")
     if per_family > 0:
         picked = pick_examples(table, per_family)
         for f in shown:
@@ -152,13 +177,16 @@ def comparison_markdown(table: pd.DataFrame, base_model: str, *, per_family: int
     return "\n".join(lines)
 
 
-def run_description(table: pd.DataFrame, base_model: str, limit: int = NOTE_LIMIT) -> str:
+def run_description(table: pd.DataFrame, base_model: str, limit: int = NOTE_LIMIT,
+                    unseen: pd.DataFrame | None = None,
+                    checked: str = "the fine-tuning, pretraining and tokenizer texts") -> str:
     """`comparison_markdown` within `limit` characters (a run description is a tag): fewer
     rows per family and narrower cells until it fits, at worst only the figures."""
     text = ""
     for per_family, width in ((PER_FAMILY, CELL_WIDTH), (PER_FAMILY, 40), (2, 30), (1, 24),
                               (0, 24)):
-        text = comparison_markdown(table, base_model, per_family=per_family, width=width)
+        text = comparison_markdown(table, base_model, per_family=per_family, width=width,
+                                   unseen=unseen, checked=checked)
         if len(text) <= limit:
             return text
     return text[:limit - 1] + "…"

@@ -57,8 +57,8 @@ def license_note(base_model: str, dataset: str) -> str:
     ])
 
 
-_CARD_METRICS = ("exact_match", "rouge_l", "response_perplexity", "eval_loss", "stop_rate",
-                 "empty_rate")
+_CARD_METRICS = ("exact_match", "exact_match_unseen", "rouge_l", "response_perplexity",
+                 "eval_loss", "stop_rate", "empty_rate")
 
 
 def model_card(*, name: str, version: str, base_model: str, dataset: str, data_hash: str,

@@ -47,7 +47,21 @@ def test_evaluate_entry_point(tiny_model):
             assert m[f"{who}/exact_match/{family}"] == pytest.approx(
                 rows[f"{who}_exact_match"].mean())
             assert m[f"{who}/rouge_l/{family}"] == pytest.approx(rows[f"{who}_rouge_l"].mean())
-    assert {k.split("/")[-1] for k in m if k.count("/") == 2} == set(families)
+    assert {k.split("/")[-1] for k in m
+            if k.count("/") == 2 and "/exact_match_unseen/" not in k} == set(families)
+    # the unseen-word probe, limited by eval_limit too: its own table and per-family metrics
+    assert m["probe_records"] == 8
+    probe = tiny_model.client().download_artifacts(run.info.run_id, "probe_examples.json",
+                                                   str(tiny_model.root / "dl"))
+    doc = json.load(open(probe))
+    pdf = pd.DataFrame(doc["data"], columns=doc["columns"])
+    assert len(pdf) == 8 and set(pdf["category"]) == {
+        "repeat", "greet", "first", "count_word", "count_digit", "more_than"}
+    for who in ("base", "tuned"):
+        assert m[f"{who}/exact_match_unseen"] == pytest.approx(pdf[f"{who}_exact_match"].mean())
+        for family, rows in pdf.groupby("category"):
+            assert m[f"{who}/exact_match_unseen/{family}"] == pytest.approx(
+                rows[f"{who}_exact_match"].mean())
     # the run's description: every figure in its first line, then each family's records
     note = tags["mlflow.note.content"]
     assert note.startswith("**Exact match, base → tuned**, 8 held-out records: **all ")
@@ -55,7 +69,8 @@ def test_evaluate_entry_point(tiny_model):
         n = int((df["category"] == family).sum())
         assert f"** (the first {min(n, 3)} of {n} records)" in note
     assert note.count("| instruction | input | reference | base answer | tuned answer |") == \
-        len(families)
+        len(families) + 1  # and the unseen-word probe's
+    assert note.splitlines()[2].startswith("**Unseen words, base → tuned**, 8 probe records ")
     shown = tiny_model.client().download_artifacts(run.info.run_id, "comparison.md",
                                                    str(tiny_model.root / "dl"))
     assert Path(shown).read_text() == note
@@ -139,7 +154,7 @@ def test_champion_pyfunc_returns_only_responses(tiny_model, champion):
 
 # --- the whole pipeline: `mlflow run .` ------------------------------------------------------
 
-MAIN_PARAMS = {"builtin_records": 200, "max_steps": 10, "eval_limit": 16,
+MAIN_PARAMS = {"builtin_records": 200, "test_size": 0.1, "max_steps": 10, "eval_limit": 16,
                "eval_max_new_tokens": 8, "eval_batch_size": 16, **TINY_PRETRAIN}
 
 

@@ -99,3 +99,15 @@ def test_model_folder_layouts(tmp_path):
     assert evaluate.model_folder(plain) == (plain, plain)
     with pytest.raises(DollyError):
         evaluate.model_folder(tmp_path / "nothing")
+
+
+def test_unseen_metrics_name_the_probe_overall_and_per_family():
+    import pandas as pd
+
+    from dolly.eval.evaluate import unseen_metrics
+
+    records = pd.DataFrame({"category": ["repeat", "greet", "repeat", "first"]})
+    answers = pd.DataFrame({"exact_match": [1.0, 0.0, 0.0, 1.0], "rouge_l": [1.0, 0.5, 0.2, 1.0]})
+    assert unseen_metrics(records, answers) == {
+        "exact_match_unseen": 0.5, "exact_match_unseen/first": 1.0,
+        "exact_match_unseen/greet": 0.0, "exact_match_unseen/repeat": 0.5}

@@ -165,3 +165,27 @@ def test_by_family_reads_one_model_and_metric_in_family_order():
     assert report.by_family(metrics, "tuned", "rouge_l") == {"first": 0.5}
     assert report.by_family(metrics, "base") == {"first": 0.0}
     assert report.by_family({"tuned/exact_match": 0.9}, "tuned") == {}
+
+
+def test_comparison_shows_the_unseen_word_probe_second():
+    unseen = pd.DataFrame({
+        "instruction": ["Repeat the word kaki.", "Greet Zabo.", "Repeat the word rona."],
+        "input": ["", "", ""], "reference": ["kaki", "Hello, Zabo!", "rona"],
+        "category": ["repeat", "greet", "repeat"],
+        "base_response": ["kaki kaki", "Zabo", "x"], "tuned_response": ["kaki", "Hello, Zabo!", "ro"],
+        "base_exact_match": [0.0, 0.0, 0.0], "tuned_exact_match": [1.0, 1.0, 0.0],
+    })
+    text = report.comparison_markdown(_table(), "tiny-gptj", per_family=1, width=30, unseen=unseen,
+                                      checked="the fine-tuning texts")
+    lines = text.splitlines()
+    assert lines[1:3] == [
+        "", "**Unseen words, base → tuned**, 3 probe records whose words occur nowhere in the "
+            "fine-tuning texts: **all 0.00 → 0.67** · greet 0.00 → 1.00 · repeat 0.00 → 0.50"]
+    start = lines.index("**Unseen words** (the first record of each family; all in the artifact "
+                        "`probe_examples.json`)")
+    assert lines[start + 2:start + 6] == [
+        "| instruction | input | reference | base answer | tuned answer |", "|---|---|---|---|---|",
+        "| Greet Zabo. | *(empty)* | Hello, Zabo! | Zabo ✗ | Hello, Zabo! ✓ |",
+        "| Repeat the word kaki. | *(empty)* | kaki | kaki kaki ✗ | kaki ✓ |"]
+    # without the probe, the description is as before
+    assert "Unseen" not in report.comparison_markdown(_table(), "tiny-gptj")
