@@ -78,7 +78,7 @@ class Config:
         "'instruction=question,input=context,response=answer'.",
         steps=DATA,
     )
-    builtin_records: int = _f(3000, "Number of records the built-in dataset generates.", steps=DATA)
+    builtin_records: int = _f(6000, "Number of records the built-in dataset generates.", steps=DATA)
     max_length: int = _f(256, "Longest training record in tokens (prompt + response + ### End).",
         steps=DATA)
     too_long: str = _f(
@@ -128,7 +128,7 @@ class Config:
     trust_remote_code: bool = _f(False, "Allow model code from the Hub (off: safer).",
         steps=TRAIN, base=True)
     pretrain_steps: int = _f(
-        600, "Steps of pretraining the tiny GPT-J as a plain causal LM on the built-in corpus "
+        1200, "Steps of pretraining the tiny GPT-J as a plain causal LM on the built-in corpus "
         "(dolly.data.corpus: running text, and read-back word lists every other step) before "
         "fine-tuning; built once per configuration and cached in $DOLLY_BASE_CACHE (default "
         "~/.cache/dolly/bases). 0 = a randomly initialised base.",
@@ -136,8 +136,8 @@ class Config:
     pretrain_batch_size: int = _f(16, "Sequences per pretraining step.", **_BASE)
     pretrain_seq_len: int = _f(64, "Tokens per pretraining sequence (running text, packed).", **_BASE)
     pretrain_learning_rate: float = _f(
-        1e-3, "Learning rate of pretraining (linear warmup over 10% of the steps, then "
-        "constant).", **_BASE)
+        1e-3, "Learning rate of pretraining (linear warmup over 10% of the steps, constant, then "
+        "a linear decay to 10% over the last 40%).", **_BASE)
 
     # --- launch -----------------------------------------------------------------------------
     num_gpus: int = _f(
@@ -176,9 +176,10 @@ class Config:
         "or one of a cosine/linear schedule of another length, is refused before launch.",
         steps=TRAIN,
     )
-    # 10 for the tiny default: the copy after `Hello, ` (greet) is the last skill it learns, at
-    # ~600 steps of a 900-step cosine schedule in a plain loop; 6 epochs (510 steps) left it at 0.
-    epochs: float = _f(10.0, "Training epochs (ignored when max_steps > 0). Changing the run's "
+    # 4 for the tiny default (6,000 built-in records: 716 steps of 32 records on 2 ranks): from
+    # a base that already copies unseen words, held-out exact match reached 0.94 at 400 steps
+    # and 0.95 at 600 (plain loop, seed 42, 2026-12-04); the default run stays within 15 minutes.
+    epochs: float = _f(4.0, "Training epochs (ignored when max_steps > 0). Changing the run's "
                        "length between runs into one output_dir is refused unless the schedule "
                        "is constant.", steps=TRAIN)
     max_steps: int = _f(-1, "Optimizer steps to train; -1 = derived from epochs. See epochs for "

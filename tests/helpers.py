@@ -137,9 +137,9 @@ TINY_PRETRAIN = {"pretrain_steps": 4, "pretrain_batch_size": 4, "pretrain_seq_le
 # --- evaluate / register / serving / Spark e2e: one tiny logged model per session -------------
 
 # A tiny GPT-J (2 layers, 64 wide) on 200 built-in records: fast to build, log, load and serve.
-TINY_OVERRIDES = {"builtin_records": 200, "tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4,
-                  "tiny_rotary_dim": 16, "tiny_n_positions": 256, "max_length": 128,
-                  **TINY_PRETRAIN}
+TINY_OVERRIDES = {"builtin_records": 200, "test_size": 0.1, "tiny_n_layer": 2, "tiny_n_embd": 64,
+                  "tiny_n_head": 4, "tiny_rotary_dim": 16, "tiny_n_positions": 256,
+                  "max_length": 128, **TINY_PRETRAIN}
 E2E_EXPERIMENT = "dolly-e2e"
 
 

@@ -14,9 +14,11 @@ def test_the_profiles_are_all_there():
             "tiny"} <= {p.stem for p in PROFILES}
 
 
-def test_default_profile_is_the_dataclass_defaults_but_random_batches():
+def test_default_profile_is_the_dataclass_defaults_but_random_batches_and_300_held_out():
     cfg = load_config(ROOT / "configs/tiny.yaml")
-    assert cfg.to_dict() == {**Config().to_dict(), "profile": "tiny", "batching": "random"}
+    assert cfg.to_dict() == {**Config().to_dict(), "profile": "tiny", "batching": "random",
+                             "test_size": 0.05}
+    assert round(cfg.builtin_records * cfg.test_size) == 300
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -210,7 +212,7 @@ def test_config_entry_point_shows_values_as_typed_and_every_reader(capsys):
 
     config_step.main(["--builtin_records", "1500", "--key", "builtin_records"])
     assert capsys.readouterr().out.splitlines()[2:4] == [
-        "builtin_records (int) = 1500 (default 3000)",
+        "builtin_records (int) = 1500 (default 6000)",
         "  read by: data_prep, train, evaluate, register"]
     config_step.main(["--key", "launcher"])
     assert capsys.readouterr().out.splitlines()[2:5] == [
