@@ -65,7 +65,11 @@ def test_summary_lists_metrics_verdict_and_reuse():
                                     "tuned/exact_match/count_digit": 1.0,
                                     "base/exact_match/first": 0.0,
                                     "base/exact_match/count_digit": 0.05,
-                                    "tuned/rouge_l/first": 0.97}),
+                                    "tuned/rouge_l/first": 0.97,
+                                    "base/exact_match_unseen": 0.0,
+                                    "tuned/exact_match_unseen": 0.875,
+                                    "tuned/exact_match_unseen/first": 0.75,
+                                    "base/exact_match_unseen/first": 0.0}),
             "register": _run("r1", tags={"registered_model": "dolly", "registered_version": "3",
                                          "promoted": "true", "gate_reason": "better"})}
     reused = {"data_prep": True, "train": True, "evaluate": False, "register": False}
@@ -74,6 +78,9 @@ def test_summary_lists_metrics_verdict_and_reuse():
                        "tuned/rouge_l": 0.6, "tuned/exact_match/first": 0.925,
                        "tuned/exact_match/count_digit": 1.0, "base/exact_match/first": 0.0,
                        "base/exact_match/count_digit": 0.05, "registered_version": 3.0,
+                       "base/exact_match_unseen": 0.0, "tuned/exact_match_unseen": 0.875,
+                       "tuned/exact_match_unseen/first": 0.75,
+                       "base/exact_match_unseen/first": 0.0,
                        "promoted": 1.0, "steps_reused": 2.0}
     assert tags["steps_reused"] == "data_prep,train" and tags["data_hash"] == "h"
     assert lines == [
@@ -82,9 +89,11 @@ def test_summary_lists_metrics_verdict_and_reuse():
         "  train      run t1  (reused)",
         "  evaluate   run e1",
         "  register   run r1",
-        "  exact_match 0 -> 0.5, rouge_l 0.1 -> 0.6  (base -> tuned)",
+        "  exact_match 0 -> 0.5, rouge_l 0.1 -> 0.6, exact_match_unseen 0 -> 0.875  (base -> tuned)",
         "  tuned exact match by family: count_digit 1.00, first 0.93",
         "  base exact match by family: count_digit 0.05, first 0.00",
+        "  tuned exact match unseen by family: first 0.75 (unseen words)",
+        "  base exact match unseen by family: first 0.00 (unseen words)",
         "  registered dolly v3: promoted to @champion; gate on exact_match",
     ]
 

@@ -69,7 +69,8 @@ FAMILIES = {"repeat": _repeat, "greet": _greet, "first": _first, "count_word": _
             "count_digit": _count_digit, "more_than": _more_than}
 
 
-def generate(n: int, seed: int = 42, part: str = DATASET, avoid: set[str] | None = None) -> list[dict]:
+def generate(n: int, seed: int = 42, part: str = DATASET,
+             avoid: set[str] | None = None) -> list[dict]:
     """`n` records {instruction, input, output, category}, the same for the same seed.
 
     Families take turns, so each has an equal share. Every task word is drawn fresh from `part`

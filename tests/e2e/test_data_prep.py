@@ -46,7 +46,7 @@ def test_builtin_offline_default(tracking_uri, tmp_path):
     local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/prepared",
                                                 tracking_uri=tracking_uri, dst_path=str(tmp_path))
     train = pd.read_parquet(f"{local}/train.parquet")
-    assert len(train) == 270 and train["text"].str.endswith("\n\n### End").all()
+    assert len(train) == 285 and train["text"].str.endswith("\n\n### End").all()
     contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
     assert contexts == ["test", "train"]
     assert run.data.params["builtin_records"] == "300"

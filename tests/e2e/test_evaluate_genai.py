@@ -111,7 +111,7 @@ def test_one_trace_per_record_with_the_tables_scores(evaluated, tiny_model):
 def test_each_measure_once_on_the_evaluate_run_and_on_the_model(evaluated, tiny_model):
     parent, _, _, _, _ = evaluated
     m = parent.data.metrics
-    unprefixed = [k for k in m if "/" not in k and k != "eval_records"]
+    unprefixed = [k for k in m if "/" not in k and k not in ("eval_records", "probe_records")]
     assert not unprefixed, unprefixed
     assert "tuned/response_perplexity" in m and "base/response_perplexity" in m
     assert not any(k.endswith("/perplexity") for k in m)

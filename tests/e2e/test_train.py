@@ -147,13 +147,14 @@ def test_mlflow_run_logs_params_metrics_and_a_loadable_model(runs):
     p, m, tags = run.data.params, run.data.metrics, run.data.tags
     assert (p["zero_stage"], p["world_size"], p["precision"]) == ("3", "2", "fp32")
     assert p["effective_batch_size"] == "16" and p["prepared"] == runs.prepared_uri
-    # charted: the per-step curves (mfu needs a known GPU peak) and the base's corpus perplexity;
+    # charted: the per-step curves (mfu needs a known GPU peak), the base's corpus perplexity and
+    # its copying of unseen words;
     # none of the Trainer's leftovers (epoch, total_flos, train_loss, train_runtime, eval speed)
     assert {k for k in m if not k.startswith("system/")} == {
         "loss", "grad_norm", "learning_rate", "eval_loss", "train_tokens_per_second",
         "padding_efficiency", "model_tflops_per_second", "peak_rss_mb_rank0",
         "peak_rss_mb_rank1", "pretrain/corpus_perplexity",
-        "pretrain/random_init_corpus_perplexity"}
+        "pretrain/random_init_corpus_perplexity", "pretrain/unseen_copy_accuracy"}
     for key in ("loss", "train_tokens_per_second", "peak_rss_mb_rank1"):  # one point a step
         steps = [h.step for h in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(STEPS_A + 1, STEPS_B + 1)), (key, steps)
@@ -163,6 +164,8 @@ def test_mlflow_run_logs_params_metrics_and_a_loadable_model(runs):
     assert 0.5 < float(tags["mean_padding_efficiency"]) <= 1.0
     assert float(tags["base_corpus_perplexity"]) == pytest.approx(
         m["pretrain/corpus_perplexity"], rel=1e-3)
+    assert float(tags["base_unseen_copy_accuracy"]) == pytest.approx(
+        m["pretrain/unseen_copy_accuracy"], abs=1e-3)
     # the logged model is named after its base, and the run's URI of that name finds it
     model_id = tags["model_uri"].removeprefix("models:/")
     assert client.get_logged_model(model_id).name == "dolly-tiny-gptj"
@@ -509,8 +512,8 @@ def fake_prepared(tmp_path) -> Path:
 
 
 def _checkpoint(out: Path, step: int, complete: bool = True, max_steps: int = 10) -> Path:
-    """A checkpoint folder as the parent sees it; max_steps: its schedule's length (10: the
-    default config's 10 epochs of one step on fake_prepared's one record)."""
+    """A checkpoint folder as the parent sees it; max_steps: its schedule's length (10: 10 epochs
+    of one step on fake_prepared's one record)."""
     c = out / f"checkpoint-{step}"
     c.mkdir(parents=True)
     if complete:
@@ -524,9 +527,9 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     from dolly.config import load_config
     from dolly.errors import ConfigError
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(ROOT)  # epochs=10: ten steps of fake_prepared's one record, as _checkpoint
     out = tmp_path / "out"
-    cfg = load_config(None, {"output_dir": out, "num_gpus": 0})
+    cfg = load_config(None, {"output_dir": out, "num_gpus": 0, "epochs": 10})
     first = launch.prepare_launch(cfg, fake_prepared)
     assert first.resumed_from is None and first.cfg.resume == "never"
     with socket.socket() as busy:  # a port another run holds: one node picks a free one
@@ -550,7 +553,7 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     fingerprint = (out / "fingerprint.json").read_text()
     with pytest.raises(ConfigError) as refused:
-        launch.prepare_launch(load_config(None, {"output_dir": out, "num_gpus": 0,
+        launch.prepare_launch(load_config(None, {"output_dir": out, "num_gpus": 0, "epochs": 10,
                                                  "learning_rate": 5e-4}), fake_prepared)
     assert str(refused.value) == (
         f"resume=auto: output_dir '{out}' holds checkpoints of other data or settings "
@@ -561,7 +564,7 @@ def test_plan_resumes_only_a_matching_complete_checkpoint(fake_prepared, tmp_pat
     assert (out / "fingerprint.json").read_text() == fingerprint
 
     # only an explicit resume=never removes them
-    never = launch.prepare_launch(load_config(None, {"output_dir": out, "num_gpus": 0,
+    never = launch.prepare_launch(load_config(None, {"output_dir": out, "num_gpus": 0, "epochs": 10,
                                                      "learning_rate": 5e-4, "resume": "never"}),
                                   fake_prepared)
     assert never.resumed_from is None
@@ -582,7 +585,7 @@ def test_plan_refuses_a_schedule_of_another_length_before_changing_anything(
 
     def plan(**settings):
         return launch.prepare_launch(load_config(None, {"output_dir": out, "num_gpus": 0,
-                                                        **settings}), fake_prepared)
+                                                        "epochs": 10, **settings}), fake_prepared)
 
     plan()  # the fingerprint of these settings
     _checkpoint(out, 4)  # step 4 of the 10 steps that 10 epochs make here
