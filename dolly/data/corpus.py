@@ -85,9 +85,8 @@ _SENTENCES = (_meet, _greet, _say, _list, _list, _echo, _echo, _chant, _chant, _
 
 
 def _source(seed: int, stream: str, part: str = CORPUS) -> WordSource:
-    source = WordSource(seed, part, avoid=fixed_words() | task_words())
-    source.rng = random.Random(f"corpus-words-{stream}-{seed}")
-    return source
+    return WordSource(seed, part, avoid=fixed_words() | task_words(),
+                      stream=f"corpus-words-{stream}")
 
 
 def paragraph(rng: random.Random, words: WordSource) -> str:

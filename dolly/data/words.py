@@ -77,10 +77,12 @@ class WordSource:
     words of one dataset are each used once. `avoid` holds lowercase words never to give out
     (the fixed wording of the texts the words go into). The same seed gives the same words."""
 
-    def __init__(self, seed, part: str, avoid: set[str] | frozenset[str] = frozenset()):
+    def __init__(self, seed, part: str, avoid: set[str] | frozenset[str] = frozenset(),
+                 stream: str = ""):
         if part not in dict(_PARTS):
             raise ValueError(f"part must be one of {[p for p, _ in _PARTS]}, not {part!r}")
-        self.rng = random.Random(f"words-{part}-{seed}")
+        # `stream` names an independent sequence of draws from the same part
+        self.rng = random.Random(f"{stream}-{seed}" if stream else f"words-{part}-{seed}")
         self.part = part
         self.avoid = frozenset(avoid)
         self.used: set[str] = set()

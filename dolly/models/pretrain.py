@@ -20,6 +20,7 @@ thread count: same weights.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -147,24 +148,6 @@ def pretraining_texts(cfg: Config, tok) -> tuple[list[str], list[str]]:
             _lines_for(cfg, tok, _read_back_rows_needed(cfg)))
 
 
-def _lines_for(cfg: Config, tok, rows: int) -> list[str]:
-    """The shortest prefix of `corpus.read_back_lines` that `_line_rows` packs into `rows` rows."""
-    sep = len(tok("\n\n", add_special_tokens=False)["input_ids"])
-    n = rows * 2
-    while True:
-        lines = corpus.read_back_lines(n, cfg.seed)
-        filled, used = 0, 0
-        for i, enc in enumerate(tok(lines, add_special_tokens=False)["input_ids"]):
-            length = min(len(enc) + sep, cfg.pretrain_seq_len)
-            if used + length > cfg.pretrain_seq_len:  # this line starts the next row
-                filled += 1
-                used = 0
-                if filled == rows:
-                    return lines[:i]
-            used += length
-        n *= 2
-
-
 def _texts_for(make: Callable[[int], list[str]], tok, tokens: int) -> list[str]:
     """The shortest prefix of `make(n)` whose token stream (`_token_stream`) has `tokens` tokens
     (`make(n)` must start with `make(m)` for m < n)."""
@@ -182,22 +165,47 @@ def _texts_for(make: Callable[[int], list[str]], tok, tokens: int) -> list[str]:
         n += max(64, int((tokens - total) / (total / len(texts)) * 1.1))
 
 
+def _lines_for(cfg: Config, tok, rows: int) -> list[str]:
+    """The shortest prefix of `corpus.read_back_lines` that `_line_rows` packs into `rows` rows."""
+    sep = len(tok("\n\n", add_special_tokens=False)["input_ids"])
+    n = rows * 2
+    while True:
+        lines = corpus.read_back_lines(n, cfg.seed)
+        lengths = [len(enc) + sep for enc in tok(lines, add_special_tokens=False)["input_ids"]]
+        row_of = _row_of_each(lengths, cfg.pretrain_seq_len)
+        if row_of[-1] >= rows:  # the lines reach past the last row wanted
+            return lines[:bisect.bisect_left(row_of, rows)]
+        n *= 2
+
+
+def _row_of_each(lengths: list[int], seq_len: int) -> list[int]:
+    """The row each item goes to when items of `lengths` tokens are packed whole, in order, into
+    rows of `seq_len` tokens: an item that does not fit starts the next row; one longer than a
+    row is cut to it. Non-decreasing, from 0."""
+    rows, row, used = [], 0, 0
+    for length in lengths:
+        length = min(length, seq_len)
+        if used + length > seq_len:
+            row, used = row + 1, 0
+        rows.append(row)
+        used += length
+    return rows
+
+
 def _line_rows(tok, lines: list[str], seq_len: int):
     """(input_ids, labels), each `(rows, seq_len) int64`: whole lines packed into rows in order
-    (a line that does not fit starts the next row; a line longer than a row is cut), each line
-    followed by a blank line; padding is eos with label -100. A line is never split across rows,
-    so every copied half has the half it copies in the same row."""
+    (`_row_of_each`: a line that does not fit starts the next row; a line longer than a row is
+    cut), each line followed by a blank line; padding is eos with label -100. A line is never
+    split across rows, so every copied half has the half it copies in the same row."""
     import torch
 
-    pad = tok.eos_token_id
     sep = tok("\n\n", add_special_tokens=False)["input_ids"]
-    rows: list[list[int]] = [[]]
-    for enc in tok(lines, add_special_tokens=False)["input_ids"]:
-        enc = (enc + sep)[:seq_len]
-        if len(rows[-1]) + len(enc) > seq_len:
-            rows.append([])
-        rows[-1].extend(enc)
-    ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    encs = [(enc + sep)[:seq_len] for enc in tok(lines, add_special_tokens=False)["input_ids"]]
+    row_of = _row_of_each([len(e) for e in encs], seq_len)
+    rows: list[list[int]] = [[] for _ in range(row_of[-1] + 1 if row_of else 0)]
+    for enc, row in zip(encs, row_of):
+        rows[row].extend(enc)
+    ids = torch.full((len(rows), seq_len), tok.eos_token_id, dtype=torch.long)
     labels = torch.full((len(rows), seq_len), -100, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
