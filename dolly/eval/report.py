@@ -104,6 +104,15 @@ def _mark(hit) -> str:
     return " ✓" if float(hit) == 1.0 else " ✗"
 
 
+def _table_row(r, width: int) -> str:
+    """One record as a row of the comparison's tables: instruction, input, reference, base and
+    tuned answer, each answer marked ✓ / ✗ by its exact match."""
+    return (f"| {md_cell(r['instruction'], width)} | {md_cell(r['input'], width)} | "
+            f"{md_cell(r['reference'], width)} | "
+            f"{md_cell(r['base_response'], width)}{_mark(r['base_exact_match'])} | "
+            f"{md_cell(r['tuned_response'], width)}{_mark(r['tuned_exact_match'])} |")
+
+
 def comparison_markdown(table: pd.DataFrame, base_model: str, *, per_family: int = PER_FAMILY,
                         width: int = CELL_WIDTH, max_families: int = MAX_FAMILIES,
                         unseen: pd.DataFrame | None = None,
@@ -153,12 +162,7 @@ def comparison_markdown(table: pd.DataFrame, base_model: str, *, per_family: int
                       "| instruction | input | reference | base answer | tuned answer |",
                       "|---|---|---|---|---|"]
             for rows in pick_examples(unseen, 1).values():
-                for _, r in rows.iterrows():
-                    lines.append(
-                        f"| {md_cell(r['instruction'], width)} | {md_cell(r['input'], width)} | "
-                        f"{md_cell(r['reference'], width)} | "
-                        f"{md_cell(r['base_response'], width)}{_mark(r['base_exact_match'])} | "
-                        f"{md_cell(r['tuned_response'], width)}{_mark(r['tuned_exact_match'])} |")
+                lines += [_table_row(r, width) for _, r in rows.iterrows()]
     if per_family > 0:
         picked = pick_examples(table, per_family)
         for f in shown:
@@ -168,12 +172,7 @@ def comparison_markdown(table: pd.DataFrame, base_model: str, *, per_family: int
                           f"{len(rows)} of {len(every)} records)", "",
                       "| instruction | input | reference | base answer | tuned answer |",
                       "|---|---|---|---|---|"]
-            for _, r in rows.iterrows():
-                lines.append(
-                    f"| {md_cell(r['instruction'], width)} | {md_cell(r['input'], width)} | "
-                    f"{md_cell(r['reference'], width)} | "
-                    f"{md_cell(r['base_response'], width)}{_mark(r['base_exact_match'])} | "
-                    f"{md_cell(r['tuned_response'], width)}{_mark(r['tuned_exact_match'])} |")
+            lines += [_table_row(r, width) for _, r in rows.iterrows()]
     return "\n".join(lines)
 
 
