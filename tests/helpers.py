@@ -369,3 +369,46 @@ def write_case_files(folder):
                  ).to_parquet(folder / "list.parquet")
     (folder / "quote.csv").write_text(QUOTE_CSV, newline="")
     return folder
+
+
+def mixed_chat_folder(folder: Path) -> Path:
+    """A folder of every record layout data_prep reads, mixed: Alpaca (.json), dolly-15k and
+    OpenAI/Hugging Face `messages` records with one record per conversation rejection reason
+    (.jsonl, lines 4-9), ShareGPT `conversations` as a Parquet list of structs (row 2 is
+    multi-turn with a system turn) and `messages` as JSON text in a CSV cell. Line 2 of the
+    .jsonl is a multi-turn conversation whose last answer is in an earlier turn."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a_alpaca.json").write_text(json.dumps([
+        {"instruction": "Name a color.", "input": "", "output": "Blue."},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]))
+    lines = [
+        {"instruction": "Who wrote Hamlet?", "context": "", "response": "Shakespeare.", "category": "open_qa"},
+        {"messages": [{"role": "system", "content": "Answer briefly."},
+                      {"role": "user", "content": "My name is Ada."},
+                      {"role": "assistant", "content": "Hello, Ada!"},
+                      {"role": "user", "content": "What is my name?"},
+                      {"role": "assistant", "content": "Ada"}]},
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]},
+        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]},
+        {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "y"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}]},
+    ]
+    (folder / "b_mixed.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    table = pa.table({"conversations": [
+        [{"from": "human", "value": "Count to three."}, {"from": "gpt", "value": "1 2 3"}],
+        [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "Hi"},
+         {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Bye"},
+         {"from": "gpt", "value": "Goodbye."}]]})
+    pq.write_table(table, folder / "c_sharegpt.parquet")
+    pd.DataFrame({"messages": [json.dumps([{"role": "user", "content": "Spell cat."},
+                                           {"role": "assistant", "content": "c-a-t"}])]}).to_csv(
+        folder / "d_chat.csv", index=False)
+    return folder

@@ -96,9 +96,9 @@ def test_derived_field_lists():
 
     assert fields_where(step="data_prep") == (
         "dataset", "dataset_split", "columns", "builtin_records", "max_length", "too_long",
-        "test_size", "seed", "base_model", "tokenizer", "tokenizer_vocab_size")
+        "test_size", "seed", "base_model", "tokenizer", "prompt_format", "tokenizer_vocab_size")
     assert fields_where(checkpoint=True) == (
-        "seed", "base_model", "tokenizer", "tiny_n_layer", "tiny_n_embd", "tiny_n_head",
+        "seed", "base_model", "tokenizer", "prompt_format", "tiny_n_layer", "tiny_n_embd", "tiny_n_head",
         "tiny_rotary_dim", "tiny_n_positions", "tiny_tie_embeddings", "pretrain_steps",
         "pretrain_batch_size", "pretrain_seq_len", "pretrain_learning_rate",
         "per_device_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
@@ -226,5 +226,6 @@ def test_read_by_lists_the_fields_an_entry_point_reads_in_declaration_order():
                                       "spark_master")
     assert read_by("data_prep") == ("dataset", "dataset_split", "columns", "builtin_records",
                                     "max_length", "too_long", "test_size", "seed", "base_model",
-                                    "tokenizer", "tokenizer_vocab_size", "experiment_name")
+                                    "tokenizer", "prompt_format", "tokenizer_vocab_size",
+                                    "experiment_name")
     assert "launcher" in read_by("train") and "learning_rate" not in read_by("data_prep")

@@ -16,7 +16,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
                 "readers", "validation"],
     submod_attrs={  # module -> the public names it defines
         "batching": ["LengthGroupedSampler", "padding_efficiency"],
-        "collator": ["IGNORE_INDEX", "CompletionCollator"],
+        "collator": ["IGNORE_INDEX", "CompletionCollator", "collator_for"],
         "lineage": ["dataset_source", "log_split"],
         "prepared": ["PrepareFailed", "Prepared", "load_prepared", "prepare", "split_indices"],
         "readers": ["SUFFIXES", "DataSource", "list_files", "read_file", "resolve_source"],

@@ -23,12 +23,19 @@ FIRST = "What is the first word of the input?"
 COUNT_WORD = ("How many words are in the input?", "Count the words in the input.")
 COUNT_DIGIT = "How many words are in the input? Answer with a digit."
 MORE_THAN = "Does the input have more than {k} words? Answer yes or no."
+# The multi-turn family (conversations only): the answer is in an earlier turn.
+RECALL_NOTED = "Noted."
+RECALL_FIRST = "What was the first word I said?"
+RECALL_NAME_INTRO = "My name is {w}."
+RECALL_NAME_REPLY = "Nice to meet you, {w}!"
+RECALL_NAME = "What is my name?"
 
 
 def fixed_words() -> set[str]:
     """Every word of the families' own wording (lowercase): never generated as a task word."""
     texts = [*REPEAT, *GREET, GREETING, FIRST, *COUNT_WORD, COUNT_DIGIT, MORE_THAN,
-             *NUMBER_WORDS.values(), "yes no"]
+             *NUMBER_WORDS.values(), "yes no", RECALL_NOTED, RECALL_FIRST, RECALL_NAME_INTRO,
+             RECALL_NAME_REPLY, RECALL_NAME]
     return set().union(*(words_in(t.replace("{w}", " ").replace("{k}", " ")) for t in texts))
 
 
@@ -69,9 +76,28 @@ FAMILIES = {"repeat": _repeat, "greet": _greet, "first": _first, "count_word": _
             "count_digit": _count_digit, "more_than": _more_than}
 
 
+def _recall(rng, words) -> list[dict]:
+    """Two turns; the second question's answer is in the first turn: the first of the words the
+    user said, or the name the user gave."""
+    if rng.random() < 0.5:
+        ws = words.fresh_words(rng.randint(2, 4))
+        turns = [" ".join(ws), RECALL_NOTED, RECALL_FIRST, ws[0]]
+    else:
+        w = words.fresh().capitalize()
+        turns = [RECALL_NAME_INTRO.format(w=w), RECALL_NAME_REPLY.format(w=w), RECALL_NAME, w]
+    return [{"role": role, "content": text}
+            for role, text in zip(("user", "assistant", "user", "assistant"), turns)]
+
+
+# Families of conversations of more than one user turn: built-in data in chat form only.
+CHAT_FAMILIES = {"recall": _recall}
+
+
 def generate(n: int, seed: int = 42, part: str = DATASET,
-             avoid: set[str] | None = None) -> list[dict]:
-    """`n` records {instruction, input, output, category}, the same for the same seed.
+             avoid: set[str] | None = None, conversations: bool = False) -> list[dict]:
+    """`n` records {instruction, input, output, category}, the same for the same seed; with
+    `conversations`, the multi-turn families (CHAT_FAMILIES) take their turns too, as records
+    {messages, category} (OpenAI / Hugging Face chat layout) beside the instruction records.
 
     Families take turns, so each has an equal share. Every task word is drawn fresh from `part`
     of the word space (dolly.data.words; "probe" for evaluate's unseen-word probe), used by one
@@ -80,9 +106,12 @@ def generate(n: int, seed: int = 42, part: str = DATASET,
     rng = random.Random(f"tasks-{part}-{seed}")
     words = WordSource(seed, part, avoid=fixed_words() | set(avoid or ()))
     records: list[dict] = []
-    families = list(FAMILIES)
+    families = list(FAMILIES) + (list(CHAT_FAMILIES) if conversations else [])
     for i in range(n):
         family = families[i % len(families)]
+        if family in CHAT_FAMILIES:
+            records.append({"messages": CHAT_FAMILIES[family](rng, words), "category": family})
+            continue
         instruction, input_, output = FAMILIES[family](rng, words)
         records.append({"instruction": instruction, "input": input_, "output": output,
                         "category": family})

@@ -29,7 +29,7 @@ from dolly.errors import DataError, DollyError
 from dolly.data.readers import resolve_source
 from dolly.data.validation import CANONICAL, REASONS, Validator, parse_columns
 from dolly.digests import tokenizer_hash
-from dolly.tokenizer import (CORPUS_CONTROL_TEXTS, build_tokenizer, control_texts,
+from dolly.tokenizer import (EOS, build_tokenizer, control_texts, corpus_control_texts,
                              needs_training_texts)
 
 # A token is rarely longer than this many characters; longer texts are too long untokenized.
@@ -58,12 +58,25 @@ class PrepareFailed(DataError):
         self.out_dir = out_dir
 
 
+def record_format(cfg: Config, tok):
+    """The prompt format records are rendered in (dolly.prompts): the tokenizer's, or, before the
+    corpus BPE is learned (`tok` None), the one it will have (Dolly's, or ChatML)."""
+    if tok is not None:
+        return prompts.get_format(cfg.prompt_format, tok)
+    if cfg.prompt_format == "chat_template":
+        return prompts.ChatTemplateFormat(prompts.CHATML_TEMPLATE,
+                                          {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS})
+    return prompts.DollyFormat()
+
+
 def read_source(cfg: Config):
     """Each file's records (`readers.FileRead`) of the dataset `cfg` names."""
     source = resolve_source(cfg.dataset, cfg.dataset_split)
     return readers.read_source(
-        source, lambda: builtin_tasks.generate(cfg.builtin_records, cfg.seed),
-        f"builtin(seed={cfg.seed}, n={cfg.builtin_records})")
+        source, lambda: builtin_tasks.generate(cfg.builtin_records, cfg.seed,
+                                               conversations=cfg.prompt_format == "chat_template"),
+        f"builtin(seed={cfg.seed}, n={cfg.builtin_records}"
+        f"{', conversations' if cfg.prompt_format == 'chat_template' else ''})")
 
 
 # --- split, tokenize, write --------------------------------------------------------------------
@@ -84,43 +97,84 @@ def split_indices(n: int, test_size: float | int, seed: int) -> tuple[np.ndarray
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
-def tokenize(tok, texts: list[str], max_length: int, policy: str):
-    """Token ids, response starts and flags for each text; ids is None where it is too long."""
-    resp_id, _ = prompts.special_ids(tok)
-    tail = tok(prompts.END_SUFFIX, add_special_tokens=False)["input_ids"]
+def tokenize(tok, texts: list[str], max_length: int, policy: str,
+             spans: list[list[tuple[int, int]]] | None = None, fmt=None):
+    """Token ids, loss spans, response starts and flags for each text; ids is None where it is
+    too long.
+
+    `spans`: per text, the character spans that carry the loss (the format's render: Dolly's
+    response and `### End`, or every assistant turn and its end of turn); default: Dolly's, from
+    the response key. A token is labelled when its first character lies in a span (offsets from
+    the fast tokenizer), so the mask follows the rendered text, not template markers. Returns
+    (ids: list[list[int] | None], label_spans: list[list[int]] (token [start, end) pairs,
+    flattened), starts: list[int] (the last span's first token: where generation starts),
+    truncated: list[bool])."""
+    fmt = fmt if fmt is not None else prompts.DollyFormat(tok)
+    tail_text = prompts.END_SUFFIX if fmt.name == "dolly" else fmt.end_of_turn()
+    tail = tok(tail_text, add_special_tokens=False)["input_ids"]
     char_cap = max_length * _MAX_CHARS_PER_TOKEN
     # Texts far beyond the cap cannot fit; clip before tokenizing so one huge record costs little.
     clipped = [t if len(t) <= char_cap else t[:char_cap] for t in texts]
+    if spans is None:  # Dolly's: everything after the response key
+        spans = [[(t.find(prompts.RESPONSE_KEY_NL) + len(prompts.RESPONSE_KEY_NL), len(t))]
+                 if prompts.RESPONSE_KEY_NL in t else [] for t in texts]
     backend = getattr(tok, "_tokenizer", None)
     if backend is not None:  # the Rust tokenizer directly: no Python-side BatchEncoding
-        # (encode_batch_fast, without offsets, measured 1.8x the CPU time of encode_batch here)
-        encoded = [e.ids for e in backend.encode_batch(clipped, add_special_tokens=False)]
+        encoded = [(e.ids, e.offsets) for e in backend.encode_batch(clipped, add_special_tokens=False)]
     else:
-        encoded = tok(clipped, add_special_tokens=False)["input_ids"]
-    ids_out, starts, truncated = [], [], []
-    for text, ids in zip(texts, encoded):
-        try:
-            start = ids.index(resp_id) + 1
-        except ValueError:  # the response key was cut off by char clipping: prompt alone too long
-            start = None
+        enc = tok(clipped, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = list(zip(enc["input_ids"], enc["offset_mapping"]))
+    ids_out, labels_out, starts, truncated = [], [], [], []
+    for text, (ids, offsets), char_spans in zip(texts, encoded, spans):
+        token_spans = _token_spans(offsets, char_spans)
+        start = token_spans[-1][0] if token_spans and token_spans[-1][0] < len(ids) else None
         fits = len(text) <= char_cap and len(ids) <= max_length
         if start is not None and fits:
-            ids_out.append(ids), starts.append(start), truncated.append(False)
+            ids_out.append(list(ids)), starts.append(start), truncated.append(False)
+            labels_out.append([t for span in token_spans for t in span])
         elif policy == "truncate" and start is not None and start + len(tail) < max_length:
-            # keep prompt + response key, shorten the response, end with "\n\n### End"
-            ids_out.append(ids[: max_length - len(tail)] + tail)
+            # keep the prompt and earlier turns, shorten the last answer, end with its end marker
+            cut = max_length - len(tail)
+            kept = [(a, min(b, cut)) for a, b in token_spans if a < cut]
+            kept[-1] = (kept[-1][0], max_length)
+            ids_out.append(list(ids[:cut]) + tail)
             starts.append(start), truncated.append(True)
+            labels_out.append([t for span in kept for t in span])
         else:
-            ids_out.append(None), starts.append(None), truncated.append(False)
-    return ids_out, starts, truncated
+            ids_out.append(None), labels_out.append(None), starts.append(None), truncated.append(False)
+    return ids_out, labels_out, starts, truncated
 
 
-_COLUMNS = ("instruction", "input", "response", "category", "source", "where", "text")
+def _token_spans(offsets, char_spans) -> list[tuple[int, int]]:
+    """Token [start, end) ranges whose tokens' first characters lie in each character span.
+    `offsets`: per token (first char, end char); tokens of an empty width (none here) count by
+    their first character too."""
+    out = []
+    i, n = 0, len(offsets)
+    for a, b in char_spans:
+        while i < n and offsets[i][0] < a:
+            i += 1
+        j = i
+        while j < n and offsets[j][0] < b:
+            j += 1
+        if j > i:
+            out.append((i, j))
+        i = j
+    return out
 
 
-def _frame(records: list[dict], ids, starts, truncated) -> pd.DataFrame:
-    df = pd.DataFrame({c: pd.Series([r[c] for r in records], dtype=object) for c in _COLUMNS})
+_COLUMNS = ("instruction", "input", "response", "category", "source", "where", "text",
+            "messages")
+
+
+def _frame(records: list[dict], ids, labels, starts, truncated) -> pd.DataFrame:
+    df = pd.DataFrame({c: pd.Series([r[c] for r in records], dtype=object)
+                       for c in _COLUMNS if c != "messages"})
+    # a conversation as its JSON text ("" for an instruction record)
+    df["messages"] = pd.Series([json.dumps(r["messages"], ensure_ascii=False) if r["messages"]
+                                else "" for r in records], dtype=object)
     df["input_ids"] = pd.Series(ids, dtype=object)
+    df["label_spans"] = pd.Series(labels, dtype=object)
     df["length"] = np.array([len(i) for i in ids], dtype=np.int32)
     df["response_start"] = np.array(starts, dtype=np.int32)
     df["truncated"] = np.array(truncated, dtype=bool)
@@ -132,6 +186,7 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     # and the same types when a split is empty.
     columns = {c: pa.array(df[c].tolist(), type=pa.string()) for c in _COLUMNS}
     columns["input_ids"] = pa.array(df["input_ids"].tolist(), type=pa.list_(pa.int32()))
+    columns["label_spans"] = pa.array(df["label_spans"].tolist(), type=pa.list_(pa.int32()))
     columns["length"] = pa.array(df["length"].to_numpy(), type=pa.int32())
     columns["response_start"] = pa.array(df["response_start"].to_numpy(), type=pa.int32())
     columns["truncated"] = pa.array(df["truncated"].to_numpy(), type=pa.bool_())
@@ -177,8 +232,24 @@ def content_hash(train: pd.DataFrame, test: pd.DataFrame, tok, cfg: Config) -> s
     h.update(tokenizer_hash(tok).encode())
     h.update(prompts.format_record("{i}", "{n}", "{r}").encode())
     h.update(prompts.format_record("{i}", None, "{r}").encode())
+    fmt = prompts.get_format(cfg.prompt_format, tok)
+    h.update(fmt.name.encode() + getattr(fmt, "template", "").encode())
     h.update(json.dumps({k: getattr(cfg, k) for k in DATA_FIELDS}, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _prompt_differs(tok, fmt, kept: list[dict], ids, starts) -> set[int]:
+    """Indices of records whose training ids up to the last answer differ from the ids the
+    served model gets for the same conversation (the format's prompt tokenized alone): with a
+    chat template a tokenizer may merge characters across the answer's start. Dolly's prompt
+    ends with its response-key token, so its records always agree (not checked)."""
+    if fmt.name == "dolly":
+        return set()
+    todo = [i for i, x in enumerate(ids) if x is not None]
+    prompts_ = [fmt.prompt(messages=(kept[i]["messages"] or prompts.instruction_messages(
+        kept[i]["instruction"], kept[i]["input"], kept[i]["response"]))[:-1]) for i in todo]
+    encoded = tok(prompts_, add_special_tokens=False)["input_ids"] if todo else []
+    return {i for i, p in zip(todo, encoded) if list(ids[i][:starts[i]]) != list(p)}
 
 
 def _counts(read: int, rejected: list[dict]) -> dict[str, int]:
@@ -242,7 +313,8 @@ def prepare(cfg: Config, out_dir: str | Path, progress: bool = True) -> Prepared
     # which records are rejected as reserved_marker.
     tok = None if needs_training_texts(cfg) else build_tokenizer(cfg)
     check = Validator(parse_columns(cfg.columns),
-                      CORPUS_CONTROL_TEXTS if tok is None else control_texts(tok))
+                      corpus_control_texts(cfg.prompt_format) if tok is None else control_texts(tok),
+                      record_format(cfg, tok))
     read, files = 0, []
     try:
         for part in read_source(cfg):
@@ -278,18 +350,24 @@ def _finish(cfg: Config, tok, check: Validator, read: int, files: list[dict], ou
         tok = build_tokenizer(cfg, (texts[i] for i in train_idx))
     if progress:
         print(f"data_prep: tokenizing {len(texts)} records", flush=True)
-    ids, starts, truncated = tokenize(tok, texts, cfg.max_length, cfg.too_long)
+    fmt = prompts.get_format(cfg.prompt_format, tok)
+    ids, labels, starts, truncated = tokenize(tok, texts, cfg.max_length, cfg.too_long,
+                                              [r["spans"] for r in kept], fmt)
+    differs = _prompt_differs(tok, fmt, kept, ids, starts)
 
     parts = {}
     for split, idx in (("train", train_idx), ("test", test_idx)):
-        keep = [int(i) for i in idx if ids[i] is not None]
+        keep = [int(i) for i in idx if ids[i] is not None and i not in differs]
         for i in idx:
-            if ids[i] is None:
+            if ids[i] is None or i in differs:
                 r = kept[i]
-                rejected.append({"source": r["source"], "where": r["where"], "reason": "too_long",
-                                 "record": {k: r[k] for k in CANONICAL}})
+                rejected.append({"source": r["source"], "where": r["where"],
+                                 "reason": "too_long" if ids[i] is None else "prompt_tokens_differ",
+                                 "record": {"messages": r["messages"]} if r["messages"]
+                                 else {k: r[k] for k in CANONICAL}})
         parts[split] = _frame([kept[i] for i in keep], [ids[i] for i in keep],
-                              [starts[i] for i in keep], [truncated[i] for i in keep])
+                              [labels[i] for i in keep], [starts[i] for i in keep],
+                              [truncated[i] for i in keep])
     train, test = parts["train"], parts["test"]
     if len(train) == 0:
         raise DataError(f"{cfg.dataset}: no training records left after validation "
@@ -311,7 +389,7 @@ def _finish(cfg: Config, tok, check: Validator, read: int, files: list[dict], ou
     summary = {"counts": counts, "token_lengths": _percentiles(lengths),
                "tokens_train": int(train["length"].sum()), "vocab_size": len(tok),
                "data_hash": data_hash, "dataset": cfg.dataset, "files": files,
-               "layouts": dict(sorted(check.layouts.items())),
+               "layouts": dict(sorted(check.layouts.items())), "prompt_format": fmt.name,
                "seconds": round(time.perf_counter() - t0, 3)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return Prepared(out, counts, data_hash, summary, train, test)

@@ -37,7 +37,8 @@ from dolly.errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # Field names of the known layouts: an object holding one of these is a record, not a wrapper.
-RECORD_FIELDS = frozenset(("instruction", "input", "context", "output", "response", "category"))
+RECORD_FIELDS = frozenset(("instruction", "input", "context", "output", "response", "category",
+                           "messages", "conversations"))
 
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
          (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16-le"),

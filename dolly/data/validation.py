@@ -22,6 +22,7 @@ from typing import Iterable
 
 from dolly import prompts
 from dolly.errors import DataError
+from dolly.data.conversations import CONVERSATION_REASONS, is_conversation, parse_conversation
 from dolly.data.readers import Raw, show
 
 CANONICAL = ("instruction", "input", "response")
@@ -37,7 +38,8 @@ LAYOUT_NAMES = {"output": "alpaca", "response": "dolly-15k"}
 
 REASONS = ("malformed_json", "malformed_csv", "encoding", "not_an_object", "missing_instruction",
            "missing_response", "non_string_field", "blank_instruction", "blank_response",
-           "reserved_marker", "duplicate", "too_long")
+           "reserved_marker", "duplicate", "too_long", *CONVERSATION_REASONS,
+           "multi_turn_for_dolly", "prompt_tokens_differ")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -88,9 +90,11 @@ class Validator:
     """Sorts raw records, file after file, into `kept` (canonical dicts with their training
     `text`) and `rejected` (source, where, reason, record); duplicates are found across files."""
 
-    def __init__(self, explicit: dict[str, str], control_texts: Iterable[str]):
+    def __init__(self, explicit: dict[str, str], control_texts: Iterable[str], fmt=None):
         self.explicit = explicit
+        self.fmt = fmt if fmt is not None else prompts.DollyFormat()
         self.control = ControlText(control_texts)
+        self._expected: dict[tuple, tuple[int, ...]] = {}
         self.kept: list[dict] = []
         self.rejected: list[dict] = []
         self.layouts: Counter = Counter()
@@ -101,10 +105,10 @@ class Validator:
         """Raise DataError when no record of the file has an instruction or a response column."""
         seen: dict[str, None] = {}
         for r in raws:
-            if isinstance(r.value, dict):
+            if isinstance(r.value, dict) and not is_conversation(r.value):
                 seen.update(dict.fromkeys(r.value))
         if not seen:
-            return  # nothing readable: each record is rejected with its own reason
+            return  # nothing readable or conversations only: each record is checked alone
         missing = [f for f in ("instruction", "response")
                    if not any(c in seen for c in self._columns[f])]
         if missing:
@@ -135,10 +139,53 @@ class Validator:
             if reason:
                 self._reject(r, reason)
 
+    def _control_found(self, text: str, messages: list[dict]) -> bool:
+        """Whether the rendered conversation holds control text beyond what its template writes
+        for the same turns (the template rendered with "x" as every turn's content)."""
+        roles = tuple(m["role"] for m in messages)
+        if roles not in self._expected:
+            bare = [{"role": role, "content": "x"} for role in roles]
+            self._expected[roles] = tuple(self.fmt.render(None, None, None, bare)[0].count(t)
+                                          for t in self.control.texts)
+        return tuple(map(text.count, self.control.texts)) != self._expected[roles]
+
+    def _conversation(self, r: Raw) -> str | None:
+        messages, reason, layout = parse_conversation(r.value)
+        if reason:
+            return reason
+        try:
+            text, spans = self.fmt.render(None, None, None, messages)
+        except prompts.NotDollyShape:
+            return "multi_turn_for_dolly"
+        except prompts.TemplateError as e:
+            raise DataError(f"prompt_format={self.fmt.name}: {e}") from None
+        if not text.isascii() and _SURROGATE.search(text):
+            return "encoding"
+        if self.fmt.name == "dolly":
+            if self.control.found(text, False):
+                return "reserved_marker"
+        elif self._control_found(text, messages):
+            return "reserved_marker"
+        key = tuple((m["role"], _norm(m["content"])) for m in messages)
+        if len(messages) == 2:  # one user turn and its answer: the same as an instruction record
+            key = (_norm(messages[0]["content"]), "", _norm(messages[1]["content"]))
+        if key in self._seen:
+            return "duplicate"
+        self._seen.add(key)
+        self.layouts[layout] += 1
+        last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        cat = r.value.get("category")
+        self.kept.append({"instruction": last_user, "input": "", "response": messages[-1]["content"],
+                          "category": cat if isinstance(cat, str) else "", "source": r.source, "where": r.locator, "text": text,
+                          "messages": messages, "spans": spans})
+        return None
+
     def _check(self, r: Raw) -> str | None:
         v = r.value
         if not isinstance(v, dict):
             return "not_an_object"
+        if is_conversation(v):
+            return self._conversation(r)
         cols = self._columns
         ins, _ = self._pick(v, cols["instruction"])
         resp, rcol = self._pick(v, cols["response"])
@@ -158,10 +205,11 @@ class Validator:
         inp = _newlines(inp) if prompts.has_input(inp) else ""
         cat, _ = self._pick(v, cols["category"])
         cat = cat if isinstance(cat, str) else ""
-        text = prompts.format_record(ins, inp, resp)
+        text, spans = self.fmt.render(ins, inp, resp)
         if not (text.isascii() and cat.isascii()) and _SURROGATE.search(text + cat):
             return "encoding"
-        if self.control.found(text, bool(inp)):
+        if (self.control.found(text, bool(inp)) if self.fmt.name == "dolly" else
+                self._control_found(text, prompts.instruction_messages(ins, inp, resp))):
             return "reserved_marker"  # would break masking or stop generation early
         key = (_norm(ins), _norm(inp), _norm(resp))
         if key in self._seen:
@@ -169,5 +217,6 @@ class Validator:
         self._seen.add(key)
         self.layouts["columns" if "response" in self.explicit else LAYOUT_NAMES.get(rcol, rcol)] += 1
         self.kept.append({"instruction": ins, "input": inp, "response": resp, "category": cat,
-                          "source": r.source, "where": r.locator, "text": text})
+                          "source": r.source, "where": r.locator, "text": text, "messages": None,
+                          "spans": spans})
         return None

@@ -26,7 +26,7 @@ def gptj():
 
 
 def encode(tok, instruction, input, response):
-    ids, starts, _ = prepared.tokenize(tok, [prompts.format_record(instruction, input, response)],
+    ids, _, starts, _ = prepared.tokenize(tok, [prompts.format_record(instruction, input, response)],
                                    256, "drop")
     return {"input_ids": ids[0], "response_start": starts[0]}
 
