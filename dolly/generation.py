@@ -219,20 +219,59 @@ def decode_text(tokenizer, ids: list[int]) -> str:
     return _token_bytes(tokenizer, ids, kind).decode("utf-8", "ignore")
 
 
-def _decode(tokenizer, ids: list[int], end_id: int, stop_ids: set[int]) -> tuple[str, bool, int]:
-    """(response, stopped at `### End`, tokens generated) from the new tokens of one row."""
+def _decode(tokenizer, ids: list[int], end_ids: set[int], stop_ids: set[int],
+            fmt=None) -> tuple[str, bool, int]:
+    """(response, stopped at an end of answer (`### End`, the template's end of turn), tokens
+    generated) from the new tokens of one row."""
     n = 0
     stopped = False
     kept: list[int] = []
     for t in ids:
         n += 1
-        if t == end_id:
+        if t in end_ids:
             stopped = True
             break
         if t in stop_ids:
             break
         kept.append(t)
-    return prompts.parse_response(decode_text(tokenizer, kept)), stopped, n
+    text = decode_text(tokenizer, kept)
+    return (fmt.answer(text) if fmt is not None else prompts.parse_response(text)), stopped, n
+
+
+def chat_prompt_ids(tokenizer, fmt, messages: list[dict], budget: int) -> tuple[list[int], bool]:
+    """Token ids of the chat template's prompt for `messages` (ending with a user turn), at most
+    `budget` tokens: (ids, whether it had to be shortened). A prompt that fits is the rendered
+    text tokenized whole: the very ids training saw for the same turns. One over budget drops
+    the oldest turns after a system turn, two at a time (a user turn and its answer), while
+    more than one user turn is left; then keeps the end of the last user turn's text. If even
+    the template does not fit, its last `budget` tokens. Raises ValueError if `budget` < 1."""
+    if budget < 1:
+        raise ValueError(f"a prompt budget of {budget} tokens leaves no room for a prompt")
+
+    def encode(turns) -> list[int]:
+        return tokenizer(fmt.prompt(messages=turns), add_special_tokens=False)["input_ids"]
+
+    turns = list(messages)
+    ids = encode(turns)
+    if len(ids) <= budget:
+        return ids, False
+    head = 1 if turns and turns[0]["role"] == "system" else 0
+    while len(ids) > budget and sum(m["role"] == "user" for m in turns) > 1:
+        turns = turns[:head] + turns[head + 2:]
+        ids = encode(turns)
+    if len(ids) > budget:
+        last = turns[-1]["content"]
+        frame = len(encode(turns[:-1] + [{"role": "user", "content": ""}]))
+        words = tokenizer(last[-budget * _CHARS_PER_TOKEN_BOUND:],
+                          add_special_tokens=False)["input_ids"]
+        room = budget - frame
+        if room < 1:
+            return ids[-budget:], True
+        text = decode_text(tokenizer, words[-room:])
+        ids = encode(turns[:-1] + [{"role": "user", "content": text}])
+        if len(ids) > budget:  # the cut text re-tokenized longer: fall back to the last tokens
+            ids = ids[-budget:]
+    return ids, True
 
 
 def generate(
@@ -249,6 +288,8 @@ def generate(
     top_k: int = 0,
     seed: int | None = None,
     deadlines: Sequence[float | None] | None = None,
+    fmt=None,
+    conversations: Sequence[list[dict] | None] | None = None,
 ) -> GenerationRun:
     """Answers to `instructions` (with `inputs` where given), in order, generated in batches.
 
@@ -258,7 +299,11 @@ def generate(
     `deadlines`: per prompt, a `time.monotonic()` time after which nobody waits for the answer
     (None = no deadline): a prompt past it when its batch starts is not generated, and a running
     one stops at the next token (its Generation has `expired=True`, and the text so far).
-    Raises ValueError on `max_new_tokens` < 1 or lists of different lengths.
+    `fmt`: the prompt format (dolly.prompts.get_format; default Dolly's); `conversations`: per
+    prompt, a conversation ending with a user turn (list of {role, content}) that replaces that
+    instruction and input (None = use them).
+    Raises ValueError on `max_new_tokens` < 1 or lists of different lengths, and
+    dolly.prompts.TemplateError for a conversation the format cannot hold.
     """
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -270,15 +315,29 @@ def generate(
     deadlines = list(deadlines) if deadlines is not None else [None] * len(instructions)
     if len(deadlines) != len(instructions):
         raise ValueError("instructions and deadlines differ in length")
-    _, end_id = prompts.special_ids(tokenizer)
+    conversations = (list(conversations) if conversations is not None
+                     else [None] * len(instructions))
+    if len(conversations) != len(instructions):
+        raise ValueError("instructions and conversations differ in length")
+    fmt = fmt if fmt is not None else prompts.DollyFormat(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop_ids = {end_id}
-    if tokenizer.eos_token_id is not None:
-        stop_ids.add(tokenizer.eos_token_id)  # a base model's own end of text also ends an answer
+    end_ids = set(fmt.end_ids(tokenizer))
+    # a base model's own end of text also ends an answer
+    stop_ids = set(fmt.stop_ids(tokenizer))
+    if fmt.name != "dolly":  # a chat model's eos ends its turn as well
+        end_ids = set(stop_ids)
     context = context_length(model, tokenizer)
     budget = context - answer_room(max_new_tokens, context)
-    encoded = [shorten_prompt_ids(tokenizer, ins, inp, budget)
-               for ins, inp in zip(instructions, inputs)]
+    encoded = []
+    for ins, inp, conv in zip(instructions, inputs, conversations):
+        if fmt.name == "dolly":
+            if conv is not None:
+                ins, inp = fmt.prompt_pair(conv)
+            encoded.append(shorten_prompt_ids(tokenizer, ins, inp, budget))
+        else:
+            encoded.append(chat_prompt_ids(
+                tokenizer, fmt, conv if conv is not None else prompts.instruction_messages(ins, inp),
+                budget))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     device = next(model.parameters()).device
     results: list[Generation | None] = [None] * len(encoded)
@@ -326,7 +385,7 @@ def generate(
                     kept = ids[:stop.seen_at[j] - width]
                     cut = not stop_ids & set(kept) and len(kept) < room
                     ids = kept if cut else ids
-                text, stopped, n = _decode(tokenizer, ids, end_id, stop_ids)
+                text, stopped, n = _decode(tokenizer, ids, end_ids, stop_ids, fmt)
                 results[i] = Generation(text, stopped, n, len(rows[j]), encoded[i][1], cut)
     finally:
         if seed is not None:

@@ -16,7 +16,9 @@ from dolly.config import Config
 from dolly.data import load_prepared
 from dolly.digests import EVAL_SET_TAG, eval_set_digest
 from dolly.errors import DollyError
-from dolly.eval.evaluate import device, dtype_for, evaluate_model, load_saved_model, select
+from dolly.eval.evaluate import (device, dtype_for, evaluate_model, load_saved_model,
+                                 prepared_format, select)
+from dolly.prompts import get_format
 from dolly.tokenizer import load_tokenizer
 from dolly.tracking import local_path
 
@@ -48,7 +50,8 @@ def evaluate_on(model_uri: str, test: pd.DataFrame, cfg: Config, prepared: Path)
         if tok.get_vocab() != prepared_tok.get_vocab():
             return None
         return evaluate_model(model, tok, test, max_new_tokens=cfg.eval_max_new_tokens,
-                              batch_size=cfg.eval_batch_size).metrics
+                              batch_size=cfg.eval_batch_size,
+                              fmt=get_format(prepared_format(prepared), tok)).metrics
     finally:
         del model
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,14 +37,14 @@ import torch
 
 from dolly import generation
 from dolly.config import Config, fields_where, parse_value
-from dolly.data import IGNORE_INDEX, CompletionCollator, load_prepared
+from dolly.data import IGNORE_INDEX, CompletionCollator, collator_for, load_prepared
 from dolly.digests import EVAL_SET_TAG, eval_set_digest
 from dolly.errors import ConfigError, DollyError
 from dolly.eval.report import family_line, run_description
 from dolly.eval import probe
 from dolly.eval.metrics import category_metrics, exact_match, rouge_l
 from dolly.models import base_key, cache_root, is_pretrained_tiny, load_base_model
-from dolly.prompts import special_ids
+from dolly.prompts import DollyFormat, get_format
 from dolly.tokenizer import load_tokenizer
 from dolly.tracking import local_path
 
@@ -67,8 +68,10 @@ def response_loss(model, test: pd.DataFrame, collator: CompletionCollator,
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
-    rows = [{"input_ids": list(ids)[:context], "response_start": int(start)}
-            for ids, start in zip(test["input_ids"], test["response_start"])]
+    spans = test["label_spans"] if "label_spans" in test.columns else [None] * len(test)
+    rows = [{"input_ids": list(ids)[:context], "response_start": int(start),
+             **({"label_spans": list(sp)} if sp is not None else {})}
+            for ids, start, sp in zip(test["input_ids"], test["response_start"], spans)]
     rows.sort(key=lambda r: len(r["input_ids"]))  # similar lengths together: little padding
     try:
         for b in range(0, len(rows), batch_size):
@@ -98,14 +101,23 @@ class ModelEval:
     examples: pd.DataFrame  # response, exact_match, rouge_l, stopped, new_tokens
 
 
+def conversations_of(records: pd.DataFrame) -> list[list[dict] | None]:
+    """Per record, its conversation up to the last answer (from the `messages` JSON column that
+    dolly.data.prepare writes; None for an instruction record or a frame without the column)."""
+    if "messages" not in records.columns:
+        return [None] * len(records)
+    return [json.loads(m)[:-1] if isinstance(m, str) and m else None for m in records["messages"]]
+
+
 def answer(model, tokenizer, records: pd.DataFrame, *, max_new_tokens: int,
-           batch_size: int) -> tuple[pd.DataFrame, generation.GenerationRun]:
-    """Greedy answers to `records` (columns instruction, input, response) in Dolly's format, and
-    the generation run: one row per record with response, exact_match, rouge_l, stopped,
-    new_tokens."""
+           batch_size: int, fmt=None) -> tuple[pd.DataFrame, generation.GenerationRun]:
+    """Greedy answers to `records` (columns instruction, input, response; messages for a
+    conversation) in the prompt format `fmt` (default Dolly's), and the generation run: one row
+    per record with response, exact_match, rouge_l, stopped, new_tokens."""
     inputs = [i if isinstance(i, str) else None for i in records["input"]]
     run = generation.generate(model, tokenizer, list(records["instruction"]), inputs,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, fmt=fmt,
+                              conversations=conversations_of(records))
     gens = run.generations
     refs = list(records["response"])
     ex = pd.DataFrame({
@@ -119,12 +131,16 @@ def answer(model, tokenizer, records: pd.DataFrame, *, max_new_tokens: int,
 
 
 def evaluate_model(model, tokenizer, test: pd.DataFrame, *, max_new_tokens: int,
-                   batch_size: int) -> ModelEval:
-    """Every metric of METRICS for one model on `test` (a prepared split)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = CompletionCollator(pad_token_id=pad_id, response_key_id=special_ids(tokenizer)[0])
+                   batch_size: int, fmt=None) -> ModelEval:
+    """Every metric of METRICS for one model on `test` (a prepared split), prompted in `fmt`
+    (dolly.prompts.get_format; default Dolly's)."""
+    fmt = fmt if fmt is not None else DollyFormat(tokenizer)
+    collator = collator_for(fmt, tokenizer)
+    if collator.pad_token_id is None:
+        collator.pad_token_id = tokenizer.eos_token_id
     loss = response_loss(model, test, collator, batch_size)
-    ex, run = answer(model, tokenizer, test, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ex, run = answer(model, tokenizer, test, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     fmt=fmt)
     gens = run.generations
     n = max(len(gens), 1)
     metrics = {
@@ -149,6 +165,13 @@ def unseen_metrics(records: pd.DataFrame, ex: pd.DataFrame) -> dict[str, float]:
     out.update({f"exact_match_unseen/{k.split('/', 1)[1]}": v
                 for k, v in category_metrics(records, ex).items() if k.startswith("exact_match/")})
     return out
+
+
+def prepared_format(prepared: Path) -> str:
+    """The prompt format a prepared/ folder's records were rendered in (`dolly` or
+    `chat_template`, recorded by data_prep; folders from before prompt formats: dolly)."""
+    summary = json.loads((Path(prepared) / "summary.json").read_text())
+    return summary.get("prompt_format", "dolly")
 
 
 def select(test: pd.DataFrame, limit: int) -> pd.DataFrame:
@@ -354,6 +377,7 @@ def base_vs_tuned(cfg: Config, inputs: EvalInputs,
 
     t0 = time.perf_counter()
     base_tok = load_tokenizer(str(inputs.prepared / "tokenizer"))
+    fmt_name = prepared_format(inputs.prepared)
     base = load_base_model(base_cfg, base_tok, dtype=dtype).to(dev)
     base_folder = None
     if is_pretrained_tiny(base_cfg):  # the same pretrained base train used
@@ -362,6 +386,7 @@ def base_vs_tuned(cfg: Config, inputs: EvalInputs,
             log(f"evaluate: warning: the model was trained from base "
                 f"{inputs.train_tags['base_key']}, evaluating base {key}")
         base_folder = cache_root() / key
+    kw["fmt"] = get_format(fmt_name, base_tok)
     results["base"] = evaluate_model(base, base_tok, test, **kw)
     probe_set, probe_answers = None, {}
     if inputs.builtin:
@@ -381,6 +406,7 @@ def base_vs_tuned(cfg: Config, inputs: EvalInputs,
     if tuned_tok.get_vocab() != base_tok.get_vocab():
         raise DollyError(f"the model's tokenizer differs from {inputs.prepared_uri}/tokenizer: "
                          "evaluate a model on the prepared data it was trained on")
+    kw["fmt"] = get_format(fmt_name, tuned_tok)
     results["tuned"] = evaluate_model(tuned, tuned_tok, test, **kw)
     if probe_set is not None:
         probe_answers["tuned"] = answer(tuned, tuned_tok, probe_set, **kw)[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dolly.config import TINY_BASE_MODEL
+from dolly.config import TINY_BASES, TINY_LLAMA
 
 # MLflow caps a tag value at 8,000 characters (mlflow.utils.validation.MAX_TAG_VAL_LENGTH).
 NOTE_LIMIT = 7500
@@ -56,8 +56,9 @@ def md_cell(value, width: int = CELL_WIDTH) -> str:
 
 def base_description(base_model: str) -> str:
     """What the base model is, in one phrase (README and model card use the same words)."""
-    if base_model.strip() == TINY_BASE_MODEL:
-        return ("a tiny GPT-J pretrained offline on a built-in corpus of running text "
+    if base_model.strip() in TINY_BASES:
+        arch = "Llama" if base_model.strip() == TINY_LLAMA else "GPT-J"
+        return (f"a tiny {arch} pretrained offline on a built-in corpus of running text "
                 "(no instruction format)")
     low = base_model.lower()
     if "gpt-j" in low or "gptj" in low:
@@ -71,11 +72,11 @@ def what_it_shows(base_model: str) -> str:
     a pretrained language model without instruction tuning (the tiny default, GPT-J), else only
     what the fine-tune adds to that base."""
     low = base_model.strip().lower()
-    if base_model.strip() == TINY_BASE_MODEL or "gpt-j" in low or "gptj" in low:
+    if base_model.strip() in TINY_BASES or "gpt-j" in low or "gptj" in low:
         return (f"The base is {base_description(base_model)}. Base vs tuned therefore shows what "
                 "Dolly showed: a short instruction fine-tune teaches a pretrained language model "
                 "to follow instructions; the base continues the prompt as text and does not "
-                "answer Dolly-format instructions.")
+                "answer instructions in the trained prompt format.")
     return (f"The base is {base_description(base_model)}. Base vs tuned shows what this "
             "instruction fine-tune adds to that base.")
 

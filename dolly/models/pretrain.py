@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from dolly.config import TINY_BASE_MODEL, Config, fields_where
+from dolly.config import TINY_BASES, Config, fields_where
 from dolly.data import corpus
 from dolly.data.words import PROBE
 from dolly.digests import tokenizer_hash
@@ -69,8 +69,8 @@ HELD_OUT_PARAGRAPHS = 200
 
 
 def is_pretrained_tiny(cfg: Config) -> bool:
-    """True when `cfg`'s base is the tiny GPT-J pretrained on the built-in corpus."""
-    return cfg.base_model == TINY_BASE_MODEL and cfg.pretrain_steps > 0
+    """True when `cfg`'s base is a tiny base (GPT-J or Llama) pretrained on the built-in corpus."""
+    return cfg.base_model in TINY_BASES and cfg.pretrain_steps > 0
 
 
 def base_key(cfg: Config, tok) -> str:
@@ -336,7 +336,7 @@ def ensure_base(cfg: Config, tok, log: Callable[[str], None] = print) -> Path | 
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DollyError(f"cannot create the base model cache {root}: {e.strerror}") from None
-    log(f"pretrain: no cached base {key}; pretraining the tiny GPT-J on the built-in corpus "
+    log(f"pretrain: no cached base {key}; pretraining the {cfg.base_model} base on the built-in corpus "
         f"({cfg.pretrain_steps} steps, cache {root})")
     model, info = pretrain(cfg, tok, log)
     tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

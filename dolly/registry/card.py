@@ -3,7 +3,7 @@ data's), the model card (the version's description: the evaluation against its b
 registered model's description."""
 from __future__ import annotations
 
-from dolly.config import TINY_BASE_MODEL, Config
+from dolly.config import TINY_BASES, Config
 from dolly.eval.report import by_family, md_cell, what_it_shows
 
 _LICENCE_UNKNOWN = "unknown: check the licence of the training data"
@@ -63,9 +63,10 @@ _CARD_METRICS = ("exact_match", "exact_match_unseen", "rouge_l", "response_perpl
 
 def model_card(*, name: str, version: str, base_model: str, dataset: str, data_hash: str,
                licence: str, metrics: dict[str, float], train_run: str, eval_run: str,
-               primary_metric: str, pretrain_steps: int = 0) -> str:
+               primary_metric: str, pretrain_steps: int = 0, prompt_format: str = "dolly-v1") -> str:
     """A short Markdown model card for the version description. `pretrain_steps`: how long the
-    tiny-gptj base was pretrained on the built-in corpus (0: a randomly initialised base)."""
+    tiny base was pretrained on the built-in corpus (0: a randomly initialised base);
+    `prompt_format`: what the logged model records (`dolly-v1` or `chat_template`)."""
     def fmt(v):
         return "n/a" if v is None else f"{v:.4g}"
 
@@ -83,15 +84,18 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
         f"# Model card: {name}, version {version} (fine-tuned from {base_model})",
         "",
         f"Instruction-following model fine-tuned from **{base_model}** with this project's "
-        "pipeline, in the prompt format of Databricks' Dolly v1 (Alpaca-style instruction "
-        "template, stops at `### End`). It is not Databricks' Dolly model. The pyfunc takes "
+        + ("pipeline, in the prompt format of Databricks' Dolly v1 (Alpaca-style instruction "
+           "template, stops at `### End`). " if prompt_format in ("dolly", "dolly-v1") else
+           "pipeline, in its tokenizer's chat template (logged with the model; generation stops "
+           "at the template's end of turn). ")
+        + "It is not Databricks' Dolly model. The pyfunc takes "
         "records with an `instruction` and an optional `input` (or `context`) by column name (a "
         "string or a list of strings are instructions) and returns only the responses; "
         "generation params default to Dolly's (do_sample, top_p 0.92, top_k 0, "
         "max_new_tokens 256).",
         "",
-        *([what_it_shows(base_model), ""] if base_model != TINY_BASE_MODEL or pretrain_steps > 0
-          else ["**The base is a randomly initialised tiny GPT-J** (`pretrain_steps=0`): the "
+        *([what_it_shows(base_model), ""] if base_model not in TINY_BASES or pretrain_steps > 0
+          else [f"**The base is a randomly initialised {base_model}** (`pretrain_steps=0`): the "
                 "base column shows an untrained model, so the comparison only shows that "
                 "training happened, not that instruction tuning improved a pretrained model.",
                 ""]),

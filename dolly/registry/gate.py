@@ -52,6 +52,18 @@ def _score(tags: dict[str, str], primary: str) -> float | None:
         return None
 
 
+def logged_prompt_format(model_uri: str, default: str) -> str:
+    """The prompt format the logged model at `model_uri` records (MLmodel metadata), else
+    `default`."""
+    import mlflow
+
+    try:
+        return (mlflow.models.get_model_info(model_uri).metadata or {}).get("prompt_format") \
+            or default
+    except Exception:  # an old or unreadable model: the config's value
+        return default
+
+
 def champion(client, name: str, alias: str, primary: str) -> tuple[str, float | None] | None:
     """(version, its tuned primary metric) the alias points at, or None when it is unset."""
     from mlflow.exceptions import MlflowException
@@ -181,7 +193,8 @@ def register(model_uri: str, cfg: Config, *, eval_metrics: dict[str, float], eva
     card = model_card(name=name, version=version, base_model=base_model,
                       dataset=dataset, data_hash=data_hash, licence=licence,
                       metrics=eval_metrics, train_run=train_run, eval_run=eval_run,
-                      primary_metric=primary, pretrain_steps=cfg.pretrain_steps)
+                      primary_metric=primary, pretrain_steps=cfg.pretrain_steps,
+                      prompt_format=logged_prompt_format(model_uri, cfg.prompt_format))
     client.update_model_version(name, version, description=card)
     try:
         existing_licence = client.get_registered_model(name).tags.get("license")

@@ -69,16 +69,29 @@ def log_model(model_dir: str | Path, cfg: Config, name: str | None = None) -> st
     return info.model_uri
 
 
+def logged_format(model_dir: str | Path, cfg: Config) -> str:
+    """The prompt format (`dolly` or `chat_template`) of the model saved in `model_dir`:
+    cfg.prompt_format, with `auto` resolved by the saved tokenizer (a chat template or not)."""
+    if cfg.prompt_format != "auto":
+        return cfg.prompt_format
+    from transformers import AutoTokenizer
+
+    return prompts.resolve_format("auto", AutoTokenizer.from_pretrained(str(model_dir)))
+
+
 def _log(model_dir: str | Path, cfg: Config, name: str | None):
     from mlflow.models import Model
 
+    fmt = logged_format(model_dir, cfg)
     return Model.log(
         artifact_path=None,  # MLflow 3: `name` names a logged model
         name=name or logged_model_name(cfg),
         flavor=pyfunc,
         transformers_model=str(model_dir),
         task="text-generation",
-        prompt_template=prompts.PROMPT_TEMPLATE,
+        # the transformers flavor's own pipeline: Dolly's no-input prompt, or the chat template
+        # that the logged tokenizer holds
+        **({"prompt_template": prompts.PROMPT_TEMPLATE} if fmt == "dolly" else {}),
         # batch_size: without it the pipeline generates one row at a time (measured: 1.3x
         # Dolly's loop unbatched, 3.7x at 8); MLflow only accepts it at logging time.
         model_config={"return_full_text": False, "batch_size": cfg.eval_batch_size},
@@ -90,7 +103,9 @@ def _log(model_dir: str | Path, cfg: Config, name: str | None):
         license_text=license_note(cfg.base_model, cfg.dataset),
         serving_limits={"serve_max_rows": cfg.serve_max_rows,
                         "serve_max_chars": cfg.serve_max_chars,
-                        "serve_batch_wait_ms": cfg.serve_batch_wait_ms},
+                        "serve_batch_wait_ms": cfg.serve_batch_wait_ms,
+                        "prompt_format": fmt},
         metadata={"base_model": cfg.base_model, "dataset": cfg.dataset,
-                  "prompt_format": "dolly-v1", "end_key": prompts.END_KEY},
+                  "prompt_format": "dolly-v1" if fmt == "dolly" else fmt,
+                  **({"end_key": prompts.END_KEY} if fmt == "dolly" else {})},
     )

@@ -160,8 +160,11 @@ class DollyPyfunc:
         self._inner = inner
         self._tokenizer = inner.pipeline.tokenizer
         self.context = context_length(inner.pipeline.model, self._tokenizer)
-        self._frame = len(self._ids(prompts.format_prompt("")))  # the no-input template
         limits = limits or {}
+        # The one prompt format the model was trained in (logged with it; models from before
+        # prompt formats: Dolly's), rendered from the logged tokenizer's own files.
+        self.fmt = prompts.get_format(limits.get("prompt_format") or "dolly", self._tokenizer)
+        self._frame = len(self._ids(self.fmt.prompt("")))  # the no-input template
         self.max_rows = int(limits.get("serve_max_rows") or 0)
         self.max_chars = int(limits.get("serve_max_chars") or 0)
         self.batch_size = int((getattr(inner, "model_config", None) or {}).get("batch_size") or 8)
@@ -183,6 +186,23 @@ class DollyPyfunc:
 
     def _ids(self, text: str) -> list[int]:
         return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, instruction: str | None = None, input: str | None = None,
+                   messages: list[dict] | None = None) -> list[int]:
+        """The token ids this model generates from for a record, or for a conversation ending
+        with a user turn (`messages`: list of {role, content}): the logged format's prompt,
+        shortened to the context as generation shortens it."""
+        from dolly import generation
+
+        budget = self.context - generation.answer_room(
+            prompts.GENERATION_DEFAULTS["max_new_tokens"], self.context)
+        if self.fmt.name == "dolly":
+            if messages is not None:
+                instruction, input = self.fmt.prompt_pair(messages)
+            return generation.shorten_prompt_ids(self._tokenizer, instruction, input, budget)[0]
+        if messages is None:
+            messages = prompts.instruction_messages(instruction, input)
+        return generation.chat_prompt_ids(self._tokenizer, self.fmt, messages, budget)[0]
 
     def _check(self, frame, params: dict) -> dict:
         """Request-level checks; returns the generation settings to use."""
@@ -228,7 +248,7 @@ class DollyPyfunc:
             [r[1] for r in rows], max_new_tokens=settings["max_new_tokens"],
             batch_size=self.batch_size, do_sample=settings["do_sample"],
             temperature=float(settings["temperature"]), top_p=float(settings["top_p"]),
-            top_k=settings["top_k"], deadlines=deadlines).generations
+            top_k=settings["top_k"], deadlines=deadlines, fmt=self.fmt).generations
 
     def predict(self, data, params: dict[str, Any] | None = None) -> list[str]:
         """One response per record, in order; "" for null, empty or blank instructions (nothing

@@ -138,12 +138,16 @@ class PreparedDataset:
         self.ids = list(df["input_ids"])
         self.starts = df["response_start"].to_numpy()
         self.lengths = df["length"].to_numpy()
+        self.spans = list(df["label_spans"]) if "label_spans" in df else None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.ids[i], "response_start": int(self.starts[i])}
+        item = {"input_ids": self.ids[i], "response_start": int(self.starts[i])}
+        if self.spans is not None:
+            item["label_spans"] = self.spans[i]
+        return item
 
 
 def _flops_inputs(model, precision: str, world: int, gpu: bool) -> dict[str, Any]:
@@ -182,9 +186,9 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     import torch
     from transformers import GenerationConfig
 
-    from dolly.data import CompletionCollator, load_prepared
+    from dolly.data import collator_for, load_prepared
     from dolly.models import load_base_model
-    from dolly.prompts import special_ids
+    from dolly.prompts import get_format
     from dolly.tokenizer import load_tokenizer
     from dolly.train.trainer import (DollyTrainer, PartitionRecord, RankZeroMlflow, ScheduleGuard,
                                      param_numel, rank_and_world)
@@ -202,11 +206,11 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     tok = load_tokenizer(str(prepared / "tokenizer"))
     tok.padding_side = "left"  # what batched generation from the saved model needs;
     tok.init_kwargs["padding_side"] = "left"  # init_kwargs is what save_pretrained writes
-    resp_id, end_id = special_ids(tok)
+    fmt = get_format(cfg.prompt_format, tok)
     train_df, test_df, _ = load_prepared(prepared)
     test_df = test_df.sort_values("length", kind="stable")  # eval batches of similar length
     train_ds, test_ds = PreparedDataset(train_df), PreparedDataset(test_df)
-    collator = CompletionCollator(pad_token_id=tok.pad_token_id, response_key_id=resp_id)
+    collator = collator_for(fmt, tok)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     model = load_base_model(cfg, tok, dtype=dtype, pretrain_missing=False)  # the parent built it
@@ -243,10 +247,12 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
 
     final = Path(cfg.output_dir) / FINAL_DIR
     model.config.use_cache = True
-    # Generation stops at `### End` (Dolly v1). Set after train(), which adds the tokenizer's
-    # <|endoftext|> to the eos ids (transformers' align_special_tokens).
+    # Generation stops at `### End` (Dolly v1) or the template's end of turn. Set after train(),
+    # which adds the tokenizer's eos to the eos ids (transformers' align_special_tokens).
+    end_ids = fmt.end_ids(tok)
     model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=end_id, pad_token_id=tok.pad_token_id)
+        bos_token_id=tok.bos_token_id, eos_token_id=end_ids[0] if len(end_ids) == 1 else end_ids,
+        pad_token_id=tok.pad_token_id)
     trainer.save_model(str(final))  # every rank: gathers the 16-bit weights, rank 0 writes
     probe = probe_loss(trainer.model_wrapped, collator, PreparedDataset(test_df.sort_index()), args.device)
     if rank != 0:

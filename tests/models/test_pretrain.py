@@ -55,7 +55,7 @@ def test_cache_builds_once_and_loads_the_same_base(tok, tmp_path, monkeypatch):
     stamp = os.stat(folder / "model.safetensors").st_mtime_ns
     assert pretrain.ensure_base(SMALL, tok, log=lines.append) == folder  # reused, not rebuilt
     assert os.stat(folder / "model.safetensors").st_mtime_ns == stamp
-    assert sum("pretraining the tiny GPT-J" in line for line in lines) == 1
+    assert sum("pretraining the tiny-gptj base" in line for line in lines) == 1
     assert "held-out corpus perplexity" in lines[-1]
     _check_log_base(folder, info, tmp_path / "store")
     a = load_base_model(SMALL, tok, pretrain_missing=False)

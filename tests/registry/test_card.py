@@ -50,8 +50,8 @@ def test_model_card_says_what_the_base_is_and_shows_families():
     assert ("The base is a tiny GPT-J pretrained offline on a built-in corpus of running text "
             "(no instruction format). Base vs tuned therefore shows what Dolly showed: a short "
             "instruction fine-tune teaches a pretrained language model to follow instructions; "
-            "the base continues the prompt as text and does not answer Dolly-format "
-            "instructions.") in card
+            "the base continues the prompt as text and does not answer instructions in the "
+            "trained prompt format.") in card
     assert "\n- Base model: tiny-gptj\n" in card
     assert ("Exact match by task family:\n\n| family | base | tuned |\n|---|---|---|\n"
             "| count&#95;digit | n/a | 1 |\n| first | 0 | 0.925 |\n") in card
@@ -63,7 +63,7 @@ def test_model_card_says_when_the_tiny_base_is_randomly_initialised():
         name="dolly", version="1", base_model="tiny-gptj", dataset="builtin", data_hash="ab",
         licence=PROJECT_DATA, train_run="t", eval_run="e", primary_metric="exact_match",
         metrics={"base/exact_match": 0.0, "tuned/exact_match": 0.6}, pretrain_steps=0)
-    assert "**The base is a randomly initialised tiny GPT-J** (`pretrain_steps=0`)" in card
+    assert "**The base is a randomly initialised tiny-gptj** (`pretrain_steps=0`)" in card
     assert "pretrained offline" not in card
 
 
