@@ -41,6 +41,16 @@ def base_cache(tmp_path_factory) -> Path:
 # --- evaluate / register / serving / Spark e2e: one tiny logged model per session -------------
 
 @pytest.fixture(scope="session")
+def family_folders(tmp_path_factory) -> dict[str, Path]:
+    """The five tiny model families of tests/families.py (GPT-J, GPT-NeoX, Llama, Qwen2,
+    Mistral) as local Hugging Face folders, built once per session."""
+    import families
+
+    return families.prepare_families(tmp_path_factory.mktemp("families"),
+                                     families.default_texts())
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> TinyModel:
     """prepared/ data + the saved tiny base model (left padding, eos = `### End`) logged with
     registry.log_model into a run of experiment E2E_EXPERIMENT (artifacts under tmp)."""
