@@ -11,16 +11,54 @@ Per GPU the plan adds three parts (bytes):
 - **Activations** kept for backward, for one micro-batch `b` of `s` tokens, counted the way
   Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
   section 4.1, eq. 1: `s*b*h*(34 + 5*a*s/h)` bytes per layer of a standard 16-bit block; h =
-  hidden size, a = attention heads) count them, redone for Hugging Face's GPT-J block (eager
-  attention; it has no SDPA path): `56*s*b*h + 6*a*s^2*b` bytes per layer. 56 = residual input 2
-  + LayerNorm output 2 (shared by attention and MLP: GPT-J's block is parallel) + query and key
-  upcast to fp32 8 + value 2 + attention output 2 + MLP (h -> 4h: fc_in output and the four
-  tensors of `gelu_new`'s tanh formula 32, fc_out input 8); 6*a*s^2 = fp32 softmax output 4 + its
-  16-bit copy 2 (no dropout mask: GPT-J's dropout is 0). tests/train/test_memory_plan.py checks this
-  against the tensors autograd actually saves. Without recomputation a step keeps `L` layers;
-  with gradient checkpointing (Korthikanti et al. section 4, full recomputation) it keeps each
-  layer's 16-bit input, `2*s*b*h*L`, plus one layer's activations while that layer is
-  recomputed. fp32 training doubles every term.
+  hidden size, a = attention heads) count them: every tensor autograd saves, each storage once,
+  redone for the three block layouts of Hugging Face transformers below (16-bit bytes per layer;
+  I = MLP width, h_kv = key/value heads x head size, q = query heads x head size, h unless the
+  config sets head_dim). tests/train/test_memory_plan.py checks each count against the tensors
+  autograd actually saves (CPU). On an H200 (CUDA SDPA kernels, bf16; 2026-12-04), a layer of
+  Llama-3.1-8B's, Qwen2.5-7B's and Pythia-12B's widths (b=2, s=2048) saved what the counts say,
+  padded or not, to within SDPA's 16-byte random state; torch.cuda.memory_allocated grew by the
+  count to within 0.05% without padding and up to 2% above it with padding (Llama: a second
+  s x s mask per layer).
+
+  * **GPT-J** (`model_type` gptj; eager attention, transformers has no SDPA path for it):
+    `56*s*b*h + 6*a*s^2*b`. 56 = residual input 2 + LayerNorm output 2 (shared by attention and
+    MLP: GPT-J's block is parallel) + query and key upcast to fp32 8 + value 2 + attention output
+    2 + MLP (h -> 4h: fc_in output and the four tensors of `gelu_new`'s tanh formula 32, fc_out
+    input 8); 6*a*s^2 = fp32 softmax output 4 + its 16-bit copy 2 (no dropout mask: GPT-J's
+    dropout is 0).
+  * **Pre-norm sequential block with separate q/k/v/o projections and SDPA attention** (Llama,
+    Mistral, Qwen2 and any other model_type but gptj and gpt_neox):
+    `s*b*(2*n + 4*q + 4*kv + m) + 2*r + 4*a*s*b` plus, for a padded batch, `2*b*s^2`.
+    Each of the two norms n: RMSNorm 8*h (its input upcast to fp32 4, the normalised 16-bit
+    tensor 2, the scaled output the next projections read 2) and r = its fp32 1/rms 4*b*s, or
+    LayerNorm 4*h (input 2, output 2) and r = its fp32 mean and 1/std 8*b*s. Attention: the
+    rotated query 2*q, the attention output 2*q (the o projection reads it as a view: SDPA
+    returns it laid out (b, s, a, d)), key and value 2*kv each, SDPA's fp32 log-sum-exp 4*a*s*b
+    (flash and memory-efficient kernels keep no s x s scores). kv = h_kv when no token is
+    padding (SDPA's `enable_gqa`); with padding transformers repeats K and V to all heads
+    (kv = q) and passes a boolean mask that SDPA turns into a 16-bit s x s bias per layer
+    (2*b*s^2). MLP m: gated (gate_proj, up_proj, SiLU: Llama's SwiGLU) 8*I: gate output, SiLU
+    output, up output, their product; plain (one activation) 4*I: the activation's input and
+    output. A per-head RMSNorm of query and key (Qwen3's q_norm,
+    k_norm) adds `s*b*6*(q + h_kv)` and its 1/rms. Exact for Llama, Mistral, Qwen2 and Qwen3;
+    variants of this layout with fused projections, partial rotary or a parallel block (Phi-3,
+    StableLM) came within 6% in a CPU check.
+  * **GPT-NeoX** (`model_type` gpt_neox, Pythia; fused query_key_value, partial rotary):
+    `s*b*(16*h + 4*I) + 4*a*s*b + 16*b*s` (parallel residual; sequential adds the residual sum
+    2*h) plus `2*b*s^2` for a padded batch: layer input 2 (shared by both LayerNorms), the two
+    LayerNorm outputs 2+2, query and key (rotary part concatenated back) 2+2, value 2 (a
+    contiguous copy), attention output 2 and its (b, s, h) copy the dense projection reads 2, MLP
+    4*I (GELU's input and output); LayerNorm statistics 16*b*s, log-sum-exp 4*a*s*b.
+
+  The plan counts a padded batch (the collator pads each micro-batch to its longest record, and
+  a micro-batch at the longest length rarely holds records of one length). A model without
+  SDPA support in the other layouts is counted with eager attention: K and V at all heads, the
+  fp32 softmax output and its 16-bit copy, 6*a*s^2*b. Without recomputation a step keeps `L`
+  layers; with gradient checkpointing (Korthikanti et al. section 4, full recomputation) it keeps
+  each layer's 16-bit input, `2*s*b*h*L`, plus one layer's activations while that layer is
+  recomputed. fp32 training doubles every term (an upper bound: in fp32 RMSNorm's upcast is
+  the input itself).
 - **Logits**: `b*s*V*10` bytes (V = vocabulary rows): the 16-bit logits (2), the fp32 copy
   transformers' causal-LM loss makes (4) and the fp32 log-softmax cross-entropy keeps (4).
 
@@ -28,19 +66,26 @@ A GPU fits when the sum is at most `(1 - RESERVE_FRACTION)` of its memory: the r
 CUDA context, NCCL buffers, ZeRO-3's prefetch and reduce buckets beyond DeepSpeed's estimate and
 allocator fragmentation (a planning margin, not a measurement).
 
-The model's shape comes from its config.json (a local folder, the Hugging Face cache, or, for a
-Hub id of the GPT-J family when offline, transformers' `GPTJConfig()` defaults, which are GPT-J
-6B's) or from the tiny_* fields; parameters are counted on the meta device: no weights are read.
+The model's shape comes from its config.json: a local folder, the Hugging Face cache, the
+config.json values of a few public bases shipped in `dolly/train/known_configs/<org>--<name>.json`
+(EleutherAI/pythia-12b, meta-llama/Llama-3.1-8B, Qwen/Qwen2.5-7B, mistralai/Mistral-7B-v0.1:
+offline, no Hub access needed), for another Hub id of the GPT-J family transformers'
+`GPTJConfig()` defaults (GPT-J 6B's), or the tiny_* fields. Sizes are read from the config's
+attributes (hidden_size/n_embd, num_hidden_layers/n_layer, num_attention_heads/n_head,
+num_key_value_heads, head_dim, intermediate_size/n_inner, else 4*h; use_parallel_residual);
+parameters are counted on the meta device, no weights are read, and the built model tells
+whether its MLP is gated, its norms RMSNorm and its attention SDPA.
 This module imports torch, transformers and DeepSpeed only inside its functions.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dolly.config import CORPUS_BPE, TINY_BASE_MODEL, Config
+from dolly.config import CORPUS_BPE, TINY_BASE_MODEL, TINY_BASES, Config
 from dolly.errors import DollyError
 
 GIB = 2**30
@@ -49,11 +94,16 @@ DEFAULT_GPUS_PER_NODE = 8  # assumed by the plan command when none is visible an
 GPTJ_VOCAB_WITH_MARKERS = 50_257 + 3  # GPT-2's BPE + Dolly's three markers (the tiny model's size)
 # Hub ids whose config is GPT-J 6B's (offline fallback): the GPT-J family and Dolly v1.
 GPTJ_FAMILY = ("gpt-j", "gptj", "dolly-v1-6b")
+# config.json values of public bases, `<org>--<name>.json` for Hub id `<org>/<name>` (offline)
+KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the plan needs to know about a causal LM; counts are elements, not bytes."""
+    """What the plan needs to know about a causal LM; counts are elements, not bytes.
+
+    The fields after `source` default to GPT-J's block (Dolly v1's architecture): `n_kv_head`,
+    `head_dim` and `intermediate` 0 mean n_head, hidden // n_head and 4 * hidden."""
 
     n_params: int              # distinct parameters (a tied weight counts once)
     largest_layer_params: int  # the largest module's own parameters (DeepSpeed's "largest layer")
@@ -62,6 +112,35 @@ class ModelShape:
     n_head: int
     vocab: int                 # rows of the output embedding (logits per token)
     source: str = ""           # where the shape came from
+    block: str = "gptj"        # layout: gptj | neox (GPT-NeoX, Pythia) | prenorm (Llama family)
+    n_kv_head: int = 0         # key/value heads (grouped-query attention: fewer than n_head)
+    head_dim: int = 0          # channels per attention head
+    intermediate: int = 0      # MLP width
+    gated_mlp: bool = False    # gate_proj * act(up_proj) (SwiGLU) rather than one activation
+    parallel: bool = True      # attention and MLP both read the layer input (GPT-J, Pythia)
+    rms_norm: bool = False     # RMSNorm (its input is upcast to fp32) rather than LayerNorm
+    sdpa: bool = True          # transformers runs its attention through SDPA (GPT-J: eager)
+    qk_norm: bool = False      # RMSNorm on each head's query and key (Qwen3)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate or 4 * self.hidden
+
+    def describe(self) -> str:
+        """One line: sizes, attention heads (key/value heads when fewer), MLP, vocabulary."""
+        kv = f" ({self.kv_heads} key/value)" if self.kv_heads != self.n_head else ""
+        mlp = "gated " if self.gated_mlp else ""
+        return (f"{self.n_params:,} parameters, largest layer {self.largest_layer_params:,}, "
+                f"{self.n_layer} layers x {self.hidden} wide, {self.n_head} heads{kv}, "
+                f"{mlp}MLP {self.mlp_width:,}, vocabulary {self.vocab:,}")
 
 
 @dataclass(frozen=True)
@@ -130,9 +209,7 @@ class MemoryPlan:
                    "optimizer" if s.offload_optimizer else "params" if s.offload_params else "none")
         ckpt = "on" if s.gradient_checkpointing else "off"
         return [
-            f"model: {m.source}: {m.n_params:,} parameters, largest layer "
-            f"{m.largest_layer_params:,}, {m.n_layer} layers x {m.hidden} wide, {m.n_head} heads, "
-            f"vocabulary {m.vocab:,}",
+            f"model: {m.source}: {m.describe()}",
             f"setup: {s.num_nodes} node(s) x {s.gpus_per_node} GPU(s), {s.precision}, micro-batch "
             f"{s.micro_batch} x {s.seq_len} tokens, gradient checkpointing {ckpt}, offload {offload}",
             f"model states per GPU (DeepSpeed ZeRO-3 estimate): {_gib(self.model_states)}",
@@ -168,16 +245,44 @@ def model_states(shape: ModelShape, s: Setting) -> tuple[int, int]:
     return int(gpu), int(cpu)
 
 
-def layer_activation_bytes(shape: ModelShape, b: int, s: int, precision: str) -> int:
-    """Bytes one GPT-J layer keeps for backward: 56*s*b*h + 6*a*s^2*b (x2 in fp32); see above."""
+def layer_activation_bytes(shape: ModelShape, b: int, s: int, precision: str,
+                           padded: bool = True) -> int:
+    """Bytes one layer keeps for backward for `b` sequences of `s` tokens (the counts of the
+    module docstring, after Korthikanti et al. 2022 section 4.1; x2 in fp32).
+
+    GPT-J: 56*s*b*h + 6*a*s^2*b. Pre-norm (Llama family, SDPA):
+    s*b*(2*n + 4*q + 4*kv + m) + 2*r + 4*a*s*b (+ 2*b*s^2 padded). GPT-NeoX (SDPA):
+    s*b*(16*h + 4*I) + 16*b*s + 4*a*s*b (+ 2*h*s*b sequential, + 2*b*s^2 padded).
+    `padded`: the micro-batch holds padding (an attention mask), as the plan assumes."""
     scale = 2 if precision == "fp32" else 1
-    return scale * (56 * s * b * shape.hidden + 6 * shape.n_head * s * s * b)
+    h, a, tokens = shape.hidden, shape.n_head, s * b
+    if shape.block == "gptj":
+        return scale * (56 * tokens * h + 6 * a * s * s * b)
+    q = a * shape.head_size
+    # K and V at their own heads only when SDPA gets no mask (enable_gqa); else repeated to a
+    # (transformers' repeat_kv)
+    kv = shape.kv_heads * shape.head_size if shape.sdpa and not padded else q
+    if shape.sdpa:  # fp32 log-sum-exp, and the 16-bit s x s bias SDPA makes of a boolean mask
+        attention = 4 * a * tokens + (2 * b * s * s if padded else 0)
+    else:  # eager: the fp32 softmax output and its 16-bit copy
+        attention = 6 * a * s * s * b
+    if shape.block == "neox":
+        residual = 0 if shape.parallel else 2 * h  # the sum the second LayerNorm reads
+        per_token = 16 * h + residual + 4 * shape.mlp_width
+        return scale * (tokens * per_token + 16 * tokens + attention)
+    norm, stats = (8 * h, 4 * tokens) if shape.rms_norm else (4 * h, 8 * tokens)
+    mlp = (8 if shape.gated_mlp else 4) * shape.mlp_width
+    if shape.qk_norm:  # fp32 input 4 + normalised 2 per query/key channel, 1/rms per head
+        own_kv = shape.kv_heads * shape.head_size
+        attention += tokens * (6 * (q + own_kv) + 4 * (a + shape.kv_heads))
+    return scale * (tokens * (2 * norm + 4 * q + 4 * kv + mlp) + 2 * stats + attention)
 
 
 def activation_bytes(shape: ModelShape, b: int, s: int, precision: str,
-                     checkpointing: bool) -> int:
-    """Activation bytes per GPU for a micro-batch of `b` sequences of `s` tokens."""
-    layer = layer_activation_bytes(shape, b, s, precision)
+                     checkpointing: bool, padded: bool = True) -> int:
+    """Activation bytes per GPU for a micro-batch of `b` sequences of `s` tokens: `L` layers
+    without checkpointing, else each layer's 16-bit input (2*s*b*h*L) plus one layer."""
+    layer = layer_activation_bytes(shape, b, s, precision, padded)
     if not checkpointing:
         return shape.n_layer * layer
     scale = 2 if precision == "fp32" else 1
@@ -274,6 +379,11 @@ def model_config(cfg: Config):
                           n_head=cfg.tiny_n_head, rotary_dim=cfg.tiny_rotary_dim,
                           tie_word_embeddings=cfg.tiny_tie_embeddings, bos_token_id=None,
                           eos_token_id=None), "tiny-gptj (tiny_* fields)"
+    if name in TINY_BASES:  # the other tiny bases (tiny-llama): the config dolly.models.tiny builds
+        from dolly.models.tiny import tiny_config
+
+        vocab = cfg.tokenizer_vocab_size if cfg.tokenizer == CORPUS_BPE else GPTJ_VOCAB_WITH_MARKERS
+        return tiny_config(cfg, _Vocabulary(vocab)), f"{name} (tiny_* fields)"
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise DollyError(f"base_model '{name}' has no config.json")
@@ -285,6 +395,9 @@ def model_config(cfg: Config):
             f"{name} (config.json from the Hugging Face cache)"
     except Exception:
         pass
+    known = known_config(name)
+    if known is not None:
+        return known, f"{name} (config.json values shipped in dolly/train/{KNOWN_CONFIGS.name}/)"
     if any(k in name.lower() for k in GPTJ_FAMILY):
         return GPTJConfig(), f"{name} (offline: GPT-J 6B's shape, transformers' GPTJConfig())"
     try:
@@ -295,8 +408,44 @@ def model_config(cfg: Config):
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
+class _Vocabulary:
+    """What dolly.models.tiny.tiny_config reads of a tokenizer: its size (no special ids)."""
+
+    bos_token_id = eos_token_id = pad_token_id = None
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def known_config(hub_id: str):
+    """The transformers config of a Hub id whose config.json values ship with dolly
+    (known_configs/<org>--<name>.json, matched without regard to case), else None."""
+    from transformers import AutoConfig
+
+    wanted = hub_id.strip("/").replace("/", "--").lower() + ".json"
+    for path in sorted(KNOWN_CONFIGS.glob("*.json")):
+        if path.name.lower() == wanted:
+            fields = {k: v for k, v in json.loads(path.read_text()).items()
+                      if not k.startswith("_")}
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return None
+
+
+def _attr(config, *names: str, default=None):
+    """The first of `names` the config sets (configs name one size differently)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
 def shape_of(config, source: str = "") -> ModelShape:
-    """Count a config's parameters on the meta device (no memory, no weights)."""
+    """Count a config's parameters on the meta device (no memory, no weights) and read the sizes
+    the activation count needs from its attributes (see the module docstring)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -306,8 +455,22 @@ def shape_of(config, source: str = "") -> ModelShape:
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     out = model.get_output_embeddings()
     vocab = out.weight.shape[0] if out is not None else config.vocab_size
-    return ModelShape(sum(distinct.values()), largest, int(config.num_hidden_layers),
-                      int(config.hidden_size), int(config.num_attention_heads), int(vocab), source)
+    hidden = int(_attr(config, "hidden_size", "n_embd"))
+    n_head = int(_attr(config, "num_attention_heads", "n_head"))
+    model_type = getattr(config, "model_type", "")
+    block = {"gptj": "gptj", "gpt_neox": "neox"}.get(model_type, "prenorm")
+    names = [name.rsplit(".", 1)[-1] for name, _ in model.named_modules()]
+    return ModelShape(
+        sum(distinct.values()), largest, int(_attr(config, "num_hidden_layers", "n_layer")),
+        hidden, n_head, int(vocab), source, block=block,
+        n_kv_head=int(_attr(config, "num_key_value_heads", default=n_head)),
+        head_dim=int(_attr(config, "head_dim", default=hidden // n_head)),
+        intermediate=int(_attr(config, "intermediate_size", "n_inner", default=4 * hidden)),
+        gated_mlp=any(n in ("gate_proj", "gate_up_proj") for n in names),
+        parallel=bool(getattr(config, "use_parallel_residual", block == "gptj")),
+        rms_norm=any(type(m).__name__.endswith("RMSNorm") for m in model.modules()),
+        sdpa=model.config._attn_implementation == "sdpa",
+        qk_norm="q_norm" in names and "k_norm" in names)
 
 
 def model_shape(cfg: Config) -> ModelShape:
@@ -368,6 +531,9 @@ def plan_for(cfg: Config, gpus_per_node: int | None = None, seq_len: int | None 
         notes.append(f"sequence length = max_length {cfg.max_length} (the longest batch a "
                      "length-grouped run can meet)")
     shape = shape or model_shape(cfg)
+    if shape.block != "gptj" and shape.sdpa:
+        notes.append("activations of a micro-batch with padding: SDPA gets a mask (an s x s "
+                     "bias per layer; key/value repeated to all heads)")
     return make_plan(shape, setting_of(cfg, gpus_per_node, seq_len), gpu_memory, notes)
 
 

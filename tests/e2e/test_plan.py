@@ -24,6 +24,27 @@ def test_plan_entry_point_for_a10_x4(tracking_uri):
             "(22.50 GiB less 10% reserve)") in out
 
 
+@pytest.mark.parametrize("profile, model, verdict", [
+    ("dolly-v2-12b", "EleutherAI/pythia-12b (config.json values shipped in "
+     "dolly/train/known_configs/): 11,846,072,320 parameters",
+     "verdict: fits: each of the 8 GPUs needs 31.76 GiB of 36.00 GiB usable "
+     "(40.00 GiB less 10% reserve)"),
+    ("llama-3.1-8b-h100", "meta-llama/Llama-3.1-8B (config.json values shipped in "
+     "dolly/train/known_configs/): 8,030,261,248 parameters",
+     "verdict: fits: each of the 8 GPUs needs 45.67 GiB of 71.64 GiB usable "
+     "(79.60 GiB less 10% reserve)"),
+], ids=["dolly-v2-12b", "llama-3.1-8b-h100"])
+def test_plan_of_the_other_bases_offline(tracking_uri, profile, model, verdict):
+    """Dolly v2's Pythia 12B and Llama 3.1 8B: no weights, no Hub (HF_HUB_OFFLINE=1), not in
+    the Hugging Face cache: the shipped config.json values."""
+    proc = mlflow_run("plan", {"config": f"configs/{profile}.yaml", "num_gpus": "8"},
+                      tracking_uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"plan ({profile}):" in proc.stdout
+    assert model in proc.stdout
+    assert verdict in proc.stdout
+
+
 def test_plan_of_an_unknown_model_offline_is_one_line(tracking_uri, tmp_path):
     proc = mlflow_run("plan", {"base_model": str(tmp_path / "nowhere"), "tokenizer": ""},
                       tracking_uri)

@@ -1,9 +1,12 @@
-"""The memory plan at GPT-J 6B's shape for every shipped GPU profile, with literal figures.
+"""The memory plan at GPT-J 6B's shape for every shipped GPU profile, with literal figures, and at
+the shapes of four other bases (Pythia-12B, Llama-3.1-8B, Qwen2.5-7B, Mistral-7B) whose
+config.json values ship in dolly/train/known_configs/.
 
 GPT-J 6B (transformers' GPTJConfig() defaults): 6,050,882,784 parameters; the largest layer is
 the untied LM head, 4096 x 50,400 + 50,400 bias = 206,488,800. DeepSpeed's ZeRO-3 estimate per
 GPU: 4 x largest layer + 18 (no offload) / 2 (optimizer offload) / 0 (both offloaded) bytes per
-parameter / GPUs. Activations (16-bit) per layer: s*b*h*34 + 6*a*s^2*b; logits b*s*V*10.
+parameter / GPUs. Activations (16-bit) per GPT-J layer: s*b*h*56 + 6*a*s^2*b; logits b*s*V*10.
+The other layouts' counts are in dolly/train/memory_plan.py's docstring.
 """
 from __future__ import annotations
 
@@ -224,3 +227,200 @@ def test_offload_needs_the_host_memory(gptj6b, monkeypatch):
         "(-P plan_check=false to try anyway)")
     monkeypatch.setattr(mp, "host_memory", lambda: 256 * GIB)
     assert mp.require_fit(cfg, gpus_per_node=4).fits is True
+
+
+# ------------------------------------------ bases other than GPT-J: Pythia, Llama, Qwen2, Mistral
+
+# Hub id -> parameters (counted on the meta device from the shipped config.json values; the model
+# cards' totals), largest layer (the embedding or the untied LM head: vocab x hidden), layers,
+# hidden, heads, key/value heads, MLP width, gated MLP, vocabulary
+KNOWN = {
+    "EleutherAI/pythia-12b": (11_846_072_320, 50_688 * 5120, 36, 5120, 40, 40, 20_480, False,
+                              50_688),
+    "meta-llama/Llama-3.1-8B": (8_030_261_248, 128_256 * 4096, 32, 4096, 32, 8, 14_336, True,
+                                128_256),
+    "Qwen/Qwen2.5-7B": (7_615_616_512, 152_064 * 3584, 28, 3584, 28, 4, 18_944, True, 152_064),
+    "mistralai/Mistral-7B-v0.1": (7_241_732_096, 32_000 * 4096, 32, 4096, 32, 8, 14_336, True,
+                                  32_000),
+}
+
+
+@pytest.fixture(scope="module")
+def known_shapes():
+    return {hub: mp.model_shape(load_config(None, {"base_model": hub, "tokenizer": ""}))
+            for hub in KNOWN}
+
+
+@pytest.mark.parametrize("hub", list(KNOWN))
+def test_known_bases_offline(known_shapes, hub):
+    """Not in the Hugging Face cache, offline (HF_HUB_OFFLINE=1): the shipped config.json values."""
+    shape = known_shapes[hub]
+    assert (shape.n_params, shape.largest_layer_params, shape.n_layer, shape.hidden, shape.n_head,
+            shape.kv_heads, shape.mlp_width, shape.gated_mlp, shape.vocab) == KNOWN[hub]
+    assert shape.source == f"{hub} (config.json values shipped in dolly/train/known_configs/)"
+    assert shape.head_size == 128 and shape.sdpa
+    neox = hub.startswith("EleutherAI/")
+    assert (shape.block, shape.parallel, shape.rms_norm) == (
+        ("neox", True, False) if neox else ("prenorm", False, True))
+    # matched without regard to case, as the Hub matches ids
+    assert mp.known_config(hub.upper()).to_dict() == mp.known_config(hub).to_dict()
+
+
+# b=8 records of s=2048 tokens, bf16 -> one layer without padding, one layer of a padded batch
+# (what the plan counts), L layers without checkpointing, checkpointing, logits (bytes per GPU)
+KNOWN_BYTES = {
+    # 16384 tokens x (16*5120 + 4*20480) + 16*16384 LayerNorm stats + 4*40*16384 log-sum-exp;
+    # padded + 2*8*2048^2 (the 16-bit s x s bias of each layer's SDPA)
+    "EleutherAI/pythia-12b": (2_687_238_144, 2_754_347_008, 99_156_492_288, 8_794_144_768,
+                              8_304_721_920),
+    # 16384 x (20*4096 + 4*1024 + 8*14336) + 8*16384 (1/rms) + 4*32*16384; padded: K and V at
+    # all 32 heads (+4*16384*3072) and the s x s bias
+    "meta-llama/Llama-3.1-8B": (3_290_562_560, 3_558_998_016, 113_887_936_512, 7_853_965_312,
+                                21_013_463_040),
+    "Qwen/Qwen2.5-7B": (3_692_953_600, 3_961_389_056, 110_918_893_568, 7_249_723_392,
+                        24_914_165_760),
+    "mistralai/Mistral-7B-v0.1": (3_290_562_560, 3_558_998_016, 113_887_936_512, 7_853_965_312,
+                                  5_242_880_000),
+}
+
+
+@pytest.mark.parametrize("hub", list(KNOWN_BYTES))
+def test_known_bases_bytes(known_shapes, hub):
+    shape, (plain, padded, no_ckpt, ckpt, logits) = known_shapes[hub], KNOWN_BYTES[hub]
+    b, s = 8, 2048
+    assert mp.layer_activation_bytes(shape, b, s, "bf16", padded=False) == plain
+    assert mp.layer_activation_bytes(shape, b, s, "bf16") == padded
+    assert mp.activation_bytes(shape, b, s, "bf16", False) == shape.n_layer * padded == no_ckpt
+    assert mp.activation_bytes(shape, b, s, "bf16", True) == 2 * s * b * shape.hidden * \
+        shape.n_layer + padded == ckpt
+    assert mp.logits_bytes(shape, b, s, "bf16") == b * s * shape.vocab * 10 == logits
+    assert mp.layer_activation_bytes(shape, b, s, "fp32") == 2 * padded
+
+
+def test_layer_counts_by_hand(known_shapes):
+    llama = known_shapes["meta-llama/Llama-3.1-8B"]
+    tokens = 8 * 2048
+    assert KNOWN_BYTES["meta-llama/Llama-3.1-8B"][0] == (
+        tokens * (20 * 4096 + 4 * 1024 + 8 * 14_336) + 8 * tokens + 4 * 32 * tokens)
+    assert KNOWN_BYTES["meta-llama/Llama-3.1-8B"][1] - KNOWN_BYTES["meta-llama/Llama-3.1-8B"][0] \
+        == 4 * tokens * (4096 - 1024) + 2 * 8 * 2048**2
+    assert KNOWN_BYTES["EleutherAI/pythia-12b"][0] == (
+        tokens * (16 * 5120 + 4 * 20_480) + 16 * tokens + 4 * 40 * tokens)
+    # a sequential GPT-NeoX block keeps the residual sum the second LayerNorm reads
+    seq = dataclasses.replace(known_shapes["EleutherAI/pythia-12b"], parallel=False)
+    assert mp.layer_activation_bytes(seq, 8, 2048, "bf16", padded=False) == \
+        KNOWN_BYTES["EleutherAI/pythia-12b"][0] + 2 * tokens * 5120
+    # multi-head attention: padding adds only the s x s bias
+    mha = dataclasses.replace(llama, n_kv_head=32)
+    assert mp.layer_activation_bytes(mha, 8, 2048, "bf16") - mp.layer_activation_bytes(
+        mha, 8, 2048, "bf16", padded=False) == 2 * 8 * 2048**2
+
+
+# profile -> model states, activations (no ckpt, ckpt), logits, CPU per node, need, usable (bytes
+# per GPU unless "per node"), fits; 8 GPUs per node
+NEW_PROFILES = {
+    # Dolly v2: Pythia-12B, micro-batch 3 x 2048 tokens, checkpointing, 8x A100 40GB
+    "configs/dolly-v2-12b.yaml": (27_691_752_960, 37_183_684_608, 3_297_804_288, 3_114_270_720,
+                                  12_457_082_880, 34_103_827_968, 38_654_705_664, True),
+    # Llama-3.1-8B: micro-batch 8 x 2048 tokens, checkpointing, 8x H100 80GB
+    "configs/llama-3.1-8b-h100.yaml": (20_169_434_112, 113_887_936_512, 7_853_965_312,
+                                       21_013_463_040, 25_216_155_648, 49_036_862_464,
+                                       76_922_864_271, True),
+}
+
+
+@pytest.mark.parametrize("profile", list(NEW_PROFILES))
+def test_new_profiles_fit(profile):
+    plan = mp.plan_for(load_config(profile), 8)
+    assert (plan.model_states, plan.activations_no_ckpt, plan.activations_ckpt, plan.logits,
+            plan.cpu_per_node, plan.need, plan.usable, plan.fits) == NEW_PROFILES[profile]
+    assert plan.verdict().startswith("verdict: fits: each of the 8 GPUs")
+
+
+def test_dolly_v2_micro_batch_6_needs_more_than_a100_40gb():
+    """Dolly v2's own micro-batch of 6 at Pythia's 2048 positions: over a 40GB A100's 36 GiB
+    (why the profile runs 3 x 2 accumulation steps); it fits an 80GB A100."""
+    cfg = {"per_device_batch_size": 6, "gradient_accumulation_steps": 1}
+    plan = mp.plan_for(load_config("configs/dolly-v2-12b.yaml", cfg), 8)
+    assert plan.fits is False and round(plan.need / GIB, 2) == 37.73
+    assert plan.fixes[0] == "-P per_device_batch_size=3 -P gradient_accumulation_steps=2"
+    big = mp.plan_for(load_config("configs/dolly-v2-12b.yaml", {**cfg, "gpu_memory_gb": 80}), 8)
+    assert big.fits is True
+
+
+def test_tiny_llama_plan():
+    plan = mp.plan_for(load_config(None, {"base_model": "tiny-llama"}))
+    shape = plan.shape
+    assert shape.source == "tiny-llama (tiny_* fields)"
+    assert (shape.block, shape.gated_mlp, shape.rms_norm, shape.n_layer, shape.hidden,
+            shape.vocab) == ("prenorm", True, True, 4, 256, 1024)
+
+
+def _saved_bytes(model, b: int, s: int, padded: bool) -> int:
+    """Bytes of the tensors autograd keeps for backward in `model`'s forward pass with labels:
+    each storage once, weights (and a CPU matmul's transposed copy of one) left out. `padded`:
+    the first record's last quarter is padding (an attention mask with zeros)."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weight_shapes = {tuple(p.shape) for p in model.parameters()} | {
+        tuple(p.shape[::-1]) for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights and tuple(t.shape) not in weight_shapes:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    ids = torch.randint(3, model.config.vocab_size, (b, s))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, s - s // 4:] = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+    return sum(storages.values())
+
+
+# model_type, config fields (sizes chosen so that no activation has a weight's shape: b*s, 128
+# or 256 below, is no weight's dimension), attention implementation
+TINY_LAYOUTS = {
+    "llama gqa": ("llama", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
+                                intermediate_size=512), "sdpa"),
+    "llama eager": ("llama", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
+                                  intermediate_size=512), "eager"),
+    "qwen3 qk-norm": ("qwen3", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
+                                    head_dim=40, intermediate_size=512), "sdpa"),
+    "gpt-neox parallel": ("gpt_neox", dict(hidden_size=192, num_attention_heads=6,
+                                           intermediate_size=768, rotary_pct=0.25,
+                                           use_parallel_residual=True), "sdpa"),
+    "gpt-neox sequential": ("gpt_neox", dict(hidden_size=192, num_attention_heads=6,
+                                             intermediate_size=768, rotary_pct=0.25,
+                                             use_parallel_residual=False), "sdpa"),
+}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("layout", list(TINY_LAYOUTS))
+def test_layout_counts_are_what_autograd_saves(layout, padded):
+    """The plan's bytes per layer of the pre-norm (Llama family) and GPT-NeoX blocks against the
+    tensors autograd keeps in transformers' models (CPU, bf16): a 2-layer minus a 1-layer model,
+    with and without padding, for two micro-batch shapes. The same counts held to the byte on an
+    H200 with CUDA's SDPA kernels (the module docstring). Within 1%: on CPU LayerNorm keeps its
+    statistics in bf16, CUDA in fp32 (16*b*s bytes in the plan)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, fields, attn = TINY_LAYOUTS[layout]
+    common = dict(vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=False,
+                  pad_token_id=0, bos_token_id=0, eos_token_id=0, **fields)
+    configs = [AutoConfig.for_model(model_type, num_hidden_layers=n, **common) for n in (1, 2)]
+    torch.manual_seed(0)
+    models = [AutoModelForCausalLM.from_config(c, attn_implementation=attn).to(torch.bfloat16)
+              for c in configs]
+    shape = dataclasses.replace(mp.shape_of(configs[1]), sdpa=attn == "sdpa")
+    for b, s in ((4, 32), (2, 128)):
+        per_layer = (_saved_bytes(models[1], b, s, padded)
+                     - _saved_bytes(models[0], b, s, padded))
+        assert per_layer == pytest.approx(
+            mp.layer_activation_bytes(shape, b, s, "bf16", padded=padded), rel=0.01)
