@@ -1,7 +1,8 @@
 """plan entry point: will this profile fit? Prints the memory plan (dolly/train/memory_plan.py).
 
-No weights are loaded and nothing is trained; offline it falls back to GPT-J 6B's shape for a
-Hub id of the GPT-J family. `-P num_gpus=N -P num_nodes=M -P gpu_memory_gb=G` plan another
+No weights are loaded and nothing is trained; offline it reads the config.json values shipped for
+a few public bases (dolly/train/known_configs/) or GPT-J 6B's shape for a Hub id of the GPT-J
+family. `-P num_gpus=N -P num_nodes=M -P gpu_memory_gb=G` plan another
 machine than the profile's.
 """
 from __future__ import annotations

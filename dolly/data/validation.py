@@ -39,7 +39,7 @@ LAYOUT_NAMES = {"output": "alpaca", "response": "dolly-15k"}
 REASONS = ("malformed_json", "malformed_csv", "encoding", "not_an_object", "missing_instruction",
            "missing_response", "non_string_field", "blank_instruction", "blank_response",
            "reserved_marker", "duplicate", "too_long", *CONVERSATION_REASONS,
-           "multi_turn_for_dolly", "prompt_tokens_differ")
+           "multi_turn_for_dolly", "template_refused", "prompt_tokens_differ")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -95,6 +95,7 @@ class Validator:
         self.fmt = fmt if fmt is not None else prompts.DollyFormat()
         self.control = ControlText(control_texts)
         self._expected: dict[tuple, tuple[int, ...]] = {}
+        self._detail: str | None = None  # why the last record was rejected, where a reason needs it
         self.kept: list[dict] = []
         self.rejected: list[dict] = []
         self.layouts: Counter = Counter()
@@ -119,8 +120,9 @@ class Validator:
     def _reject(self, r: Raw, reason: str) -> None:
         entry = {"source": r.source, "where": r.locator, "reason": reason,
                  "record": r.value if r.raw_text is None else r.raw_text}
-        if r.detail:
-            entry["detail"] = r.detail
+        detail, self._detail = r.detail or self._detail, None
+        if detail:
+            entry["detail"] = detail
         self.rejected.append(entry)
 
     @staticmethod
@@ -159,6 +161,9 @@ class Validator:
             return "multi_turn_for_dolly"
         except prompts.TemplateError as e:
             raise DataError(f"prompt_format={self.fmt.name}: {e}") from None
+        except Exception as e:  # the template's own refusal (raise_exception): a system turn...
+            self._detail = f"the chat template refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            return "template_refused"
         if not text.isascii() and _SURROGATE.search(text):
             return "encoding"
         if self.fmt.name == "dolly":
@@ -205,7 +210,13 @@ class Validator:
         inp = _newlines(inp) if prompts.has_input(inp) else ""
         cat, _ = self._pick(v, cols["category"])
         cat = cat if isinstance(cat, str) else ""
-        text, spans = self.fmt.render(ins, inp, resp)
+        try:
+            text, spans = self.fmt.render(ins, inp, resp)
+        except prompts.TemplateError as e:
+            raise DataError(f"prompt_format={self.fmt.name}: {e}") from None
+        except Exception as e:  # the template's own refusal
+            self._detail = f"the chat template refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            return "template_refused"
         if not (text.isascii() and cat.isascii()) and _SURROGATE.search(text + cat):
             return "encoding"
         if (self.control.found(text, bool(inp)) if self.fmt.name == "dolly" else

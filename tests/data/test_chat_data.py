@@ -83,3 +83,22 @@ def test_a_template_that_renders_history_differently_is_refused():
                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
     with pytest.raises(prompts.TemplateError, match="renders turn 2 differently"):
         fmt.render(None, None, None, messages)
+
+
+def test_a_turn_the_template_refuses_is_a_rejection_with_its_message():
+    from dolly.data.readers import Raw
+    from dolly.data.validation import Validator
+
+    # a template that takes no system turn (as Gemma's raises)
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                "{{ raise_exception('System role not supported') }}{% endif %}"
+                "<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    check = Validator({}, ["</s>"], prompts.ChatTemplateFormat(template))
+    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "a"}]
+    check.add([Raw("f.jsonl", "line 1", {"messages": turns}),
+               Raw("f.jsonl", "line 2", {"messages": turns[1:]})])
+    assert [(r["where"], r["reason"], r["detail"]) for r in check.rejected] == [
+        ("line 1", "template_refused", "the chat template refused it: System role not supported")]
+    assert [r["text"] for r in check.kept] == ["<user>u</s><assistant>a</s>"]
