@@ -1,6 +1,7 @@
 """The whole pipeline (`mlflow run . -e main`: data_prep, ZeRO-3 training on 2 CPU ranks,
-evaluate, register) on a tiny randomly initialised model of each architecture (tests/families.py:
-GPT-J, GPT-NeoX, Llama, Qwen2, Mistral), from a local Hugging Face folder, with the base's own
+evaluate, register; Llama's through the Spark launcher) on a tiny randomly initialised model of
+each architecture (tests/families.py: GPT-J, GPT-NeoX, Llama, Qwen2, Mistral), from a local
+Hugging Face folder, with the base's own
 tokenizer and `prompt_format=auto`: Dolly's format where the tokenizer has no chat template
 (GPT-J, GPT-NeoX), the base's template where it has one. One dataset for all: the built-in
 tasks and every conversation layout mixed in one folder. Then the registered model: it
@@ -28,6 +29,9 @@ ROWS = {"gptj": 488, "gpt_neox": 512, "llama": 480, "qwen2": 512, "mistral": 600
 PARAMS = {"test_size": 0.2, "max_steps": 3, "eval_limit": 8, "eval_max_new_tokens": 4,
           "eval_batch_size": 8, "per_device_batch_size": 4, "tokenizer": "",
           "prompt_format": "auto", "max_length": 128, "eval_steps": 0}
+# One family trains through the Spark launcher (a barrier job on a local session), the others
+# through the DeepSpeed launcher: the ranks run the same code either way.
+LAUNCHER = {"llama": {"launcher": "spark", "spark_master": "local[2]"}}
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},
                 {"role": "user", "content": "My name is Ada."},
                 {"role": "assistant", "content": "Hello, Ada!"},
@@ -50,11 +54,14 @@ def test_pipeline_runs_on_each_architecture(family, family_folders, shared, tmp_
     project, data = shared
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     params = {**PARAMS, "base_model": family_folders[family], "dataset": data,
-              "output_dir": tmp_path / "train", "master_port": free_port()}
+              "output_dir": tmp_path / "train", "master_port": free_port(),
+              **LAUNCHER.get(family, {})}
     proc = mlflow_run("main", params, uri, timeout=800, project=project)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     runs = {r.data.tags.get("mlflow.project.entryPoint"): r for r in runs_in(uri)}
     assert {"data_prep", "train", "evaluate", "register"} <= set(runs)
+    assert runs["train"].data.params.get("launcher", "deepspeed") == LAUNCHER.get(
+        family, {}).get("launcher", "deepspeed")
     prep = runs["data_prep"]
     assert prep.data.metrics["records_read"] == 74
     # Dolly's format cannot hold the two multi-turn conversations; a template can
