@@ -177,6 +177,9 @@ class MemoryPlan:
     logits: int
     fixes: list[str] = field(default_factory=list)  # -P changes that make it fit (cheapest first)
     notes: list[str] = field(default_factory=list)
+    # "GPU", or "CPU rank": a CPU profile on a machine without GPUs, whose ranks share this
+    # machine's memory (gpu_memory is then one rank's share)
+    device: str = "GPU"
 
     @property
     def need(self) -> int:
@@ -194,8 +197,13 @@ class MemoryPlan:
         s = self.setting
         if self.fits is None:
             return "verdict: no GPU memory known (pass -P gpu_memory_gb=G)"
-        head = (f"each of the {s.world} GPUs needs {_gib(self.need)} of {_gib(self.usable)} usable "
-                f"({_gib(self.gpu_memory)} less {RESERVE_FRACTION:.0%} reserve)")
+        if self.device != "GPU":
+            head = (f"each of the {s.world} CPU ranks needs {_gib(self.need)} of "
+                    f"{_gib(self.usable)} usable (its share of this machine's "
+                    f"{_gib(self.gpu_memory * s.gpus_per_node)}, less {RESERVE_FRACTION:.0%} reserve)")
+        else:
+            head = (f"each of the {s.world} GPUs needs {_gib(self.need)} of {_gib(self.usable)} "
+                    f"usable ({_gib(self.gpu_memory)} less {RESERVE_FRACTION:.0%} reserve)")
         if self.fits:
             return f"verdict: fits: {head}"
         turn = "; or ".join(self.fixes) if self.fixes else (
@@ -208,12 +216,14 @@ class MemoryPlan:
         offload = ("optimizer+params" if s.offload_optimizer and s.offload_params else
                    "optimizer" if s.offload_optimizer else "params" if s.offload_params else "none")
         ckpt = "on" if s.gradient_checkpointing else "off"
+        per = "GPU" if self.device == "GPU" else "CPU rank"
         return [
             f"model: {m.source}: {m.describe()}",
-            f"setup: {s.num_nodes} node(s) x {s.gpus_per_node} GPU(s), {s.precision}, micro-batch "
-            f"{s.micro_batch} x {s.seq_len} tokens, gradient checkpointing {ckpt}, offload {offload}",
-            f"model states per GPU (DeepSpeed ZeRO-3 estimate): {_gib(self.model_states)}",
-            f"activations per GPU: {_gib(self.activations_no_ckpt)} without gradient "
+            f"setup: {s.num_nodes} node(s) x {s.gpus_per_node} {per}(s), {s.precision}, "
+            f"micro-batch {s.micro_batch} x {s.seq_len} tokens, gradient checkpointing {ckpt}, "
+            f"offload {offload}",
+            f"model states per {per} (DeepSpeed ZeRO-3 estimate): {_gib(self.model_states)}",
+            f"activations per {per}: {_gib(self.activations_no_ckpt)} without gradient "
             f"checkpointing, {_gib(self.activations_ckpt)} with it (after Korthikanti et al. "
             f"2022); "
             f"logits and loss {_gib(self.logits)}",
@@ -510,6 +520,21 @@ def plan_for(cfg: Config, gpus_per_node: int | None = None, seq_len: int | None 
     `prefer_visible`); `seq_len` defaults to `max_length`."""
     notes = []
     visible, visible_bytes = visible_gpu()
+    if (gpus_per_node is None and not visible and cfg.num_gpus <= 0 and cfg.gpu_memory_gb <= 0
+            and cfg.precision in ("auto", "fp32")):
+        # A CPU profile (the tiny ones) on a machine without GPUs: the train step runs
+        # cpu_ranks fp32 processes on this machine, which share its memory.
+        import dataclasses as _dc
+
+        ranks = cfg.cpu_ranks
+        shape = shape or model_shape(cfg)
+        setting = _dc.replace(setting_of(cfg, ranks, seq_len), precision="fp32")
+        plan = make_plan(shape, setting, host_memory() // ranks, [
+            f"no GPU visible and none planned for: {ranks} CPU ranks (cpu_ranks) in fp32 on "
+            "this machine, as the train step runs them (-P num_gpus=N -P gpu_memory_gb=G plans "
+            "GPUs instead)"], suggest=False)
+        plan.device = "CPU rank"
+        return plan
     if gpus_per_node is None:
         if cfg.num_gpus > 0:
             gpus_per_node = cfg.num_gpus

@@ -138,11 +138,14 @@ def test_require_fit_raises_one_line(gptj6b, monkeypatch):
     assert warned.fits is False
 
 
-def test_tiny_profile_and_a_local_folder(tmp_path):
+def test_tiny_profile_and_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(mp, "visible_gpu", lambda: (0, 0))
     tiny = mp.plan_for(load_config(None))
     assert tiny.shape.source.startswith("tiny-gptj")
     assert tiny.shape.vocab == 1024 and tiny.shape.n_layer == 4
-    assert tiny.fits is None and "gpu_memory_gb" in tiny.verdict()
+    assert tiny.device == "CPU rank"  # planned as the train step runs it here: CPU ranks
+    on_gpus = mp.plan_for(load_config(None, {"num_gpus": 1}))
+    assert on_gpus.fits is None and "gpu_memory_gb" in on_gpus.verdict()
     from transformers import GPTJConfig
 
     GPTJConfig(vocab_size=50_400, n_embd=64, n_layer=2, n_head=4, rotary_dim=16).save_pretrained(
@@ -424,3 +427,21 @@ def test_layout_counts_are_what_autograd_saves(layout, padded):
                      - _saved_bytes(models[0], b, s, padded))
         assert per_layer == pytest.approx(
             mp.layer_activation_bytes(shape, b, s, "bf16", padded=padded), rel=0.01)
+
+
+def test_a_cpu_profile_is_planned_on_this_machines_memory(monkeypatch):
+    from dolly.config import load_config
+    from dolly.train import memory_plan as mp
+
+    monkeypatch.setattr(mp, "visible_gpu", lambda: (0, 0))
+    monkeypatch.setattr(mp, "host_memory", lambda: 16 * mp.GIB)
+    for profile in ("configs/tiny.yaml", "configs/tiny-chat.yaml"):
+        plan = mp.plan_for(load_config(profile))
+        assert plan.device == "CPU rank" and plan.setting.precision == "fp32"
+        assert plan.setting.gpus_per_node == 2 and plan.gpu_memory == 8 * mp.GIB
+        assert plan.verdict().startswith("verdict: fits: each of the 2 CPU ranks needs ")
+        assert plan.verdict().endswith(" of 7.20 GiB usable (its share of this machine's "
+                                       "16.00 GiB, less 10% reserve)")
+        assert plan.lines()[1].startswith("setup: 1 node(s) x 2 CPU rank(s), fp32, micro-batch 16")
+    # a GPU profile on the same machine is still planned for its GPUs
+    assert mp.plan_for(load_config("configs/gpt-j-6b-a100.yaml")).device == "GPU"
