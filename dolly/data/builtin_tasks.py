@@ -31,11 +31,15 @@ RECALL_NAME_REPLY = "Nice to meet you, {w}!"
 RECALL_NAME = "What is my name?"
 
 
-def fixed_words() -> set[str]:
-    """Every word of the families' own wording (lowercase): never generated as a task word."""
+def fixed_words(conversations: bool = False) -> set[str]:
+    """Every word of the families' own wording (lowercase): never generated as a task word; with
+    `conversations`, the multi-turn families' wording too (built-in data in chat form). The
+    instruction families' set alone is what the default's dataset and the pretraining corpus
+    avoid, unchanged since before conversations."""
     texts = [*REPEAT, *GREET, GREETING, FIRST, *COUNT_WORD, COUNT_DIGIT, MORE_THAN,
-             *NUMBER_WORDS.values(), "yes no", RECALL_NOTED, RECALL_FIRST, RECALL_NAME_INTRO,
-             RECALL_NAME_REPLY, RECALL_NAME]
+             *NUMBER_WORDS.values(), "yes no"]
+    if conversations:
+        texts += [RECALL_NOTED, RECALL_FIRST, RECALL_NAME_INTRO, RECALL_NAME_REPLY, RECALL_NAME]
     return set().union(*(words_in(t.replace("{w}", " ").replace("{k}", " ")) for t in texts))
 
 
@@ -104,7 +108,7 @@ def generate(n: int, seed: int = 42, part: str = DATASET,
     record only, and never one of `avoid` (lowercase) nor of the families' own wording.
     """
     rng = random.Random(f"tasks-{part}-{seed}")
-    words = WordSource(seed, part, avoid=fixed_words() | set(avoid or ()))
+    words = WordSource(seed, part, avoid=fixed_words(conversations) | set(avoid or ()))
     records: list[dict] = []
     families = list(FAMILIES) + (list(CHAT_FAMILIES) if conversations else [])
     for i in range(n):
