@@ -244,9 +244,12 @@ def chat_prompt_ids(tokenizer, fmt, messages: list[dict], budget: int) -> tuple[
     text tokenized whole: the very ids training saw for the same turns. One over budget drops
     the oldest turns after a system turn, two at a time (a user turn and its answer), while
     more than one user turn is left; then keeps the end of the last user turn's text. If even
-    the template does not fit, its last `budget` tokens. Raises ValueError if `budget` < 1."""
+    the template does not fit, its last `budget` tokens. Raises ValueError if `budget` < 1, and
+    dolly.prompts.TemplateError when `messages` does not end with a user turn."""
     if budget < 1:
         raise ValueError(f"a prompt budget of {budget} tokens leaves no room for a prompt")
+    if not messages or messages[-1].get("role") != "user":
+        raise prompts.TemplateError("a conversation to answer must end with a user turn")
 
     def encode(turns) -> list[int]:
         return tokenizer(fmt.prompt(messages=turns), add_special_tokens=False)["input_ids"]

@@ -224,11 +224,10 @@ class ChatTemplateFormat:
 
     @classmethod
     def of(cls, tokenizer) -> "ChatTemplateFormat":
-        template = getattr(tokenizer, "chat_template", None)
-        if isinstance(template, dict):  # several named templates: the default one
-            template = template.get("default")
+        template = chat_template_of(tokenizer)
         if not template:
-            raise TemplateError("the tokenizer has no chat template")
+            raise TemplateError("the tokenizer has no chat template (none, or named templates "
+                                "without a 'default' one)")
         return cls(template, dict(tokenizer.special_tokens_map))
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
@@ -301,11 +300,20 @@ class ChatTemplateFormat:
         return tuple(v for v in self.special_tokens.values() if isinstance(v, str) and v)
 
 
+def chat_template_of(tokenizer) -> str | None:
+    """The tokenizer's chat template: its template, or of several named ones the 'default'; None
+    when it has none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) and template else None
+
+
 def resolve_format(name: str, tokenizer) -> str:
     """`dolly` or `chat_template` for a `prompt_format` setting: `auto` is the chat template when
-    the tokenizer has one, else Dolly's."""
+    the tokenizer has one (`chat_template_of`), else Dolly's."""
     if name == "auto":
-        return "chat_template" if getattr(tokenizer, "chat_template", None) else "dolly"
+        return "chat_template" if chat_template_of(tokenizer) else "dolly"
     return name
 
 

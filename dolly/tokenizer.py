@@ -32,7 +32,9 @@ def add_chat_template(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """A tokenizer without a chat template gets ChatML (dolly.prompts.CHATML_TEMPLATE) and its
     two markers as special tokens, added only when missing; pad = eos when it has none. One with
     a template is returned as it is (pad = eos when it has none)."""
-    if not getattr(tok, "chat_template", None):
+    from dolly.prompts import chat_template_of
+
+    if not chat_template_of(tok):
         missing = [t for t in CHATML_TOKENS if t not in tok.get_vocab()]
         if missing:
             tok.add_special_tokens({"additional_special_tokens": missing},

@@ -75,7 +75,9 @@ def _newlines(s: str) -> str:
 
 
 def _keys(value: dict) -> list[str]:
-    return [k for k in LAYOUTS if value.get(k) is not None]
+    """The conversation keys a record holds a value for: not null and not an empty text (a CSV
+    row has every column, "" where it has none)."""
+    return [k for k in LAYOUTS if value.get(k) is not None and value.get(k) != ""]
 
 
 def is_conversation(value) -> bool:

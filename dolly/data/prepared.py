@@ -60,13 +60,29 @@ class PrepareFailed(DataError):
 
 def record_format(cfg: Config, tok):
     """The prompt format records are rendered in (dolly.prompts): the tokenizer's, or, before the
-    corpus BPE is learned (`tok` None), the one it will have (Dolly's, or ChatML)."""
+    corpus BPE is learned (`tok` None), the one it will have (Dolly's, or ChatML). Raises
+    DataError (one line) for a chat template that cannot render a conversation or writes
+    nothing after an answer (nothing would teach the model to stop)."""
     if tok is not None:
-        return prompts.get_format(cfg.prompt_format, tok)
-    if cfg.prompt_format == "chat_template":
-        return prompts.ChatTemplateFormat(prompts.CHATML_TEMPLATE,
-                                          {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS})
-    return prompts.DollyFormat()
+        try:
+            fmt = prompts.get_format(cfg.prompt_format, tok)
+        except prompts.TemplateError as e:
+            raise DataError(f"prompt_format={cfg.prompt_format}: {e}") from None
+    elif cfg.prompt_format == "chat_template":
+        fmt = prompts.ChatTemplateFormat(prompts.CHATML_TEMPLATE,
+                                         {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS})
+    else:
+        return prompts.DollyFormat()
+    if fmt.name == "chat_template":
+        try:
+            end = fmt.end_of_turn()
+        except Exception as e:  # a template that does not compile or render a plain exchange
+            raise DataError("prompt_format=chat_template: the chat template cannot render a "
+                            f"user turn and its answer: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if not end.strip():
+            raise DataError("prompt_format=chat_template: the chat template writes nothing after "
+                            "an answer, so no token would teach the model to stop")
+    return fmt
 
 
 def read_source(cfg: Config):
@@ -127,7 +143,10 @@ def tokenize(tok, texts: list[str], max_length: int, policy: str,
     ids_out, labels_out, starts, truncated = [], [], [], []
     for text, (ids, offsets), char_spans in zip(texts, encoded, spans):
         token_spans = _token_spans(offsets, char_spans)
-        start = token_spans[-1][0] if token_spans and token_spans[-1][0] < len(ids) else None
+        # every answer must be there: one cut off by the character clip means a prompt too long
+        whole = len(token_spans) == len(char_spans)
+        start = (token_spans[-1][0] if whole and token_spans and token_spans[-1][0] < len(ids)
+                 else None)
         fits = len(text) <= char_cap and len(ids) <= max_length
         if start is not None and fits:
             ids_out.append(list(ids)), starts.append(start), truncated.append(False)
@@ -372,6 +391,10 @@ def _finish(cfg: Config, tok, check: Validator, read: int, files: list[dict], ou
     if len(train) == 0:
         raise DataError(f"{cfg.dataset}: no training records left after validation "
                         f"({len(rejected)} rejected; see prepared/rejected.jsonl)")
+    if len(test) == 0:
+        raise DataError(f"{cfg.dataset}: no held-out records left after tokenizing (the held-out "
+                        f"ones were rejected; {len(rejected)} rejected in all, see "
+                        "prepared/rejected.jsonl): raise test_size")
 
     counts = _counts(read, rejected)
     counts.update({"records_train": len(train), "records_test": len(test),

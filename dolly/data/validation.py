@@ -164,7 +164,9 @@ class Validator:
         except Exception as e:  # the template's own refusal (raise_exception): a system turn...
             self._detail = f"the chat template refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             return "template_refused"
-        if not text.isascii() and _SURROGATE.search(text):
+        cat, _ = self._pick(r.value, self._columns["category"])
+        cat = cat if isinstance(cat, str) else ""
+        if not (text.isascii() and cat.isascii()) and _SURROGATE.search(text + cat):
             return "encoding"
         if self.fmt.name == "dolly":
             if self.control.found(text, False):
@@ -179,9 +181,8 @@ class Validator:
         self._seen.add(key)
         self.layouts[layout] += 1
         last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-        cat = r.value.get("category")
         self.kept.append({"instruction": last_user, "input": "", "response": messages[-1]["content"],
-                          "category": cat if isinstance(cat, str) else "", "source": r.source, "where": r.locator, "text": text,
+                          "category": cat, "source": r.source, "where": r.locator, "text": text,
                           "messages": messages, "spans": spans})
         return None
 
@@ -190,6 +191,9 @@ class Validator:
         if not isinstance(v, dict):
             return "not_an_object"
         if is_conversation(v):
+            if any(isinstance(v.get(c), str) and v.get(c) != "" for f in ("instruction", "response")
+                   for c in self._columns[f]):
+                return "malformed_conversation"  # a chat and an instruction record in one
             return self._conversation(r)
         cols = self._columns
         ins, _ = self._pick(v, cols["instruction"])
@@ -222,7 +226,9 @@ class Validator:
         if (self.control.found(text, bool(inp)) if self.fmt.name == "dolly" else
                 self._control_found(text, prompts.instruction_messages(ins, inp, resp))):
             return "reserved_marker"  # would break masking or stop generation early
-        key = (_norm(ins), _norm(inp), _norm(resp))
+        key = ((_norm(ins), _norm(inp), _norm(resp)) if self.fmt.name == "dolly" else
+               # the chat template sees one user turn: the same text as a conversation's
+               (_norm(prompts.instruction_messages(ins, inp)[0]["content"]), "", _norm(resp)))
         if key in self._seen:
             return "duplicate"
         self._seen.add(key)

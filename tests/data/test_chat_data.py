@@ -102,3 +102,91 @@ def test_a_turn_the_template_refuses_is_a_rejection_with_its_message():
     assert [(r["where"], r["reason"], r["detail"]) for r in check.rejected] == [
         ("line 1", "template_refused", "the chat template refused it: System role not supported")]
     assert [r["text"] for r in check.kept] == ["<user>u</s><assistant>a</s>"]
+
+
+def _prep(tmp_path, files: dict, **overrides):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, text in files.items():
+        (data / name).write_text(text, encoding="utf-8")
+    cfg = load_config(None, {"dataset": str(data), "prompt_format": "chat_template",
+                             "test_size": 1, "tokenizer_vocab_size": 300, **overrides})
+    out = tmp_path / "prepared"
+    result = prepare(cfg, out, progress=False)
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    return result, [(r["where"], r["reason"]) for r in rejected]
+
+
+def _chat(user, answer, **extra):
+    return json.dumps({"messages": [{"role": "user", "content": user},
+                                    {"role": "assistant", "content": answer}], **extra})
+
+
+def test_hostile_conversation_records_are_named_rejections(tmp_path):
+    lines = [_chat("q1", "a1"),
+             _chat("q2", "a2", category="\\ud800").replace("\\\\ud800", "\\ud800"),
+             json.dumps({"messages": json.loads(_chat("q3", "a3"))["messages"],
+                         "instruction": "also an instruction", "output": "x"}),
+             _chat("Add.\n\n2 3", "5"),  # the same text as the instruction record below
+             json.dumps({"instruction": "Add.", "input": "2 3", "output": "5"}),
+             json.dumps({"instruction": "Name one.", "input": "", "output": "One."})]
+    result, rejected = _prep(tmp_path, {"a.jsonl": "\n".join(lines) + "\n"})
+    assert rejected == [("line 2", "encoding"), ("line 3", "malformed_conversation"),
+                        ("line 5", "duplicate")]
+    assert result.counts["records_kept"] == 3
+
+
+def test_a_csv_of_chat_and_instruction_rows_keeps_both(tmp_path):
+    import pandas as pd
+
+    turns = json.loads(_chat("Spell cat.", "c-a-t"))["messages"]
+    csv = pd.DataFrame({"messages": [json.dumps(turns), None, None],
+                        "instruction": [None, "Say hi.", "Say bye."],
+                        "output": [None, "Hi!", "Bye!"], "cat": ["spell", "greet", "greet"]})
+    (tmp_path / "x").mkdir()
+    csv.to_csv(tmp_path / "x" / "mixed.csv", index=False)
+    result, rejected = _prep(tmp_path, {"mixed.csv": (tmp_path / "x" / "mixed.csv").read_text()},
+                             columns="category=cat")
+    assert rejected == []
+    assert result.summary["layouts"] == {"alpaca": 2, "messages": 1}
+    kept = pd.concat([result.train, result.test])
+    assert sorted(kept["category"]) == ["greet", "greet", "spell"]  # columns= maps chats too
+
+
+def test_a_truncated_conversation_never_labels_user_text(tmp_path):
+    lines = [json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "word " * 2000}, {"role": "assistant", "content": "final"}]}),
+        *(_chat(f"q{i}", f"a{i}") for i in range(4))]
+    result, rejected = _prep(tmp_path, {"a.jsonl": "\n".join(lines) + "\n"},
+                             too_long="truncate", max_length=32)
+    assert rejected == [("line 1", "too_long")]  # the last answer is past the cut: not trainable
+
+
+def test_a_template_without_an_end_of_turn_or_that_does_not_compile_is_one_line(tmp_path):
+    from dolly.data.prepared import record_format
+    from dolly.errors import DataError
+
+    class Tok:  # what record_format reads of a tokenizer
+        special_tokens_map = {"eos_token": "</s>"}
+        chat_template = None
+
+    cfg = load_config(None, {"prompt_format": "chat_template"})
+    Tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(DataError, match="writes nothing after an answer"):
+        record_format(cfg, Tok())
+    Tok.chat_template = "{% for m in messages %}{{ m['content'] }"
+    with pytest.raises(DataError, match="cannot render a user turn and its answer"):
+        record_format(cfg, Tok())
+    Tok.chat_template = {"tool_use": "{{ messages }}"}  # named templates, no default
+    with pytest.raises(DataError, match="no chat template"):
+        record_format(cfg, Tok())
+    assert prompts.resolve_format("auto", Tok()) == "dolly"
+
+
+def test_a_conversation_to_answer_must_end_with_a_user_turn():
+    from dolly.generation import chat_prompt_ids
+
+    fmt = prompts.ChatTemplateFormat(prompts.CHATML_TEMPLATE)
+    with pytest.raises(prompts.TemplateError, match="must end with a user turn"):
+        chat_prompt_ids(None, fmt, [{"role": "system", "content": "s"}], 30)
