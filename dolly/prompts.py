@@ -221,6 +221,7 @@ class ChatTemplateFormat:
     def __init__(self, template: str, special_tokens: dict[str, str] | None = None):
         self.template = template
         self.special_tokens = dict(special_tokens or {})
+        self._end_of_turn: str | None = None
 
     @classmethod
     def of(cls, tokenizer) -> "ChatTemplateFormat":
@@ -270,12 +271,15 @@ class ChatTemplateFormat:
 
     def end_of_turn(self) -> str:
         """The text the template writes after an assistant answer, up to its last visible
-        character (`<|im_end|>`, `<|eot_id|>`, `</s>`...)."""
-        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-        text, spans = self.render(None, None, None, probe)
-        start, end = spans[-1]
-        at = text.find("y", start)
-        return text[at + 1:end] if at >= 0 else ""
+        character (`<|im_end|>`, `<|eot_id|>`, `</s>`...); rendered once, then remembered
+        (every answer is parsed with it)."""
+        if self._end_of_turn is None:
+            probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+            text, spans = self.render(None, None, None, probe)
+            start, end = spans[-1]
+            at = text.find("y", start)
+            self._end_of_turn = text[at + 1:end] if at >= 0 else ""
+        return self._end_of_turn
 
     def end_ids(self, tokenizer) -> list[int]:
         """The special tokens of the end-of-turn text: generation stops at them."""

@@ -151,19 +151,30 @@ class Validator:
                                           for t in self.control.texts)
         return tuple(map(text.count, self.control.texts)) != self._expected[roles]
 
+    def _render(self, ins, inp, resp, messages):
+        """(text, loss spans, None) of a record in the run's format, or (None, None, reason):
+        `multi_turn_for_dolly`, or `template_refused` (the template's own `raise_exception`,
+        e.g. for a system turn; its message kept as the rejection's detail). Raises DataError
+        for a template that renders history differently from a last turn (dolly.prompts)."""
+        try:
+            text, spans = self.fmt.render(ins, inp, resp, messages)
+        except prompts.NotDollyShape:
+            return None, None, "multi_turn_for_dolly"
+        except prompts.TemplateError as e:
+            raise DataError(f"prompt_format={self.fmt.name}: {e}") from None
+        except Exception as e:  # the template's own refusal
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self._detail = f"the chat template refused it: {why}"
+            return None, None, "template_refused"
+        return text, spans, None
+
     def _conversation(self, r: Raw) -> str | None:
         messages, reason, layout = parse_conversation(r.value)
         if reason:
             return reason
-        try:
-            text, spans = self.fmt.render(None, None, None, messages)
-        except prompts.NotDollyShape:
-            return "multi_turn_for_dolly"
-        except prompts.TemplateError as e:
-            raise DataError(f"prompt_format={self.fmt.name}: {e}") from None
-        except Exception as e:  # the template's own refusal (raise_exception): a system turn...
-            self._detail = f"the chat template refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            return "template_refused"
+        text, spans, reason = self._render(None, None, None, messages)
+        if reason:
+            return reason
         cat, _ = self._pick(r.value, self._columns["category"])
         cat = cat if isinstance(cat, str) else ""
         if not (text.isascii() and cat.isascii()) and _SURROGATE.search(text + cat):
@@ -214,13 +225,9 @@ class Validator:
         inp = _newlines(inp) if prompts.has_input(inp) else ""
         cat, _ = self._pick(v, cols["category"])
         cat = cat if isinstance(cat, str) else ""
-        try:
-            text, spans = self.fmt.render(ins, inp, resp)
-        except prompts.TemplateError as e:
-            raise DataError(f"prompt_format={self.fmt.name}: {e}") from None
-        except Exception as e:  # the template's own refusal
-            self._detail = f"the chat template refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            return "template_refused"
+        text, spans, reason = self._render(ins, inp, resp, None)
+        if reason:
+            return reason
         if not (text.isascii() and cat.isascii()) and _SURROGATE.search(text + cat):
             return "encoding"
         if (self.control.found(text, bool(inp)) if self.fmt.name == "dolly" else

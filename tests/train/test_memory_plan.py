@@ -185,21 +185,7 @@ def test_layer_formula_is_what_autograd_saves(h, a, s, b):
             vocab_size=1000, n_embd=h, n_layer=n_layer, n_head=a, rotary_dim=16,
             n_positions=1024, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
             pad_token_id=0)).to(torch.bfloat16).train()
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        weight_shapes = {tuple(p.shape) for p in model.parameters()} | {
-            tuple(p.shape[::-1]) for p in model.parameters()}  # a CPU matmul's transposed copy
-        storages: dict[int, int] = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in weights and tuple(t.shape) not in weight_shapes:
-                storages[st.data_ptr()] = st.nbytes()
-            return t
-
-        ids = torch.randint(0, 1000, (b, s))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, labels=ids)
-        return sum(storages.values())
+        return _saved_bytes(model, b, s, padded=False)
 
     shape = mp.ModelShape(0, 0, 1, h, a, 1000)
     per_layer = saved_bytes(2) - saved_bytes(1)
