@@ -391,10 +391,6 @@ def _finish(cfg: Config, tok, check: Validator, read: int, files: list[dict], ou
     if len(train) == 0:
         raise DataError(f"{cfg.dataset}: no training records left after validation "
                         f"({len(rejected)} rejected; see prepared/rejected.jsonl)")
-    if len(test) == 0:
-        raise DataError(f"{cfg.dataset}: no held-out records left after tokenizing (the held-out "
-                        f"ones were rejected; {len(rejected)} rejected in all, see "
-                        "prepared/rejected.jsonl): raise test_size")
 
     counts = _counts(read, rejected)
     counts.update({"records_train": len(train), "records_test": len(test),
