@@ -179,16 +179,8 @@ def _byte_kind(tokenizer) -> str | None:
     return kind
 
 
-def _skipped_ids(tokenizer) -> set[int]:
-    """The ids `decode(..., skip_special_tokens=True)` leaves out: the special tokens, including
-    added ones such as Dolly's markers (which `all_special_ids` may not list)."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return set(tokenizer.all_special_ids) | {i for i, t in added.items()
-                                             if getattr(t, "special", False)}
-
-
 def _token_bytes(tokenizer, ids: list[int], kind: str) -> bytes:
-    special = _skipped_ids(tokenizer)
+    special = prompts.special_token_ids(tokenizer)
     out = bytearray()
     for tok in tokenizer.convert_ids_to_tokens([t for t in ids if t not in special]):
         if tok is None:

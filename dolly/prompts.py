@@ -96,6 +96,15 @@ def format_record(instruction: str, input: str | None, response: str) -> str:
     return format_prompt(instruction, input) + response + END_SUFFIX
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """Every special token id of a Hugging Face tokenizer: `all_special_ids` and the added tokens
+    marked special (Dolly's markers, ChatML's), which `all_special_ids` may not list. What
+    `decode(..., skip_special_tokens=True)` leaves out."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items()
+                                             if getattr(t, "special", False)}
+
+
 def special_ids(tok) -> tuple[int, int]:
     """(response key id, end key id) in `tok` (a Hugging Face tokenizer with Dolly's markers added
     as special tokens): the two tokens the label mask and generation's stop depend on."""
@@ -204,9 +213,6 @@ class DollyFormat:
     def answer(self, text: str) -> str:
         return parse_response(text)
 
-    def control_texts(self) -> tuple[str, ...]:
-        return SPECIAL_TOKENS
-
 
 class ChatTemplateFormat:
     """The tokenizer's own chat template (a Jinja template, rendered as Hugging Face's
@@ -284,9 +290,7 @@ class ChatTemplateFormat:
     def end_ids(self, tokenizer) -> list[int]:
         """The special tokens of the end-of-turn text: generation stops at them."""
         ids = tokenizer(self.end_of_turn(), add_special_tokens=False)["input_ids"]
-        special = set(tokenizer.all_special_ids) | {
-            i for i, t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()
-            if getattr(t, "special", False)}
+        special = special_token_ids(tokenizer)
         return sorted({i for i in ids if i in special})
 
     def stop_ids(self, tokenizer) -> list[int]:
@@ -299,9 +303,6 @@ class ChatTemplateFormat:
         if eot and eot in text:
             text = text[:text.index(eot)]
         return text.strip()
-
-    def control_texts(self) -> tuple[str, ...]:
-        return tuple(v for v in self.special_tokens.values() if isinstance(v, str) and v)
 
 
 def chat_template_of(tokenizer) -> str | None:

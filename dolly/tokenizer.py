@@ -13,8 +13,6 @@ from dolly.errors import DollyError
 from dolly.prompts import CHATML_TEMPLATE, CHATML_TOKENS, SPECIAL_TOKENS
 
 EOS = "<|endoftext|>"
-# What the corpus BPE maps to control ids (known before it is trained on the kept texts).
-CORPUS_CONTROL_TEXTS = (EOS, *SPECIAL_TOKENS)
 
 
 def format_tokens(prompt_format: str) -> tuple[str, ...]:
