@@ -9,10 +9,11 @@ answer is shortened, keeping the template and the *end* of the instruction.
 from __future__ import annotations
 
 import re
+import threading
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 from transformers import StoppingCriteria
@@ -30,7 +31,21 @@ class Generation:
     new_tokens: int  # tokens generated, `### End` included, padding excluded
     prompt_tokens: int
     truncated_prompt: bool  # the prompt had to be shortened to fit the context
-    expired: bool = False  # its deadline passed: not started, or stopped before its end
+    expired: bool = False  # its deadline passed (or it was cancelled): not started, or cut short
+    ended: bool = False  # ended by itself (an end-of-answer or stop token, or its Watch said so),
+    # not by the token limit: OpenAI's finish_reason "stop" rather than "length"
+
+
+@dataclass(eq=False)
+class Watch:
+    """What a caller can do to one row while it generates (streaming, stop strings, a client
+    that went away): `cancelled` set stops the row at the next token (as a passed deadline does);
+    `on_tokens(ids)` is called after each new token with the row's generated ids so far (list of
+    int, prompt excluded) and returns True to end the row there (a stop string was reached).
+    Called from the generating thread; it must be quick."""
+
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    on_tokens: Callable[[list[int]], bool] | None = None
 
 
 @dataclass
@@ -117,25 +132,50 @@ def expired(deadlines: Sequence[float | None]) -> list[bool]:
 
 class DeadlineStop(StoppingCriteria):
     """A stopping criterion (transformers' `StoppingCriteria` protocol): a row whose deadline
-    (`time.monotonic()` seconds; None = none) has passed counts as finished at the next step
-    boundary, so nobody's abandoned request keeps the cores busy. Returns (batch,) bool and
-    remembers, per row, the sequence length at which its deadline was first seen passed."""
+    (`time.monotonic()` seconds; None = none) has passed, or whose Watch was cancelled, counts as
+    finished at the next step boundary, so nobody's abandoned request keeps the cores busy; a
+    row whose Watch's `on_tokens` returns True ends there. Returns (batch,) bool and remembers,
+    per row, the sequence length at which it was stopped and why (`reason`: "expired" or
+    "watch"). `width`: the prompt width (where generated ids start); `stop_ids`: tokens after
+    which a row has ended by itself (its watch is no longer called)."""
 
-    def __init__(self, deadlines: Sequence[float | None]):
+    def __init__(self, deadlines: Sequence[float | None],
+                 watches: Sequence[Watch | None] | None = None, width: int = 0,
+                 stop_ids: set[int] | None = None):
         self.deadlines = list(deadlines)
+        self.watches = list(watches) if watches is not None else [None] * len(self.deadlines)
+        self.width = width
+        self.stop_ids = stop_ids or set()
         self.seen_at: list[int | None] = [None] * len(self.deadlines)
+        self.reason: list[str | None] = [None] * len(self.deadlines)
+        self._ended = [False] * len(self.deadlines)
 
     def expired(self) -> list[bool]:
-        return expired(self.deadlines)
+        late = expired(self.deadlines)
+        return [gone or (w is not None and w.cancelled.is_set())
+                for gone, w in zip(late, self.watches)]
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         """`input_ids: (batch, seq) int64` so far, `scores: (batch, vocab) float` -> `(batch,)`
-        bool on input_ids' device: True for each row whose deadline has passed."""
+        bool on input_ids' device: True for each row stopped here (deadline, cancel, watch)."""
         late = self.expired()
+        length = input_ids.shape[1]
         for j, gone in enumerate(late):
-            if gone and self.seen_at[j] is None:
-                self.seen_at[j] = input_ids.shape[1]
-        return torch.tensor(late, dtype=torch.bool, device=input_ids.device)
+            if self.seen_at[j] is not None or self._ended[j]:
+                continue
+            if gone:
+                self.seen_at[j], self.reason[j] = length, "expired"
+                continue
+            watch = self.watches[j]
+            if watch is None or watch.on_tokens is None:
+                continue
+            ids = input_ids[j, self.width:].tolist()
+            if ids and ids[-1] in self.stop_ids:
+                self._ended[j] = True  # ended by itself; generate gives the rest
+            elif watch.on_tokens(ids):
+                self.seen_at[j], self.reason[j] = length, "watch"
+        stopped = [s is not None for s in self.seen_at]
+        return torch.tensor(stopped, dtype=torch.bool, device=input_ids.device)
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
@@ -230,6 +270,33 @@ def _decode(tokenizer, ids: list[int], end_ids: set[int], stop_ids: set[int],
     return (fmt.answer(text) if fmt is not None else prompts.parse_response(text)), stopped, n
 
 
+class AnswerText:
+    """The answer text of a row's generated ids so far, exactly as `generate` would return it had
+    the row ended there (same end and stop tokens, same decoding and parsing): what a stream
+    shows while the row runs. `tokenizer`, `fmt`: the model's (dolly.prompts.get_format)."""
+
+    def __init__(self, tokenizer, fmt=None):
+        self.tokenizer = tokenizer
+        self.fmt = fmt if fmt is not None else prompts.DollyFormat(tokenizer)
+        self.stop_ids = set(self.fmt.stop_ids(tokenizer))
+        self.end_ids = (set(self.fmt.end_ids(tokenizer)) if self.fmt.name == "dolly"
+                        else set(self.stop_ids))
+
+    def __call__(self, ids: list[int]) -> tuple[str, bool]:
+        """(answer so far, whether the row has ended: an end or stop token is among `ids`)."""
+        text, _, n = _decode(self.tokenizer, ids, self.end_ids, self.stop_ids, self.fmt)
+        return text, bool(self.stop_ids & set(ids[:n]))
+
+    def markers(self) -> list[str]:
+        """Texts that end an answer when the model writes them as plain text (`### End`, the
+        template's end of turn): a stream holds back a tail that may be the start of one, since
+        parsing would cut it off."""
+        if self.fmt.name == "dolly":
+            return [prompts.END_KEY]
+        eot = self.fmt.end_of_turn().strip()
+        return [eot] if eot else []
+
+
 def chat_prompt_ids(tokenizer, fmt, messages: list[dict], budget: int) -> tuple[list[int], bool]:
     """Token ids of the chat template's prompt for `messages` (ending with a user turn), at most
     `budget` tokens: (ids, whether it had to be shortened). A prompt that fits is the rendered
@@ -285,6 +352,8 @@ def generate(
     deadlines: Sequence[float | None] | None = None,
     fmt=None,
     conversations: Sequence[list[dict] | None] | None = None,
+    prompt_ids: Sequence[list[int] | None] | None = None,
+    watches: Sequence[Watch | None] | None = None,
 ) -> GenerationRun:
     """Answers to `instructions` (with `inputs` where given), in order, generated in batches.
 
@@ -296,7 +365,9 @@ def generate(
     one stops at the next token (its Generation has `expired=True`, and the text so far).
     `fmt`: the prompt format (dolly.prompts.get_format; default Dolly's); `conversations`: per
     prompt, a conversation ending with a user turn (list of {role, content}) that replaces that
-    instruction and input (None = use them).
+    instruction and input (None = use them). `prompt_ids`: per prompt, token ids to generate from
+    as they are (None = build the prompt); the caller has fitted them to the context.
+    `watches`: per prompt, a Watch (None = none): cancel, stream, end at a stop string.
     Raises ValueError on `max_new_tokens` < 1 or lists of different lengths, and
     dolly.prompts.TemplateError for a conversation the format cannot hold.
     """
@@ -314,6 +385,10 @@ def generate(
                      else [None] * len(instructions))
     if len(conversations) != len(instructions):
         raise ValueError("instructions and conversations differ in length")
+    prompt_ids = list(prompt_ids) if prompt_ids is not None else [None] * len(instructions)
+    watches = list(watches) if watches is not None else [None] * len(instructions)
+    if len(prompt_ids) != len(instructions) or len(watches) != len(instructions):
+        raise ValueError("instructions and prompt_ids or watches differ in length")
     fmt = fmt if fmt is not None else prompts.DollyFormat(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     end_ids = set(fmt.end_ids(tokenizer))
@@ -324,8 +399,10 @@ def generate(
     context = context_length(model, tokenizer)
     budget = context - answer_room(max_new_tokens, context)
     encoded = []
-    for ins, inp, conv in zip(instructions, inputs, conversations):
-        if fmt.name == "dolly":
+    for ins, inp, conv, given in zip(instructions, inputs, conversations, prompt_ids):
+        if given is not None:
+            encoded.append((list(given), False))
+        elif fmt.name == "dolly":
             if conv is not None:
                 ins, inp = fmt.prompt_pair(conv)
             encoded.append(shorten_prompt_ids(tokenizer, ins, inp, budget))
@@ -366,22 +443,29 @@ def generate(
                 pad_token_id=pad_id, use_cache=True,
                 **({"temperature": temperature, "top_p": top_p, "top_k": top_k}
                    if do_sample else {}))
-            stop = DeadlineStop([deadlines[i] for i in idx])
+            stop = DeadlineStop([deadlines[i] for i in idx], [watches[i] for i in idx], width,
+                                stop_ids)
             extra = ({"stopping_criteria": StoppingCriteriaList([stop])}
-                     if any(d is not None for d in stop.deadlines) else {})
+                     if any(d is not None for d in stop.deadlines)
+                     or any(w is not None for w in stop.watches) else {})
             with torch.inference_mode():
                 out = model.generate(input_ids=input_ids.to(device),
                                      attention_mask=attention.to(device),
                                      generation_config=gen_cfg, **extra)
             new = out[:, width:].tolist()
             for j, i in enumerate(idx):
-                ids, cut = new[j], False
+                ids, cut, told = new[j], False, False
                 if stop.seen_at[j] is not None:  # cut short unless it had ended before
                     kept = ids[:stop.seen_at[j] - width]
-                    cut = not stop_ids & set(kept) and len(kept) < room
-                    ids = kept if cut else ids
+                    if stop.reason[j] == "watch":  # its watch ended it: a stop string
+                        ids, told = kept, True
+                    else:
+                        cut = not stop_ids & set(kept) and len(kept) < room
+                        ids = kept if cut else ids
                 text, stopped, n = _decode(tokenizer, ids, end_ids, stop_ids, fmt)
-                results[i] = Generation(text, stopped, n, len(rows[j]), encoded[i][1], cut)
+                ended = told or bool(stop_ids & set(ids[:n]))
+                results[i] = Generation(text, stopped, n, len(rows[j]), encoded[i][1], cut,
+                                        ended and not cut)
     finally:
         if seed is not None:
             torch.random.set_rng_state(rng_state)

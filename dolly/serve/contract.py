@@ -25,6 +25,8 @@ METADATA_KEY = "dolly_serving"
 INSTRUCTION = "instruction"
 INPUT = "input"
 INPUT_ALIASES = ("input", "context")  # dolly-15k calls a record's input its context
+MESSAGES = "messages"  # a record's conversation: a list of {role, content}, the last the user's
+ROLES = ("system", "user", "assistant")
 
 
 def json_kind(value) -> str:
@@ -106,41 +108,50 @@ def _field(names: list[str], wanted: tuple[str, ...], record: int | None = None)
     return found[0] if found else None
 
 
-def _columns_of(frame) -> tuple[list, list | None]:
-    """(instructions, inputs or None) from a DataFrame, by column name (in any case)."""
+def _columns_of(frame) -> tuple[list, list | None, list | None]:
+    """(instructions, inputs or None, conversations or None) from a DataFrame, by column name (in
+    any case)."""
     names = [str(c) for c in frame.columns]
     if len(set(names)) < len(names):
         twice = next(n for i, n in enumerate(names) if n in names[:i])
         raise bad_input(f"the column {_short(twice)} is given {names.count(twice)} times: name "
                         "each column once")
     instruction = _field(names, (INSTRUCTION,))
+    messages = _field(names, (MESSAGES,))
+    convs = frame[frame.columns[names.index(messages)]].tolist() if messages is not None else None
     if instruction is not None:
         ins = frame[frame.columns[names.index(instruction)]].tolist()
+    elif convs is not None:  # conversations only
+        ins = [None] * len(convs)
     elif len(names) == 1 and names[0].lower() not in INPUT_ALIASES:  # one column: instructions
         ins = frame.iloc[:, 0].tolist()
     else:
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise bad_input(f"no '{INSTRUCTION}' column among the {len(names)} columns ({shown}); "
-                        f"name the columns '{INSTRUCTION}' and optionally '{INPUT}'")
+                        f"name the columns '{INSTRUCTION}' and optionally '{INPUT}' (or send "
+                        f"conversations in a '{MESSAGES}' column)")
     given = _field(names, INPUT_ALIASES)
     inputs = frame[frame.columns[names.index(given)]].tolist() if given is not None else None
-    return ins, inputs
+    return ins, inputs, convs
 
 
-def _record(row: dict, i: int) -> tuple[Any, Any]:
+def _record(row: dict, i: int) -> tuple[Any, Any, Any]:
     keys = [str(k) for k in row]
     values = list(row.values())
     instruction = _field(keys, (INSTRUCTION,), i)
-    if instruction is None:
+    messages = _field(keys, (MESSAGES,), i)
+    if instruction is None and messages is None:
         raise bad_input(f"record {i} has no '{INSTRUCTION}' field (fields: "
                         f"{', '.join(keys[:8]) or 'none'})")
     given = _field(keys, INPUT_ALIASES, i)
-    return (values[keys.index(instruction)],
-            values[keys.index(given)] if given is not None else None)
+    return (values[keys.index(instruction)] if instruction is not None else None,
+            values[keys.index(given)] if given is not None else None,
+            values[keys.index(messages)] if messages is not None else None)
 
 
-def records_of(data) -> tuple[list, list]:
-    """(instructions, inputs) of a pyfunc input, values as given (checked by `as_frame`).
+def records_of(data) -> tuple[list, list, list | None]:
+    """(instructions, inputs, conversations or None) of a pyfunc input, values as given (checked
+    by `as_frame`).
 
     Named columns from a DataFrame (also what `spark_udf` passes, struct or columns), a dict of
     columns, or a list of records (dicts); a string, a list of strings, a Series, a 1-D array or
@@ -150,14 +161,14 @@ def records_of(data) -> tuple[list, list]:
     import pandas as pd
 
     if isinstance(data, str):
-        return [data], [None]
+        return [data], [None], None
     if isinstance(data, pd.DataFrame):
         if data.shape[1] == 0:
             raise bad_input(f"the input has no columns: send an '{INSTRUCTION}' column")
-        ins, inputs = _columns_of(data)
-        return ins, inputs if inputs is not None else [None] * len(ins)
+        ins, inputs, convs = _columns_of(data)
+        return ins, inputs if inputs is not None else [None] * len(ins), convs
     if isinstance(data, pd.Series):
-        return data.tolist(), [None] * len(data)
+        return data.tolist(), [None] * len(data), None
     if isinstance(data, np.ndarray):
         if data.ndim == 2 and data.shape[1] == 1:
             data = data[:, 0]
@@ -165,10 +176,10 @@ def records_of(data) -> tuple[list, list]:
             raise bad_input(f"an array of shape {data.shape}: send named columns "
                             f"('{INSTRUCTION}', '{INPUT}') or one column of instructions")
         values = data.tolist() if data.ndim else [data.item()]
-        return values, [None] * len(values)
+        return values, [None] * len(values), None
     if isinstance(data, dict):
         only = str(next(iter(data))) if len(data) == 1 else None
-        if (only is not None and only.lower() != INSTRUCTION
+        if (only is not None and only.lower() not in (INSTRUCTION, MESSAGES)
                 and only.lower() not in INPUT_ALIASES):
             # {"anything": [instructions]}
             return records_of(pd.Series(_as_list(next(iter(data.values()))), dtype=object))
@@ -178,15 +189,17 @@ def records_of(data) -> tuple[list, list]:
             raise bad_input("the columns of the input differ in length") from None
         return records_of(frame)
     if isinstance(data, (list, tuple)):
-        ins, inputs = [], []
+        ins, inputs, convs = [], [], []
         for i, row in enumerate(data):
             if isinstance(row, dict):
-                a, b = _record(row, i)
+                a, b, c = _record(row, i)
             else:
-                a, b = (row[0] if isinstance(row, (list, tuple)) and len(row) == 1 else row), None
+                a = row[0] if isinstance(row, (list, tuple)) and len(row) == 1 else row
+                b = c = None
             ins.append(a)
             inputs.append(b)
-        return ins, inputs
+            convs.append(c)
+        return ins, inputs, (convs if any(c is not None for c in convs) else None)
     raise bad_input(f"expected records or instructions, got {json_kind(data)}")
 
 
@@ -194,19 +207,60 @@ def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else [v]
 
 
+def _conversation(value, i: int) -> list[dict] | None:
+    """A record's conversation, checked: a list (or array, as Spark passes an array of structs)
+    of {role, content} with roles system, user, assistant, string contents, the last turn the
+    user's; None for a missing or empty one. Raises MlflowException (400) naming the row."""
+    import numpy as np
+
+    if is_missing(value):
+        return None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise bad_input(f"row {i}: {MESSAGES} is {json_kind(value)}, expected a list of "
+                        "{role, content} messages (or null)")
+    if not value:
+        return None
+    turns = []
+    for j, m in enumerate(value):
+        if hasattr(m, "asDict"):  # a Spark Row
+            m = m.asDict()
+        if not isinstance(m, dict):
+            raise bad_input(f"row {i}: {MESSAGES}[{j}] is {json_kind(m)}, expected an object "
+                            "with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise bad_input(f"row {i}: {MESSAGES}[{j}].role must be one of {', '.join(ROLES)}, "
+                            f"got {_short(role) if not is_missing(role) else 'null'}")
+        if not isinstance(content, str):
+            raise bad_input(f"row {i}: {MESSAGES}[{j}].content is "
+                            f"{json_kind(None if is_missing(content) else content)}, expected a "
+                            "string")
+        if fault := text_fault(content):
+            raise bad_input(f"row {i}: {MESSAGES}[{j}].content is not valid Unicode text ({fault})")
+        turns.append({"role": role, "content": content})
+    if turns[-1]["role"] != "user":
+        raise bad_input(f"row {i}: the last message must be the user's, got "
+                        f"{turns[-1]['role']}: the model answers the user's last turn")
+    return turns
+
+
 def as_frame(data):
     """The checked records of a pyfunc input: a DataFrame with string columns `instruction` and
-    `input` ("" where missing or null), one row per record, in order.
+    `input` ("" where missing or null), one row per record, in order, plus a `messages` column
+    (each a checked list of {role, content}, or None) when the input has conversations.
 
     Raises MlflowException (400) naming the first row whose instruction or input is present but
-    not a string (a number, a boolean, a list, ...).
+    not a string (a number, a boolean, a list, ...), or whose conversation is malformed.
     """
     import pandas as pd
 
-    if isinstance(data, pd.DataFrame) and list(data.columns) == [INSTRUCTION, INPUT] \
+    if isinstance(data, pd.DataFrame) and list(data.columns) in (
+            [INSTRUCTION, INPUT], [INSTRUCTION, INPUT, MESSAGES]) \
             and data.attrs.get(METADATA_KEY):
         return data  # already checked
-    ins, inputs = records_of(data)
+    ins, inputs, convs = records_of(data)
     for name, values in ((INSTRUCTION, ins), (INPUT, inputs)):
         for i, v in enumerate(values):
             if is_missing(v):
@@ -216,8 +270,10 @@ def as_frame(data):
                                 f"(or null for {'no input' if name == INPUT else 'no answer'})")
             elif fault := text_fault(v):
                 raise bad_input(f"row {i}: {name} is not valid Unicode text ({fault})")
-    frame = pd.DataFrame({INSTRUCTION: [str(v) for v in ins], INPUT: [str(v) for v in inputs]},
-                         dtype=object)
+    columns = {INSTRUCTION: [str(v) for v in ins], INPUT: [str(v) for v in inputs]}
+    if convs is not None:
+        columns[MESSAGES] = [_conversation(c, i) for i, c in enumerate(convs)]
+    frame = pd.DataFrame(columns, dtype=object)
     frame.attrs[METADATA_KEY] = True
     return frame
 

@@ -44,9 +44,11 @@ import json
 import logging
 import re
 
-from dolly.serve.contract import (INPUT, INSTRUCTION, _short, as_frame, bad_input,
-                                  check_params, json_kind, printable, text_fault)
+from dolly.serve import json_body, openai_api
+from dolly.serve.contract import (INPUT, INSTRUCTION, as_frame, bad_input, check_params,
+                                  json_kind, printable)
 from dolly.serve.deadline import current_deadline, request_deadline, set_deadline
+from dolly.serve.json_body import _short_text, request_text
 
 _logger = logging.getLogger(__name__)
 # The pyfunc loader of Dolly's models (dolly.serve.pyfunc's module name, what its MLmodel records).
@@ -80,6 +82,8 @@ def install_input_checks() -> None:
         if flavor != DOLLY_LOADER:
             return check(data, params, input_schema, params_schema, flavor)
         known = [p.name for p in params_schema.params] if params_schema is not None else None
+        if openai_api.is_request(data):  # checked by the model (dolly.serve.openai_api)
+            return data, check_params(params, known)
         # the params as the caller set them: MLflow's check would fill in the signature's
         # defaults, and the model (which fills in the same ones) could not tell them apart
         return as_frame(data), check_params(params, known)
@@ -106,89 +110,6 @@ def _error(status: int, code: str, message: str):
 def _is_dolly(model) -> bool:
     flavors = getattr(getattr(model, "metadata", None), "flavors", None) or {}
     return (flavors.get("python_function") or {}).get("loader_module") == DOLLY_LOADER
-
-
-MAX_DEPTH = 32  # arrays and objects inside one another (a documented request needs at most 4)
-MAX_DIGITS = 100  # in an integer of a JSON body
-
-
-def request_text(body: bytes | str) -> str:
-    """The body as text: UTF-8 (a leading byte-order mark is skipped), else a 400."""
-    if isinstance(body, str):
-        return body
-    try:
-        return bytes(body).decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise bad_input(f"the body is not valid UTF-8 (byte {e.start})") from None
-
-
-def _unique_keys(pairs: list) -> dict:
-    obj = dict(pairs)
-    if len(obj) < len(pairs):
-        seen = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise bad_input(f"the body gives the key {_short(twice)} twice in one object: send each "
-                        "key once")
-    return obj
-
-
-def _integer(text: str) -> int:
-    digits = len(text.lstrip("-"))
-    if digits > MAX_DIGITS:
-        raise bad_input(f"the body holds an integer of {digits} digits: at most {MAX_DIGITS}")
-    return int(text)
-
-
-def _float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise bad_input(f"the body holds a number too large for a float: {_short_text(text)}")
-    return value
-
-
-def _short_text(text: str) -> str:
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _where(path) -> str:
-    """A JSON path (`inputs[0].instruction`) from the walk's linked (parent, key) pairs."""
-    keys = []
-    while path is not None:
-        path, key = path
-        keys.append(key)
-    out = ""
-    for key in reversed(keys):
-        if isinstance(key, int):
-            out += f"[{key}]"
-        else:
-            name = printable(key)
-            out += ("." if out else "") + (name if len(name) <= 40 else name[:37] + "...")
-    return out or "the top level"
-
-
-def _check_tree(payload) -> None:
-    """Refuses a parsed body nested more than MAX_DEPTH deep, or holding a string or key that is
-    not valid Unicode text (a lone surrogate), naming where."""
-    stack = [(payload, 1, None)]
-    while stack:
-        value, depth, path = stack.pop()
-        if isinstance(value, str):
-            if fault := text_fault(value):
-                raise bad_input(f"the body is not valid Unicode text: {fault} of {_where(path)}")
-            continue
-        if depth > MAX_DEPTH and isinstance(value, (dict, list)):
-            raise bad_input(f"the body is nested too deeply: at most {MAX_DEPTH} levels of arrays "
-                            "and objects")
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if fault := text_fault(key):
-                    raise bad_input(f"the body is not valid Unicode text: {fault} of a key in "
-                                    f"{_where(path)}")
-                if isinstance(item, (str, dict, list)):
-                    stack.append((item, depth + 1, (path, key)))
-        elif isinstance(value, list):
-            stack.extend((item, depth + 1, (path, i)) for i, item in enumerate(value)
-                         if isinstance(item, (str, dict, list)))
 
 
 def _split_frame(split):
@@ -224,21 +145,12 @@ def parse_json_request(body: bytes | str):
     """(data, params) of a JSON request body, values as sent: `inputs`/`instances` as the JSON
     value, `dataframe_records` as a list of records, `dataframe_split` as a DataFrame of Python
     objects. Raises MlflowException (400) with a one-line message for anything else: text that
-    is not UTF-8 or not JSON, nesting deeper than MAX_DEPTH, an integer of more than MAX_DIGITS
-    digits or a number a float cannot hold, a lone surrogate in any string or key, a key given
-    twice in one object, a body of another shape. NaN, Infinity and -Infinity are taken (NaN is
+    is not UTF-8 or not JSON, or any other fault `json_body.loads` refuses (nesting, huge
+    numbers, lone surrogates, a key given twice), or a body of another shape. NaN, Infinity and -Infinity are taken (NaN is
     a missing value, as in pandas)."""
-    text = request_text(body)
-    try:
-        payload = json.loads(text, object_pairs_hook=_unique_keys, parse_int=_integer,
-                             parse_float=_float)
-    except json.JSONDecodeError as e:
-        raise bad_input(f"the body is not valid JSON: {e.msg} (line {e.lineno}, column "
-                        f"{e.colno})") from None
-    except RecursionError:
-        raise bad_input(f"the body is nested too deeply: at most {MAX_DEPTH} levels of arrays and "
-                        "objects") from None
-    _check_tree(payload)
+    payload = json_body.loads(body)
+    if openai_api.is_request(payload):  # a chat or completions request: the model checks it
+        return payload, None
     given = [k for k in FORMATS if isinstance(payload, dict) and k in payload]
     if len(given) != 1:
         raise bad_input(f"the body must be a JSON object with exactly one of {list(FORMATS)} "
@@ -311,8 +223,12 @@ def dolly_invocations(original):
             stamped = current_deadline() is not None  # by _server_asyncio
             with (contextlib.nullcontext() if stamped else request_deadline(request_timeout())):
                 predictions = model.predict(records, params=params)
-            return InvocationsResponse(response=json.dumps({"predictions": list(predictions)}),
-                                       status=200, mimetype="application/json")
+            # an OpenAI request is answered with its completion object, as MLflow's server
+            # answers llm/v1 models; any other with {"predictions": [...]}
+            out = (predictions[0] if openai_api.is_request(records)
+                   else {"predictions": list(predictions)})
+            return InvocationsResponse(response=json.dumps(out), status=200,
+                                       mimetype="application/json")
         except MlflowException as e:
             _logger.warning("refused a request (%s): %s", e.error_code,
                             printable(str(e.message)[:10_000]))
@@ -376,11 +292,47 @@ def _server_asyncio(batching: bool):
     return namespace
 
 
-def contain_scoring_server(batching: bool = False) -> None:
+def _loading_in_server() -> bool:
+    """True while `mlflow models serve`'s app module (mlflow.pyfunc.scoring_server.app, what its
+    uvicorn command imports) is loading the model, before it builds its app."""
+    import sys
+
+    module = sys.modules.get("mlflow.pyfunc.scoring_server.app")
+    return module is not None and not hasattr(module, "app")
+
+
+def add_openai_routes_to_server_app(pyfunc) -> None:
+    """Have the scoring server's app, built right after its model is loaded
+    (`app = scoring_server.init(load_model(...))` in mlflow.pyfunc.scoring_server.app), carry the
+    OpenAI routes (dolly.serve.openai_api.add_routes) beside `/invocations`: `init` creates the
+    app with `fastapi.FastAPI()`, so the next FastAPI app created in this process gets the routes,
+    and the one after that is FastAPI's own again."""
+    import fastapi
+
+    original = fastapi.FastAPI
+    if getattr(original, "dolly", False):
+        return
+
+    class ServerApp(original):
+        dolly = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            fastapi.FastAPI = original  # this one app only
+            openai_api.add_routes(self, pyfunc, request_timeout)
+
+    fastapi.FastAPI = ServerApp
+
+
+def contain_scoring_server(batching: bool = False, pyfunc=None) -> None:
     """Swap MLflow's scoring-server `invocations` for `dolly_invocations` and its `asyncio` for
-    `_server_asyncio(batching)` (once per process). Called by dolly.serve.pyfunc's loader; harmless
-    outside a server (nothing calls them there)."""
+    `_server_asyncio(batching)` (once per process), and, while `mlflow models serve` loads
+    `pyfunc`, add the OpenAI routes to its app (`add_openai_routes_to_server_app`). Called by
+    dolly.serve.pyfunc's loader; harmless outside a server (nothing calls them there)."""
     from mlflow.pyfunc import scoring_server
+
+    if pyfunc is not None and _loading_in_server():
+        add_openai_routes_to_server_app(pyfunc)
 
     if not getattr(scoring_server.invocations, "dolly", False):
         scoring_server.invocations = dolly_invocations(scoring_server.invocations)

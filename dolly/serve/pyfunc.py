@@ -35,13 +35,14 @@ import functools
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from dolly import prompts
 from dolly.serve import mlflow_patches
-from dolly.serve.contract import (INPUT, INSTRUCTION, METADATA_KEY, as_frame, bad_input,
-                                  check_params)
+from dolly.serve.contract import (INPUT, INSTRUCTION, MESSAGES, METADATA_KEY, as_frame,
+                                  bad_input, check_params)
 from dolly.serve.deadline import current_deadline, deadline_passed
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -104,9 +105,11 @@ def _load_pyfunc(path, model_config: dict[str, Any] | None = None):
     from mlflow.models import Model
     from mlflow.transformers import _load_pyfunc as load_transformers_pyfunc
 
-    meta = Model.load(os.path.join(path, "MLmodel")).metadata or {}
+    mlmodel = Model.load(os.path.join(path, "MLmodel"))
+    meta = mlmodel.metadata or {}
     mlflow_patches.install_input_checks()
-    limits = meta.get(METADATA_KEY)
+    limits = dict(meta.get(METADATA_KEY) or {})
+    limits["created"] = _epoch(mlmodel.utc_time_created)
     load = functools.partial(load_transformers_pyfunc, path, model_config)
     # With batching across requests every generation runs in the batcher's one worker thread.
     # Loading the weights runs torch's parallel copies, and in the loading thread those start an
@@ -118,8 +121,18 @@ def _load_pyfunc(path, model_config: dict[str, Any] | None = None):
     batching = batch_wait_ms((limits or {}).get("serve_batch_wait_ms")) > 0
     inner = _in_ended_thread(load) if batching else load()
     pyfunc = DollyPyfunc(inner, limits)
-    mlflow_patches.contain_scoring_server(pyfunc.batcher is not None)
+    mlflow_patches.contain_scoring_server(pyfunc.batcher is not None, pyfunc)
     return pyfunc
+
+
+def _epoch(utc: str | None) -> int:
+    """Unix seconds of MLmodel's utc_time_created ("2026-12-04 14:32:10.123456"); 0 if unknown."""
+    from datetime import datetime, timezone
+
+    try:
+        return int(datetime.fromisoformat(str(utc)).replace(tzinfo=timezone.utc).timestamp())
+    except ValueError:
+        return 0
 
 
 def _in_ended_thread(fn: Callable[[], Any]) -> Any:
@@ -158,7 +171,7 @@ class DollyPyfunc:
         from dolly.generation import context_length
 
         self._inner = inner
-        self._tokenizer = inner.pipeline.tokenizer
+        self._tokenizer = self.tokenizer = inner.pipeline.tokenizer
         self.context = context_length(inner.pipeline.model, self._tokenizer)
         limits = limits or {}
         # The one prompt format the model was trained in (logged with it; models from before
@@ -167,6 +180,13 @@ class DollyPyfunc:
         self._frame = len(self._ids(self.fmt.prompt("")))  # the no-input template
         self.max_rows = int(limits.get("serve_max_rows") or 0)
         self.max_chars = int(limits.get("serve_max_chars") or 0)
+        # A body over this is a 413 on the OpenAI routes: every character of the allowed text in
+        # UTF-8's widest form, plus room for the JSON around it.
+        self.max_body_bytes = 4 * self.max_chars + 65536 if self.max_chars else 64 * 2 ** 20
+        from dolly.serve.openai_api import served_name
+
+        self.served_name = served_name()
+        self.created = int(limits.get("created") or 0)
         self.batch_size = int((getattr(inner, "model_config", None) or {}).get("batch_size") or 8)
         wait_ms = batch_wait_ms(limits.get("serve_batch_wait_ms"))
         self.batcher = None
@@ -214,6 +234,14 @@ class DollyPyfunc:
             raise bad_input(f"request too large: {n} records, the server takes at most "
                             f"{self.max_rows} per request; split it")
         chars = int(frame[INSTRUCTION].str.len().sum() + frame[INPUT].str.len().sum())
+        if MESSAGES in frame:
+            chars += sum(len(m["content"]) for conv in frame[MESSAGES] if conv for m in conv)
+            for i, conv in enumerate(frame[MESSAGES]):
+                if conv is not None:
+                    try:
+                        self.fmt.prompt(messages=conv)
+                    except prompts.TemplateError as e:
+                        raise bad_input(f"row {i}: {e}") from None
         if serving and self.max_chars and chars > self.max_chars:
             raise bad_input(f"request too large: {chars} characters of instructions and inputs, "
                             f"the server takes at most {self.max_chars} per request")
@@ -230,59 +258,116 @@ class DollyPyfunc:
             settings["do_sample"] = False  # temperature 0: greedy, as most LLM APIs read it
         return settings
 
-    def _prompt_lengths(self, rows: list[tuple[str, str]]) -> list[int]:
-        """Tokens of each row's instruction and input (what orders rows into batches; the
-        template adds the same few to each). A text longer than the context is measured on its
-        last context x 64 characters, as dolly.generation shortens it."""
+    def _prompt_lengths(self, rows: list["Row"]) -> list[int]:
+        """Tokens of each row's prompt text (what orders rows into batches; the template adds
+        about the same few to each): its prompt ids where known, else its instruction and input
+        or its turns. A text longer than the context is measured on its last context x 64
+        characters, as dolly.generation shortens it."""
         cap = self.context * 64
-        texts = [f"{a}\n{b}"[-cap:] for a, b in rows]
-        return [len(ids) for ids in self._tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        texts = [("\n".join(m["content"] for m in r.messages) if r.messages is not None
+                  else f"{r.instruction}\n{r.input}")[-cap:] for r in rows]
+        measured = self._tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(r.prompt_ids) if r.prompt_ids is not None else len(ids)
+                for r, ids in zip(rows, measured)]
 
-    def _generate(self, rows: list[tuple[str, str]], settings: dict,
+    def _generate(self, rows: list["Row"], settings: dict,
                   deadlines: list[float | None]) -> list:
-        """dolly.generation.generate for (instruction, input) rows: their Generations, in order."""
+        """dolly.generation.generate for Rows: their Generations, in order."""
         from dolly import generation
 
         return generation.generate(
-            self._inner.pipeline.model, self._tokenizer, [r[0] for r in rows],
-            [r[1] for r in rows], max_new_tokens=settings["max_new_tokens"],
+            self._inner.pipeline.model, self._tokenizer, [r.instruction for r in rows],
+            [r.input for r in rows], max_new_tokens=settings["max_new_tokens"],
             batch_size=self.batch_size, do_sample=settings["do_sample"],
             temperature=float(settings["temperature"]), top_p=float(settings["top_p"]),
-            top_k=settings["top_k"], deadlines=deadlines, fmt=self.fmt).generations
+            top_k=settings["top_k"], seed=settings.get("seed"), deadlines=deadlines,
+            fmt=self.fmt, conversations=[r.messages for r in rows],
+            prompt_ids=[r.prompt_ids for r in rows], watches=[r.watch for r in rows]).generations
 
-    def predict(self, data, params: dict[str, Any] | None = None) -> list[str]:
+    def generate_rows(self, rows: list, settings: dict, deadline: float | None) -> list:
+        """Generations for `rows` ((prompt ids, conversation, dolly.generation.Watch) triples, as
+        dolly.serve.openai_api makes them), through the batcher when batching across calls is
+        on, with `settings` (those of `_check`, plus `seed`). Raises MlflowException
+        DEADLINE_EXCEEDED (504) when `deadline` passes first."""
+        return self._run([Row("", "", conv, ids, watch) for ids, conv, watch in rows], settings,
+                         deadline)
+
+    def _run(self, rows: list["Row"], settings: dict, deadline: float | None) -> list:
+        from dolly.generation import expired
+        from dolly.serve.request_batching import DeadlinePassed
+
+        if expired([deadline])[0]:
+            raise deadline_passed()
+        if self.batcher is None:
+            return self._generate(rows, settings, [deadline] * len(rows))
+        try:
+            return self.batcher.submit(rows, settings, tuple(sorted(settings.items())),
+                                       lengths=self._prompt_lengths(rows), deadline=deadline)
+        except DeadlinePassed:
+            raise deadline_passed() from None
+
+    def full_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt ids of a conversation ending with a user turn, not shortened (the OpenAI
+        routes refuse one that does not fit, as OpenAI does): Dolly's prompt of its one user
+        turn, or the chat template's rendering. Raises dolly.prompts.TemplateError for a
+        conversation the format cannot hold."""
+        return self._ids(self.fmt.prompt(messages=messages))
+
+    def predict(self, data, params: dict[str, Any] | None = None) -> list:
         """One response per record, in order; "" for null, empty or blank instructions (nothing
-        visible: `dolly.prompts.is_blank`), without running the model for them.
+        visible: `dolly.prompts.is_blank`), without running the model for them. A record with a
+        conversation (`messages`: list of {role, content} ending with a user turn) is answered
+        in it.
+
+        An OpenAI request (a dict with `messages`, or with `prompt` and another of OpenAI's
+        completion fields; dolly.serve.openai_api) gets `[chat completion]` or
+        `[text completion]` (OpenAI's objects, as a list of one).
 
         Rows are generated shortest prompt first in batches of the logged batch_size, and, when
         batching across calls is on (serve_batch_wait_ms > 0), together with the rows of
         concurrent calls that use the same generation settings. Raises MlflowException: 400 for
         input it cannot answer, DEADLINE_EXCEEDED (504) when `request_deadline` passes first.
         """
-        from dolly.generation import expired
-        from dolly.serve.request_batching import DeadlinePassed
+        from dolly.serve import openai_api
 
+        if kind := openai_api.is_request(data):
+            if params:
+                raise bad_input("an OpenAI request carries its own settings: send them in it, "
+                                "not as params")
+            try:
+                return [openai_api.answer(self, data, kind, current_deadline())]
+            except openai_api.OpenAIError as e:
+                if e.status == 504:
+                    raise deadline_passed() from None
+                raise bad_input(e.message) from None
         frame = as_frame(data)
         settings = self._check(frame, params or {})
         answers = [""] * len(frame)
-        todo = [i for i, text in enumerate(frame[INSTRUCTION]) if not prompts.is_blank(text)]
+        convs = frame[MESSAGES].tolist() if MESSAGES in frame else [None] * len(frame)
+        todo = [i for i, (text, conv) in enumerate(zip(frame[INSTRUCTION], convs))
+                if conv is not None or not prompts.is_blank(text)]
         if not todo:
             return answers
-        rows = [(frame[INSTRUCTION].iat[i], frame[INPUT].iat[i]) for i in todo]
-        deadline = current_deadline()
-        if expired([deadline])[0]:
-            raise deadline_passed()
-        if self.batcher is None:
-            generations = self._generate(rows, settings, [deadline] * len(rows))
-        else:
-            try:
-                generations = self.batcher.submit(
-                    rows, settings, tuple(sorted(settings.items())),
-                    lengths=self._prompt_lengths(rows), deadline=deadline)
-            except DeadlinePassed:
-                raise deadline_passed() from None
+        rows = [Row(frame[INSTRUCTION].iat[i], frame[INPUT].iat[i], convs[i]) for i in todo]
+        try:
+            generations = self._run(rows, settings, current_deadline())
+        except prompts.TemplateError as e:
+            raise bad_input(str(e)) from None
         if any(g.expired for g in generations):
             raise deadline_passed()
         for i, g in zip(todo, generations):
             answers[i] = g.response
         return answers
+
+
+@dataclass(eq=False)
+class Row:
+    """One prompt to answer: an instruction and input, or a conversation (`messages`, ending
+    with a user turn), or prompt ids made already (`prompt_ids`); a Watch for streaming and
+    cancelling (dolly.generation.Watch)."""
+
+    instruction: str
+    input: str
+    messages: list[dict] | None = None
+    prompt_ids: list[int] | None = None
+    watch: Any = None

@@ -218,7 +218,7 @@ def test_every_csv_cell_is_text_and_an_empty_cell_is_blank():
     (b"instruction\n\xff\n", "the body is not valid UTF-8 (byte 12)"),
     (b"category,response\nc,r\n", "no 'instruction' column among the 2 columns (category, "
                                   "response); name the columns 'instruction' and optionally "
-                                  "'input'"),
+                                  "'input' (or send conversations in a 'messages' column)"),
 ])
 def test_a_malformed_csv_body_is_a_400_naming_the_fault(body, message):
     assert _invoke(body, "text/csv") == (400, {"error_code": "INVALID_PARAMETER_VALUE",
