@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import SMALLEST
+from helpers import SMALLEST, same_model
 from dolly import prompts
 from dolly.serve.pyfunc import DollyPyfunc
 
@@ -25,3 +25,20 @@ def wrapped():
     inner = _TransformersWrapper(pipe, {}, {"return_full_text": False, "batch_size": 2},
                                  prompts.PROMPT_TEMPLATE)
     return DollyPyfunc(inner, {})
+
+
+@pytest.fixture(scope="module")
+def lively(wrapped):
+    """`wrapped` with its weights scaled 6x: a random model whose answers differ from prompt to
+    prompt (the unscaled one answers nearly every prompt alike), so a mix-up would show."""
+    import copy
+
+    import transformers
+
+    model = copy.deepcopy(wrapped.pipeline.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6.0)
+    pipe = transformers.pipeline("text-generation", model=model,
+                                 tokenizer=wrapped.pipeline.tokenizer)
+    return same_model(type("W", (), {"pipeline": pipe})(), 0)

@@ -12,23 +12,6 @@ from dolly import generation, prompts
 from dolly.serve import pyfunc
 
 
-@pytest.fixture(scope="module")
-def lively(wrapped):
-    """`wrapped` with its weights scaled 6x: a random model whose answers differ from prompt to
-    prompt (the unscaled one answers nearly every prompt alike), so a mix-up would show."""
-    import copy
-
-    import transformers
-
-    model = copy.deepcopy(wrapped.pipeline.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(6.0)
-    pipe = transformers.pipeline("text-generation", model=model,
-                                 tokenizer=wrapped.pipeline.tokenizer)
-    return same_model(type("W", (), {"pipeline": pipe})(), 0)
-
-
 def test_a_record_with_input_is_asked_in_the_training_format(wrapped):
     tok = wrapped.pipeline.tokenizer
     frame = pd.DataFrame({"category": ["c", "c"], "context": ["ma ko li", " \t"],
