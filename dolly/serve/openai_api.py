@@ -409,8 +409,19 @@ class Run:
         passes first."""
         rows = [(self.prompt_ids[c.prompt], self.req.conversations[c.prompt], w)
                 for c, w in zip(self.choices, self.watches)]
-        generations = self.pyfunc.generate_rows(rows, self.settings(), deadline)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            generations = self.pyfunc.generate_rows(rows, self.settings(), deadline)
+        except MlflowException as e:  # the deadline passed while the rows waited for a batch
+            if e.get_http_status_code() == 504:
+                raise OpenAIError(504, "the request's deadline passed before its answer was "
+                                  "ready", None, "timeout") from None
+            raise _bad(e.message) from None
         if self.cancel.is_set():
+            _logger.warning("stopped %s after %d of at most %d new tokens: the client went away",
+                            self.id, max(g.new_tokens for g in generations),
+                            self.settings()["max_new_tokens"])
             return
         if any(g is None or g.expired for g in generations):
             raise OpenAIError(504, "the request's deadline passed before its answer was ready",
@@ -621,7 +632,6 @@ def add_routes(app, pyfunc, timeout_s: Callable[[], float]) -> None:
             finally:
                 if not finished:  # the client went away: stop generating its rows
                     run.cancel.set()
-                    _logger.info("stopped %s: the client closed the stream", run.id)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
