@@ -1,6 +1,11 @@
 """Serving: `mlflow models serve` of the registered model under concurrent clients, with and
 without batching across requests, and what a timed-out request costs.
 
+`--api chat` (the default): OpenAI chat completion requests (POST /v1/chat/completions, one
+user message, temperature 0, `max_tokens` = --max-new-tokens), first whole, then streamed (the
+same count, from the same clients) for the time to the first streamed token; `--api
+invocations`: MLflow's own `{"inputs": [...]}` requests to /invocations.
+
 A tiny GPT-J (freshly initialised, GPT-J's tokenizer, generation stopping at `### End`) is saved
 as the train step saves it, logged with dolly.registry.log_model into a sqlite store, registered,
 and served with `mlflow models serve -m models:/<name>/1 --env-manager local` (one worker, MLflow's
@@ -100,31 +105,82 @@ class Server:
         self.start_s = wait_ready(self.proc, self.url, self.log, args.start_timeout)
         progress(f"{name}: ready in {self.start_s:.1f}s")
 
-    def post(self, session, body, timeout=300):
-        return session.post(f"{self.url}/invocations", json=body, timeout=timeout)
+    def post(self, session, body, timeout=300, route="/invocations", **kw):
+        return session.post(f"{self.url}{route}", json=body, timeout=timeout, **kw)
+
+
+class Api:
+    """One request of one instruction and whether its answer is well-formed, for `--api`."""
+
+    def __init__(self, args):
+        self.chat, self.tokens = args.api == "chat", args.max_new_tokens
+
+    def send(self, server: Server, session, instruction: str, stream: bool = False):
+        """(ok, why not, ms to the first streamed token or None) of one request."""
+        if not self.chat:
+            r = server.post(session, {"inputs": [instruction], "params": {
+                "max_new_tokens": self.tokens, "do_sample": False}})
+            ok = r.status_code == 200 and len(r.json()["predictions"]) == 1
+            return ok, "" if ok else f"{r.status_code}: {r.text[:200]}", None
+        body = {"model": "dolly", "messages": [{"role": "user", "content": instruction}],
+                "temperature": 0, "max_tokens": self.tokens, "stream": stream}
+        t0 = time.perf_counter()
+        r = server.post(session, body, route="/v1/chat/completions", stream=stream)
+        if not stream:
+            ok = r.status_code == 200 and len(r.json()["choices"]) == 1
+            return ok, "" if ok else f"{r.status_code}: {r.text[:200]}", None
+        first, done = None, False
+        for line in r.iter_lines():
+            if first is None and line.startswith(b"data: ") and b'"content"' in line \
+                    and b'"role"' not in line:
+                first = (time.perf_counter() - t0) * 1000
+            done = done or line == b"data: [DONE]"
+        ok = r.status_code == 200 and done
+        return ok, "" if ok else f"{r.status_code}: stream did not finish", first
 
 
 def measure(args, server: Server, instructions: list[str], name: str) -> dict:
-    """A lone request's latency, then `--requests` requests from `--concurrency` clients."""
+    """A lone request's latency, then `--requests` requests from `--concurrency` clients (with
+    --api chat: whole, then streamed)."""
     import requests
 
-    params = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    api = Api(args)
     session = requests.Session()
     t = time.perf_counter()
-    warm = server.post(session, {"inputs": instructions[:1], "params": params})
+    ok, why, _ = api.send(server, session, instructions[0])
     warm_ms = (time.perf_counter() - t) * 1000
-    if warm.status_code != 200:
-        raise SystemExit(f"warm-up request failed: {warm.status_code} {warm.text[:500]}")
+    if not ok:
+        raise SystemExit(f"warm-up request failed: {why}")
     lone = []
     for i in range(args.lone):
         t = time.perf_counter()
-        r = server.post(session, {"inputs": [instructions[i % len(instructions)]],
-                                  "params": params})
+        ok, why, _ = api.send(server, session, instructions[i % len(instructions)])
         lone.append((time.perf_counter() - t) * 1000)
-        if r.status_code != 200:
-            raise SystemExit(f"lone request failed: {r.status_code} {r.text[:500]}")
+        if not ok:
+            raise SystemExit(f"lone request failed: {why}")
+    out = concurrent(args, server, instructions, name, api, stream=False)
+    lone_ms = percentile(lone, 50)
+    out.update({"lone_ms": round(lone_ms, 1), "p50_over_lone": round(out["p50_ms"] / lone_ms, 3),
+                "warmup_ms": round(warm_ms, 1), "server_start_seconds": round(server.start_s, 1)})
+    if api.chat:
+        lone_first = [api.send(server, session, instructions[i % len(instructions)], True)[2]
+                      for i in range(args.lone)]
+        streamed = concurrent(args, server, instructions, name + " streamed", api, stream=True)
+        out.update({"lone_first_token_ms": round(percentile(lone_first, 50), 1),
+                    **{f"streamed_{k}": v for k, v in streamed.items()}})
+        out["errors"] += streamed["errors"]
+    progress(f"{name}: {out}")
+    return out
+
+
+def concurrent(args, server: Server, instructions: list[str], name: str, api: Api,
+               stream: bool) -> dict:
+    """`--requests` requests from `--concurrency` client threads: latency percentiles,
+    requests/s, errors (and the time to the first streamed token)."""
+    import requests
 
     latencies: list[float] = []
+    firsts: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     next_i = iter(range(args.requests))
@@ -136,17 +192,17 @@ def measure(args, server: Server, instructions: list[str], name: str) -> dict:
                 i = next(next_i, None)
             if i is None:
                 return
-            body = {"inputs": [instructions[i % len(instructions)]], "params": params}
             t0 = time.perf_counter()
+            first = None
             try:
-                r = server.post(s, body)
-                ok = r.status_code == 200 and len(r.json()["predictions"]) == 1
-                why = "" if ok else f"{r.status_code}: {r.text[:200]}"
+                ok, why, first = api.send(server, s, instructions[i % len(instructions)], stream)
             except Exception as e:  # connection refused, timeout, bad JSON
                 ok, why = False, f"{type(e).__name__}: {e}"
             ms = (time.perf_counter() - t0) * 1000
             with lock:
                 latencies.append(ms)
+                if first is not None:
+                    firsts.append(first)
                 if not ok:
                     errors.append(why)
                 if len(latencies) % 32 == 0:
@@ -162,15 +218,15 @@ def measure(args, server: Server, instructions: list[str], name: str) -> dict:
     wall = time.perf_counter() - t0
     for e in errors[:5]:
         progress(f"{name}: error: {e}")
-    p50, p99, lone_ms = percentile(latencies, 50), percentile(latencies, 99), percentile(lone, 50)
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     out = {"p50_ms": round(p50, 1), "p90_ms": round(percentile(latencies, 90), 1),
            "p99_ms": round(p99, 1), "max_ms": round(max(latencies), 1),
            "mean_ms": round(sum(latencies) / len(latencies), 1),
            "p99_over_p50": round(p99 / p50, 3), "errors": len(errors),
-           "requests_per_second": round(len(latencies) / wall, 3), "lone_ms": round(lone_ms, 1),
-           "p50_over_lone": round(p50 / lone_ms, 3), "warmup_ms": round(warm_ms, 1),
-           "server_start_seconds": round(server.start_s, 1), "requests": len(latencies)}
-    progress(f"{name}: {out}")
+           "requests_per_second": round(len(latencies) / wall, 3), "requests": len(latencies)}
+    if firsts:
+        out.update({"first_token_p50_ms": round(percentile(firsts, 50), 1),
+                    "first_token_p99_ms": round(percentile(firsts, 99), 1)})
     return out
 
 
@@ -219,6 +275,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--api", choices=("chat", "invocations"), default="chat",
+                   help="OpenAI chat requests (/v1/chat/completions) or MLflow's /invocations.")
     p.add_argument("--lone", type=int, default=8, help="Requests sent one after another.")
     p.add_argument("--batch-wait-ms", type=int, default=None,
                    help="DOLLY_SERVE_BATCH_WAIT_MS of the batched server (default: as logged).")
@@ -256,7 +314,7 @@ def main() -> None:
             finally:
                 stop(server.proc)
     b, u = results["batched"], results["unbatched"]
-    finish({"bench": "serving", "concurrency": args.concurrency,
+    finish({"bench": "serving", "api": args.api, "concurrency": args.concurrency,
             "max_new_tokens": args.max_new_tokens, "tokenizer": args.tokenizer,
             "device": args.device, "workers": args.workers,
             "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else "logged",

@@ -33,7 +33,8 @@ CASES = {
                 ["requests", "concurrency", "p50_ms", "p99_ms", "errors", "lone_ms",
                  "p50_over_lone", "unbatched_p50_ms", "unbatched_requests_per_second",
                  "requests_per_second_over_unbatched", "timeout_status",
-                 "next_request_status"]),
+                 "next_request_status", "streamed_first_token_p50_ms",
+                 "lone_first_token_ms", "streamed_requests_per_second"]),
     "register_memory": (["--n-layer", "1", "--n-embd", "64", "--n-head", "4", "--rotary-dim", "16",
                          "--min-params", "0", "--no-baseline"],
                         ["model_bytes", "peak_rss_bytes", "peak_rss_over_model_bytes"]),
@@ -82,6 +83,7 @@ def test_bench_script_ends_with_its_json(name, runs):
     if name == "serving":
         assert result["errors"] == 0 and result["requests"] == 4
         assert result["unbatched_requests"] == 4 and result["next_request_status"] == 200
+        assert result["api"] == "chat" and result["streamed_requests"] == 4
     if name == "scoring":
         assert result["rows"] == 4
     if name == "gpu_check":  # both generation paths gave the same greedy answers
