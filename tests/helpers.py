@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,3 +414,46 @@ def mixed_chat_folder(folder: Path) -> Path:
                                            {"role": "assistant", "content": "c-a-t"}])]}).to_csv(
         folder / "d_chat.csv", index=False)
     return folder
+
+
+# --- a model server ------------------------------------------------------------------------------
+
+def start_server(model_uri: str, env: dict, log_path, timeout_s: int | None = None) -> tuple:
+    """`mlflow models serve` of `model_uri` on a free loopback port: (process, base URL)."""
+    import requests
+
+    port = free_port()
+    log = open(log_path, "w")
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), *(["-t", str(timeout_s)] if timeout_s else [])]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            _fail(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            _fail("server did not answer /ping within 180 s")
+        time.sleep(1)
+
+
+def stop_server(proc) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group only
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def _fail(message: str):
+    import pytest
+
+    pytest.fail(message)

@@ -16,7 +16,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submodules=["batch", "columns", "output"],
     submod_attrs={  # module -> the public names it defines
         "batch": ["ResolvedModel", "check_columns", "input_column", "input_files", "read_input",
-                  "resolve_model", "score_to_parquet"],
+                  "logged_prompt_format", "messages_column", "resolve_model",
+                  "score_to_parquet"],
         "output": ["MARKER", "MODES", "OutputFolder", "check_output", "publish", "write_sidecar"],
     },
 )

@@ -8,6 +8,14 @@ empty answer; rows whose instruction is not a string get a null response and the
 error column. The output goes only into a new or empty folder, or replaces what an earlier run of
 the step wrote there (check_output): nothing the step did not write is deleted.
 
+A `messages` column (any case, as Spark finds it) holds conversations: an array of
+{role, content} structs, as Spark reads a JSON list of {"role": ..., "content": ...} objects. A row
+whose messages is non-null and non-empty is answered in its conversation; otherwise its
+instruction is used, and then the instruction column itself is optional. Conversations the model
+would refuse (an unknown role, a turn without content, a last turn not the user's, more than one
+turn for a model trained in Dolly's one-instruction format) are decided in Spark before the
+model: those rows are errors with the reason, never a failed partition.
+
 Column names are compared as the Spark session compares them (dolly.scoring.columns: in any case
 unless spark.sql.caseSensitive=true): `-P column=Instruction` finds `instruction`, `Context` is
 the input, and input columns that Spark would take for one another, or for a column the step
@@ -29,6 +37,11 @@ from dolly.tracking import without_log_lines
 
 SUFFIXES = readers.SUFFIXES
 _ROW = "__dolly_row"
+# dolly.serve.contract.MESSAGES, ROLES and METADATA_KEY; not imported: scoring and serve are
+# independent layers (as ALIASES below)
+MESSAGES = "messages"
+ROLES = ("system", "user", "assistant")
+SERVING_KEY = "dolly_serving"
 
 
 @dataclass
@@ -40,16 +53,17 @@ class ResolvedModel:
     name: str = ""
     version: str = ""
 
-
 _URI_KINDS = ("models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/<path> or a "
               "folder holding an MLmodel file")
 
 
-def _model_exists(model_uri: str) -> None:
-    """Raise DollyError (one line, naming the URI and what is wrong) unless `model_uri` holds an
-    MLflow model (its MLmodel file is read: no weights are downloaded)."""
+def _model_exists(model_uri: str) -> dict:
+    """The MLmodel metadata of `model_uri` ({} when it has none); raises DollyError (one line,
+    naming the URI and what is wrong) unless `model_uri` holds an MLflow model (its MLmodel file
+    is read: no weights are downloaded)."""
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
     scheme = model_uri.split(":", 1)[0] if "://" in model_uri or ":/" in model_uri else ""
     if not scheme or scheme == "file":
@@ -59,15 +73,31 @@ def _model_exists(model_uri: str) -> None:
         if not (folder / "MLmodel").is_file():
             raise DollyError(f"model_uri '{model_uri}': not an MLflow model (the folder has no "
                              f"MLmodel file); use {_URI_KINDS}")
-        return
+        try:
+            return dict(Model.load(str(folder / "MLmodel")).metadata or {})
+        except (MlflowException, OSError, ValueError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DollyError(f"model_uri '{model_uri}': cannot load its MLmodel "
+                             f"({reason[:200]})") from None
     try:
-        mlflow.models.get_model_info(model_uri)
+        return dict(mlflow.models.get_model_info(model_uri).metadata or {})
     except (MlflowException, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "RESOURCE_DOES_NOT_EXIST" in reason or "not found" in reason.lower():
             reason = "no such run, model or artifact"
         raise DollyError(f"model_uri '{model_uri}': cannot load its MLmodel ({reason[:200]})"
                          ) from None
+
+
+def logged_prompt_format(model_uri: str) -> str | None:
+    """The prompt format a Dolly model at `model_uri` was trained in, from its MLmodel metadata
+    (`dolly_serving.prompt_format`; a Dolly model logged before prompt formats: "dolly"), or
+    None for a model that is not Dolly's pyfunc (it has rules of its own). Reads the MLmodel
+    file only; raises DollyError (one line) when it cannot be read."""
+    serving = _model_exists(model_uri).get(SERVING_KEY)
+    if not isinstance(serving, dict):
+        return None
+    return str(serving.get("prompt_format") or "dolly")
 
 
 def resolve_model(model_uri: str) -> ResolvedModel:
@@ -240,16 +270,53 @@ def input_column(df, column: str | None = None) -> str | None:
     return next((c for c in (columns.find(df.columns, a, cs) for a in ALIASES) if c), None)
 
 
+def messages_column(df) -> tuple[str, str, str] | None:
+    """(the conversations column, its turns' role field, their content field), each named as in
+    `df`, found as the session finds names (`Messages`, `Role` too unless it is case-sensitive),
+    or None when `df` has no `messages` column. Raises DataError (one line, naming the column
+    and its Spark type) when that column is not an array of structs with string fields `role`
+    and `content` (what Spark's JSON reader infers from [{"role": ..., "content": ...}], and
+    Parquet holds for a list of such objects); other fields of the turns are ignored."""
+    from pyspark.sql import types as T
+
+    cs = columns.case_sensitive(df.sparkSession)
+    name = columns.find(df.columns, MESSAGES, cs)
+    if name is None:
+        return None
+    dtype = df.schema[name].dataType
+    turn = dtype.elementType if isinstance(dtype, T.ArrayType) else None
+    if isinstance(turn, T.StructType):
+        fields = turn.fieldNames()
+        if not cs and (pair := columns.clash(fields)):
+            raise DataError(f"input column '{name}': its turns have fields '{pair[0]}' and "
+                            f"'{pair[1]}', which differ only in case: Spark ({columns.CONF}=false) "
+                            "takes them for one field; rename one of them")
+        role, content = (columns.find(fields, f, cs) for f in ("role", "content"))
+        if role and content and all(isinstance(turn[f].dataType, T.StringType)
+                                    for f in (role, content)):
+            return name, role, content
+    raise DataError(f"input column '{name}' is {dtype.simpleString()}: expected conversations, "
+                    "an array of {role, content} turns (array<struct<role:string,content:string>>"
+                    ", as Spark reads [{\"role\": \"user\", \"content\": \"...\"}] from JSON)")
+
+
 def check_columns(df, column: str, output_column: str = "response",
-                  error_column: str = "error") -> tuple[str, str | None]:
+                  error_column: str = "error") -> tuple[str | None, str | None]:
     """(the instruction column, the input column or None) of `df` as Spark resolves them, or
-    DataError (one line) before any work: two columns Spark takes for one, no `column`, a
-    column the step would add (`output_column`, `error_column`) that the input already has in
-    any case (Spark would replace it), or the two added columns being one to Spark."""
+    DataError (one line) before any work: two columns Spark takes for one, no `column` (unless
+    the input has a `messages` column: then the instruction column is optional, and None), a
+    `messages` column that does not hold conversations (`messages_column`) or that `column`
+    names, a column the step would add (`output_column`, `error_column`) that the input already
+    has in any case (Spark would replace it), or the two added columns being one to Spark."""
     cs = columns.case_sensitive(df.sparkSession)
     columns.refuse_clash(df.columns, cs, "input")
+    conversations = messages_column(df)
     found = columns.find(df.columns, column, cs)
-    if found is None:
+    if conversations and found == conversations[0]:
+        raise DataError(f"-P column={column} names the column '{found}', which holds "
+                        "conversations, not instructions: pass the instructions' column, or "
+                        "-P column=instruction when the input has none")
+    if found is None and conversations is None:
         other = columns.find(df.columns, column)  # there in another case: a case-sensitive session
         hint = (f"; column names are case-sensitive in this session ({columns.CONF}=true): "
                 f"pass -P column={other}" if other else "; pass -P column=<name>")
@@ -269,6 +336,42 @@ def check_columns(df, column: str, output_column: str = "response",
     return found, input_column(df, found)
 
 
+def _conversation(df, fields: tuple[str, str, str], fmt: str | None):
+    """(has, turns, kind) columns for a conversations column (`messages_column`): whether the
+    row has a conversation (non-null, non-empty), its turns as {role, content} structs named as
+    the model reads them (null when none), and null for one the model answers, else the reason
+    it is refused (as dolly.serve.contract and, for a model trained in Dolly's format (`fmt`
+    "dolly"), its one-instruction prompt refuse it), decided here so that no row fails the
+    model's partition."""
+    from pyspark.sql import functions as F
+
+    name, role, content = fields
+    m = F.col(name)
+    has = F.coalesce(F.size(m) > 0, F.lit(False))
+    roles = ", ".join(ROLES[:-1]) + " or " + ROLES[-1]
+    last = F.try_element_at(m, F.lit(-1))
+    faults = [
+        (F.exists(m, lambda t: t.isNull()), f"{name} has a turn that is null, expected "
+                                            "{role, content}"),
+        (F.exists(m, lambda t: ~F.coalesce(t.getField(role).isin(*ROLES), F.lit(False))),
+         f"{name} has a turn whose role is not {roles}"),
+        (F.exists(m, lambda t: t.getField(content).isNull()), f"{name} has a turn without content"),
+        (F.coalesce(last.getField(role) != "user", F.lit(True)),
+         f"the last message of {name} must be the user's"),
+    ]
+    if fmt == "dolly":  # prompts.DollyFormat holds exactly one user turn
+        faults.append((F.size(m) > 1, f"{name} holds more than one turn: this model was trained "
+                                      "in Dolly's format (one instruction, no system turn, no "
+                                      "history); use a model trained with "
+                                      "prompt_format=chat_template"))
+    kind = F.when(faults[0][0], F.lit(faults[0][1]))
+    for test, reason in faults[1:]:
+        kind = kind.when(test, F.lit(reason))
+    turns = F.transform(m, lambda t: F.struct(t.getField(role).alias("role"),
+                                              t.getField(content).alias("content")))
+    return has, F.when(has, turns), F.when(has, kind)
+
+
 def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolder,
                      output_column: str = "response", params: dict | None = None,
                      error_column: str = "error") -> dict[str, int]:
@@ -279,7 +382,11 @@ def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolde
     A row whose `column` is null or blank is *empty* (null answer, null error); one whose
     `column` (or input: `input_column(df)`) is present but not a string (a number, a boolean, a
     list, an object: JSON types survive read_input) is *errored* (null answer, the reason in
-    `error_column`). Only the other rows reach the model, so one bad row never fails the job.
+    `error_column`). With a `messages` column (`messages_column`), a row whose conversation is
+    non-null and non-empty is answered in it instead (its instruction and input unused) or, if
+    the model would refuse it (`_conversation`; the model's logged prompt format is read from
+    its MLmodel), errored; `column` may then be missing (every row without a conversation is
+    empty). Only the other rows reach the model, so one bad row never fails the job.
     Columns are found and checked by `check_columns` first, as Spark compares names: every input
     column is written unchanged, or nothing is done.
     """
@@ -288,30 +395,44 @@ def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolde
     from pyspark.sql import functions as F
 
     column, inp = check_columns(df, column, output_column, error_column)
+    conversations = messages_column(df)
+    fmt = logged_prompt_format(model_uri) if conversations else None
     # The step's helper columns, dropped at the end by name: none may be one of the user's
     # (or the two the step adds), in any case.
     taken = [*df.columns, output_column, error_column]
-    row, text_col, inp_col = (columns.fresh(n, taken)
-                              for n in (_ROW, "__dolly_text", "__dolly_input"))
+    row, text_col, inp_col, msg_col = (
+        columns.fresh(n, taken) for n in (_ROW, "__dolly_text", "__dolly_input", "__dolly_messages"))
     # env_manager="local" on purpose: the step already runs in the model's environment
     with without_log_lines("mlflow.pyfunc", 'Calling `spark_udf()` with `env_manager="local"`'):
         predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="string",
                                           env_manager="local", params=params or None)
-    text, kind = _classify(df, column, required=True)
-    if inp:
+    if column:
+        text, kind = _classify(df, column, required=True)
+    else:  # conversations only: a row without one has nothing to answer
+        text, kind = F.lit(None).cast("string"), F.lit("empty")
+    if inp and column:
         inp_text, inp_kind = _classify(df, inp, required=False)
         kind = F.coalesce(kind, inp_kind)
     else:
         inp_text = F.lit(None).cast("string")
+    if conversations:
+        has, turns, turns_kind = _conversation(df, conversations, fmt)
+        text, inp_text = F.when(~has, text), F.when(~has, inp_text)
+        kind = F.when(has, turns_kind).otherwise(kind)
     df = (df.withColumn(row, F.monotonically_increasing_id())
           .withColumn(text_col, text).withColumn(inp_col, inp_text)
           .withColumn(error_column, kind))
+    if conversations:
+        df = df.withColumn(msg_col, turns)
     for name in (column, inp):
         if name:
             df = _as_text(df, name)
     ok = F.col(error_column).isNull()
-    record = F.struct(F.col(text_col).alias("instruction"),
-                      F.coalesce(F.col(inp_col), F.lit("")).alias("input"))
+    fields = [F.col(text_col).alias("instruction"),
+              F.coalesce(F.col(inp_col), F.lit("")).alias("input")]
+    if conversations:  # the model answers a row in its conversation where it has one
+        fields.append(F.col(msg_col).alias(MESSAGES))
+    record = F.struct(*fields)
     # Persisted: the model runs once per row, although counting and the ordered write both read it
     # (a global sort samples its input first).
     scored = (df.filter(ok).withColumn(output_column, predict(record))
@@ -324,7 +445,7 @@ def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolde
                                                  F.col(error_column))))
         n_empty = rest.filter(F.col(error_column).isNull()).count()
         n_errored = rest.filter(F.col(error_column).isNotNull()).count()
-        (scored.unionByName(rest).orderBy(row).drop(row, text_col, inp_col)
+        (scored.unionByName(rest).orderBy(row).drop(row, text_col, inp_col, msg_col)
          .write.mode("errorifexists").parquet(str(staging)))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # our own staging folder, nothing else

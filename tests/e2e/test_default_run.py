@@ -4,7 +4,10 @@ README and the docs print: every one is what the default champion actually answe
 Examples are found, not listed here: every row of a table between `<!-- examples:start -->` and
 `<!-- examples:end -->` (columns instruction, input, answer; cells in backticks) and every
 `-d '{"inputs": [...], "params": {...}}'` request followed by a `# -> {"predictions": [...]}`
-line, in README.md and docs/*.md.
+line, and every OpenAI client call of one user message followed by
+`print(r.choices[0].message.content)  # -> answer` (temperature 0: greedy; at temperature 0
+the OpenAI route answers as predict does, tests/e2e/test_openai_server.py), in README.md and
+docs/*.md.
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ def documented_examples() -> list[tuple[str, str, str | None, str, dict, str | N
             for instruction, answer in zip(request["inputs"], reply["predictions"], strict=True):
                 found.append((path.name, instruction, None, answer, request.get("params", {}),
                               None))
+        for instruction, answer in re.findall(
+                r'messages=\[\{"role": "user", "content": "([^"]+)"\}\]\)\s*\n'
+                r'print\(r\.choices\[0\]\.message\.content\)\s*# -> (.+)', text):
+            found.append((path.name, instruction, None, answer.strip(), {}, None))
     return found
 
 

@@ -5,8 +5,6 @@ untrained) answers deterministically at temperature 0; tests/e2e/test_chat_serve
 trained chat model a multi-turn question."""
 import os
 import re
-import signal
-import subprocess
 import time
 
 import httpx
@@ -16,43 +14,10 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
-from helpers import BIN, ROOT, free_port, tracking_to
+from helpers import start_server, stop_server, tracking_to
 from dolly import prompts
 
 TIMEOUT_S = 6  # the server's request timeout (-t): the 504 test outlives it
-
-
-def start_server(model_uri: str, env: dict, log_path, timeout_s: int | None = None) -> tuple:
-    """`mlflow models serve` of `model_uri` on a free loopback port: (process, base URL)."""
-    port = free_port()
-    log = open(log_path, "w")
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), *(["-t", str(timeout_s)] if timeout_s else [])]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            pytest.fail("server did not answer /ping within 180 s")
-        time.sleep(1)
-
-
-def stop_server(proc) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group only
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
