@@ -50,6 +50,8 @@ NAME_ENV = "DOLLY_SERVED_MODEL_NAME"
 MAX_CHOICES = 8  # n: choices per request (each is a row of the batch)
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MAX_PROMPTS = 64  # prompts of one completions request
+# A temperature below this is greedy, as 0 is (dolly.serve.pyfunc.GREEDY_BELOW; vLLM's rule).
+GREEDY_BELOW = 1e-5
 ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 # Fields every request may carry that do not change the answer.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "model"}
@@ -482,10 +484,6 @@ class Run:
         if self.req.include_usage:
             out["usage"] = self.usage() if usage else None
         return out
-
-
-# A temperature below this is greedy, as 0 is (dolly.serve.pyfunc.GREEDY_BELOW; vLLM's rule).
-GREEDY_BELOW = 1e-5
 
 
 def answer(pyfunc, payload: dict, kind: str, deadline: float | None = None,

@@ -122,7 +122,7 @@ def test_conversations_are_scored_and_bad_ones_are_errors_before_the_model(
     assert counts == {"rows_read": 10, "rows_scored": 4, "rows_empty": 1, "rows_errored": 5,
                       "rows_written": 10}
     got = _read(out)
-    assert list(got.columns) == ["id", "instruction", "messages", "input", "response", "error"]
+    assert list(got.columns) == ["id", "instruction", "messages", "input", "error", "response"]
     assert list(got["id"]) == list(range(10))
     assert list(got["error"]) == [e for _, e in ROWS]
     # every input column as it was: the conversations as the arrays they were
@@ -136,18 +136,26 @@ def test_conversations_are_scored_and_bad_ones_are_errors_before_the_model(
                                "input": "ma ko li"}], GREEDY)
     assert list(got["response"]) == [expected[0], expected[1], None, None, None, None, None, None,
                                      expected[2], expected[1]]
-    # the conversation reached the model as one: the same answer as predict with messages
-    assert model.predict({"messages": [ROWS[1][0]["messages"]]}, GREEDY) == [expected[1]]
+    # in process, a messages column gets the same answer (a dict with `messages` would be an
+    # OpenAI request)
+    assert model.predict(pd.DataFrame({"messages": [ROWS[1][0]["messages"]]}), GREEDY) == \
+        [expected[1]]
 
 
+# A pyfunc that answers each record with what it received (MLflow warns that its `predict` has no
+# type hints: on purpose, it takes whatever spark_udf hands it).
 ECHO = """import mlflow
 
 
 class Echo(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
-        def show(m):
+        def text(x):  # spark_udf hands a null string over as NaN
+            return x if isinstance(x, str) else None
+
+        def turns(m):
             return None if m is None else [(t["role"], t["content"]) for t in m]
-        return [f"{r['instruction']!r} {r['input']!r} {show(r['messages'])!r}"
+
+        return [f"{text(r['instruction'])!r} {r['input']!r} {turns(r['messages'])!r}"
                 for r in model_input.to_dict("records")]
 
 
@@ -156,10 +164,12 @@ mlflow.models.set_model(Echo())
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.filterwarnings(".*Add type hints to the `predict` method")  # on purpose: see ECHO
 def test_the_model_gets_each_conversation_as_role_and_content_turns(tmp_path, spark, tiny_model):
     """What spark_udf hands the model, seen by a model that echoes its records: the turns as
     {role, content} whatever the case of their fields, null messages for an instruction row; a
-    model that is not Dolly's has no one-turn rule."""
+    model that is not Dolly's has no one-turn rule. An input of conversations only needs no
+    instruction column."""
     import mlflow
 
     code = tmp_path / "echo_model.py"
@@ -175,7 +185,18 @@ def test_the_model_gets_each_conversation_as_role_and_content_turns(tmp_path, sp
         out = tmp_path / "out"
         counts = scoring.score_to_parquet(spark, scoring.read_input(spark, src, keep_types=KEEP),
                                           echo, "instruction", scoring.check_output(out, src))
-    assert counts["rows_scored"] == 2
-    assert list(_read(out)["response"]) == [
-        "None '' [('system', 'Be brief.'), ('user', 'Greet Mo.')]",
-        "'Greet Kalo.' 'lapo' None"]
+        assert counts["rows_scored"] == 2
+        assert list(_read(out)["response"]) == [
+            "None '' [('system', 'Be brief.'), ('user', 'Greet Mo.')]",
+            "'Greet Kalo.' 'lapo' None"]
+        only = _jsonl(tmp_path / "only.jsonl", [{"messages": _turns(("user", "Greet Mo.")),
+                                                 "context": 7}, {"context": "lapo"}])
+        counts = scoring.score_to_parquet(spark, scoring.read_input(spark, only, keep_types=KEEP),
+                                          echo, "instruction",
+                                          scoring.check_output(tmp_path / "only", only))
+    assert counts == {"rows_read": 2, "rows_scored": 1, "rows_empty": 1, "rows_errored": 0,
+                      "rows_written": 2}
+    got = _read(tmp_path / "only")
+    assert list(got.columns) == ["messages", "context", "error", "response"]
+    assert list(got["context"]) == ["7", "lapo"]  # read as VARIANT, written as text as before
+    assert list(got["response"]) == ["None '' [('user', 'Greet Mo.')]", None]
