@@ -6,10 +6,13 @@ Inputs: -P input=<file or folder of .jsonl/.json/.csv/.parquet> -P output=<folde
         [-P max_new_tokens=<n>] [-P do_sample=true|false]
 Spark runs at cfg.spark_master (local[*] by default; any Spark URL). The output holds every input
 row and column plus the response (null where the instruction is null or blank, or not a string)
-and the error (why a row was not scored). The output folder must be new or empty; -P
-mode=overwrite replaces only what an earlier batch_score run wrote there (listed in its
-_dolly_batch_score.json); anything else stops the step before any work. The model version that scored is
-pinned before scoring (an alias is resolved once) and recorded as this run's tags model_name /
+and the error (why a row was not scored). A `messages` column of conversations (a list of
+{role, content}, the last turn the user's) is answered where a row has one, else the row's
+instruction; a conversation the model would refuse is an errored row (dolly.scoring.batch).
+The output folder must be new or empty; -P mode=overwrite replaces only what an earlier
+batch_score run wrote there (listed in its _dolly_batch_score.json); anything else stops the
+step before any work. The model version that scored is pinned before scoring (an alias is
+resolved once) and recorded as this run's tags model_name /
 model_version / scored_model_uri and in <output>/_scored_by.json. Column names are compared as
 Spark compares them (in any case unless spark.sql.caseSensitive=true): an input column that is
 one to Spark with another, or with a column the step adds, stops the step before any scoring.

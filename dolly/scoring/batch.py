@@ -53,6 +53,7 @@ class ResolvedModel:
     name: str = ""
     version: str = ""
 
+
 _URI_KINDS = ("models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/<path> or a "
               "folder holding an MLmodel file")
 
@@ -310,12 +311,12 @@ def check_columns(df, column: str, output_column: str = "response",
     has in any case (Spark would replace it), or the two added columns being one to Spark."""
     cs = columns.case_sensitive(df.sparkSession)
     columns.refuse_clash(df.columns, cs, "input")
-    conversations = messages_column(df)
     found = columns.find(df.columns, column, cs)
-    if conversations and found == conversations[0]:
+    if found is not None and found == columns.find(df.columns, MESSAGES, cs):
         raise DataError(f"-P column={column} names the column '{found}', which holds "
                         "conversations, not instructions: pass the instructions' column, or "
                         "-P column=instruction when the input has none")
+    conversations = messages_column(df)
     if found is None and conversations is None:
         other = columns.find(df.columns, column)  # there in another case: a case-sensitive session
         hint = (f"; column names are case-sensitive in this session ({columns.CONF}=true): "
@@ -336,7 +337,7 @@ def check_columns(df, column: str, output_column: str = "response",
     return found, input_column(df, found)
 
 
-def _conversation(df, fields: tuple[str, str, str], fmt: str | None):
+def _conversation(fields: tuple[str, str, str], fmt: str | None):
     """(has, turns, kind) columns for a conversations column (`messages_column`): whether the
     row has a conversation (non-null, non-empty), its turns as {role, content} structs named as
     the model reads them (null when none), and null for one the model answers, else the reason
@@ -401,7 +402,8 @@ def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolde
     # (or the two the step adds), in any case.
     taken = [*df.columns, output_column, error_column]
     row, text_col, inp_col, msg_col = (
-        columns.fresh(n, taken) for n in (_ROW, "__dolly_text", "__dolly_input", "__dolly_messages"))
+        columns.fresh(n, taken)
+        for n in (_ROW, "__dolly_text", "__dolly_input", "__dolly_messages"))
     # env_manager="local" on purpose: the step already runs in the model's environment
     with without_log_lines("mlflow.pyfunc", 'Calling `spark_udf()` with `env_manager="local"`'):
         predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="string",
@@ -416,7 +418,7 @@ def score_to_parquet(spark, df, model_uri: str, column: str, folder: OutputFolde
     else:
         inp_text = F.lit(None).cast("string")
     if conversations:
-        has, turns, turns_kind = _conversation(df, conversations, fmt)
+        has, turns, turns_kind = _conversation(conversations, fmt)
         text, inp_text = F.when(~has, text), F.when(~has, inp_text)
         kind = F.when(has, turns_kind).otherwise(kind)
     df = (df.withColumn(row, F.monotonically_increasing_id())
