@@ -230,6 +230,7 @@ def _conversation(value, i: int) -> list[dict] | None:
             raise bad_input(f"row {i}: {MESSAGES}[{j}] is {json_kind(m)}, expected an object "
                             "with role and content")
         role, content = m.get("role"), m.get("content")
+        role = "system" if role == "developer" else role  # OpenAI's newer name for system
         if role not in ROLES:
             raise bad_input(f"row {i}: {MESSAGES}[{j}].role must be one of {', '.join(ROLES)}, "
                             f"got {_short(role) if not is_missing(role) else 'null'}")

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dolly import prompts
-from dolly.serve.contract import _is_float, _is_long, _short, json_kind, printable
+from dolly.serve.contract import _is_float, _is_long, _short, json_kind, printable, text_fault
 
 _logger = logging.getLogger(__name__)
 
@@ -55,34 +55,38 @@ GREEDY_BELOW = 1e-5
 ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 # Fields every request may carry that do not change the answer.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "model"}
-# Fields that would change the answer: allowed only at their default (a predicate per field).
+# Fields that would change the answer: allowed only at their default (the values that are).
 _DEFAULT_ONLY = {
-    "frequency_penalty": lambda v: v in (None, 0, 0.0),
-    "presence_penalty": lambda v: v in (None, 0, 0.0),
-    "logit_bias": lambda v: v in (None, {}),
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
-    "tools": lambda v: v in (None, []),
-    "functions": lambda v: v in (None, []),
-    "tool_choice": lambda v: v in (None, "none"),
-    "function_call": lambda v: v in (None, "none"),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"
-                                                and len(v) == 1),
-    "modalities": lambda v: v in (None, ["text"]),
-    "reasoning_effort": lambda v: v is None,
-    "prediction": lambda v: v is None,
-    "audio": lambda v: v is None,
-    "web_search_options": lambda v: v is None,
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+    "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
+    "reasoning_effort": (None,), "prediction": (None,), "audio": (None,),
+    "web_search_options": (None,),
 }
 _COMPLETION_DEFAULT_ONLY = {
-    "echo": lambda v: v in (None, False),
-    "suffix": lambda v: v in (None, ""),
-    "best_of": lambda v: v in (None, 1) and not isinstance(v, bool),
-    "logprobs": lambda v: v is None or (v == 0 and not isinstance(v, bool)),
-    "frequency_penalty": _DEFAULT_ONLY["frequency_penalty"],
-    "presence_penalty": _DEFAULT_ONLY["presence_penalty"],
-    "logit_bias": _DEFAULT_ONLY["logit_bias"],
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "logprobs": (None, 0),
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
 }
+
+
+def _same(value, default) -> bool:
+    """`value` is `default` in JSON's terms: equal and of the same JSON type (0 and 0.0 are one
+    number; false is not 0; an array, a NumPy value or another Python type is no default)."""
+    number = (int, float)
+    if isinstance(value, bool) or isinstance(default, bool):
+        return type(value) is type(default) and value == default
+    if type(value) in number and type(default) in number:
+        return value == default
+    if type(value) is not type(default):
+        return False
+    if isinstance(value, dict):
+        return set(value) == set(default) and all(_same(value[k], default[k]) for k in value)
+    if isinstance(value, list):
+        return len(value) == len(default) and all(map(_same, value, default))
+    return value == default
+
+
 _SETTINGS = {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n", "seed",
              "stream", "stream_options"}
 CHAT_FIELDS = {"messages", *_SETTINGS, *_IGNORED, *_DEFAULT_ONLY}
@@ -149,15 +153,22 @@ def is_request(data) -> str | None:
 
 # --- checking a request -------------------------------------------------------------------------
 
+def _text(value: str, where: str) -> str:
+    """`value` if it is valid Unicode text (no lone surrogate), else a 400 naming `where`."""
+    if fault := text_fault(value):
+        raise _bad(f"{where} is not valid Unicode text ({fault})", where, "invalid_value")
+    return value
+
+
 def _content(value, where: str) -> str:
     """A message's content: a string, or a list of text parts ({"type": "text", "text": ...})
     joined as they are; anything else is refused."""
     if isinstance(value, str):
-        return value
+        return _text(value, where + ".content")
     if isinstance(value, list) and value and all(
             isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
             and set(p) <= {"type", "text"} for p in value):
-        return "".join(p["text"] for p in value)
+        return _text("".join(p["text"] for p in value), where + ".content")
     kind = json_kind(value)
     if isinstance(value, list):
         kind = "a list that is not only text parts ({\"type\": \"text\", \"text\": ...})"
@@ -166,6 +177,8 @@ def _content(value, where: str) -> str:
 
 
 def _messages(value, fmt_name: str) -> list[dict]:
+    if isinstance(value, tuple):
+        value = list(value)
     if not isinstance(value, list):
         raise _bad(f"messages must be a list of messages, got {json_kind(value)}", "messages",
                    "invalid_type")
@@ -185,6 +198,9 @@ def _messages(value, fmt_name: str) -> list[dict]:
         if extra := sorted(str(k) for k in m if k not in ("role", "content", "name")):
             raise _bad(f"{where} has fields this server does not support: "
                        f"{', '.join(_short(k) for k in extra[:4])}", where, "unsupported_value")
+        if "name" in m and not isinstance(m["name"], str):
+            raise _bad(f"{where}.name must be a string, got {json_kind(m['name'])}",
+                       where + ".name", "invalid_type")
         if "content" not in m:
             raise _bad(f"{where} has no content", where + ".content", "missing_required_parameter")
         out.append({"role": "system" if role == "developer" else role,
@@ -231,7 +247,7 @@ def _stop(value) -> list[str]:
                    "stop", "invalid_type")
     if len(stops) > MAX_STOP:
         raise _bad(f"stop holds at most {MAX_STOP} strings, got {len(stops)}", "stop")
-    return list(dict.fromkeys(stops))
+    return list(dict.fromkeys(_text(s, "stop") for s in stops))
 
 
 def _prompts(value) -> list[str]:
@@ -243,7 +259,7 @@ def _prompts(value) -> list[str]:
     if len(prompts_) > MAX_PROMPTS:
         raise _bad(f"prompt holds at most {MAX_PROMPTS} prompts per request, got "
                    f"{len(prompts_)}", "prompt")
-    return prompts_
+    return [_text(p, "prompt") for p in prompts_]
 
 
 def parse_request(payload, kind: str, served: str, fmt_name: str,
@@ -261,8 +277,8 @@ def parse_request(payload, kind: str, served: str, fmt_name: str,
     if unknown := sorted(str(k) for k in payload if k not in fields):
         raise _bad(f"unrecognized request argument: {', '.join(_short(k) for k in unknown[:4])}",
                    unknown[0][:40], "unknown_parameter")
-    for name, is_default in default_only.items():
-        if name in payload and not is_default(payload[name]):
+    for name, defaults in default_only.items():
+        if name in payload and not any(_same(payload[name], d) for d in defaults):
             raise _bad(f"{name} is not supported by this server (leave it out or at its "
                        f"default), got {_short(payload[name])}", name, "unsupported_parameter")
     model = payload.get("model")
@@ -271,6 +287,8 @@ def parse_request(payload, kind: str, served: str, fmt_name: str,
                    "missing_required_parameter")
     if model is not None and not isinstance(model, str):
         raise _bad(f"model must be a string, got {json_kind(model)}", "model", "invalid_type")
+    if model is not None:
+        _text(model, "model")
     if model is not None and model != served:
         raise OpenAIError(404, f"the model {_short(model)} does not exist: this server serves "
                           f"{_short(served)}", "model", "model_not_found")
@@ -299,7 +317,7 @@ def parse_request(payload, kind: str, served: str, fmt_name: str,
     req = Request(kind, model, conversations, max_tokens if max_tokens is not None
                   else max_completion, stream=bool(stream),
                   include_usage=bool((options or {}).get("include_usage")),
-                  stop=_stop(payload.get("stop")), seed=_integer(payload, "seed", -2 ** 63))
+                  stop=_stop(payload.get("stop")), seed=_integer(payload, "seed", -2 ** 63, 2 ** 63 - 1))
     if (t := _number(payload, "temperature", 0.0, 2.0)) is not None:
         req.temperature = t
     if (p := _number(payload, "top_p", 0.0, 1.0, low_open=True)) is not None:
@@ -341,6 +359,21 @@ def _held_back(text: str, holds: list[str]) -> int:
     return keep
 
 
+def _no_control_text(pyfunc, conv: list[dict], kind: str, i: int) -> None:
+    """Refuses content holding the text of one of the tokenizer's special tokens (`<|im_end|>`,
+    `### Response:`): tokenized with the rendered template, it would become that control token,
+    so a user could close their own turn and write the assistant's (data_prep rejects such
+    records from training for the same reason)."""
+    for j, m in enumerate(conv):
+        for text in pyfunc.control_texts:
+            if text in m["content"]:
+                where = f"messages[{j}].content" if kind == "chat" else (
+                    "prompt" if i == 0 else f"prompt[{i}]")
+                raise _bad(f"{where} holds {text.strip()!r}, the text of one of the model's "
+                           "control tokens (it marks turns in the prompt format): remove it",
+                           where, "invalid_value")
+
+
 class Run:
     """One request being answered by the model (`pyfunc`: a DollyPyfunc): its prompts' token ids,
     one row per choice, the Watch of each row (cancel, stop strings, streaming).
@@ -357,19 +390,30 @@ class Run:
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.cancel = threading.Event()
-        self.prompt_ids = [pyfunc.full_prompt_ids(c) for c in req.conversations]
         context = pyfunc.context
-        for i, ids in enumerate(self.prompt_ids):
+        self.prompt_ids = []
+        for i, conv in enumerate(req.conversations):
             where = "messages" if req.kind == "chat" else "prompt"
+            them = "the messages take" if req.kind == "chat" else (
+                "the prompt takes" if len(req.conversations) == 1 else f"prompt {i} takes")
+            _no_control_text(pyfunc, conv, req.kind, i)
+            # Cheap before tokenizing: a token is never near 64 characters long
+            # (dolly.generation's bound), so a text that long cannot fit the context.
+            chars = sum(len(m["content"]) for m in conv)
+            if chars > context * 64:
+                raise _bad(f"{them} {chars} characters, far more than this model's context of "
+                           f"{context} tokens holds: shorten them", where,
+                           "context_length_exceeded")
+            ids = pyfunc.full_prompt_ids(conv)
+            if len(ids) >= context:
+                raise _bad(f"{them} {len(ids)} tokens, more than this model's context of "
+                           f"{context} tokens leaves room for an answer: shorten them", where,
+                           "context_length_exceeded")
             if req.max_tokens is not None and len(ids) + req.max_tokens > context:
                 raise _bad(f"max_tokens is too large: this model's context is {context} tokens "
-                           f"and the {'messages' if req.kind == 'chat' else f'prompt {i}'} take "
-                           f"{len(ids)}, so at most {max(context - len(ids), 0)} new tokens fit, "
-                           f"got {req.max_tokens}", "max_tokens", "context_length_exceeded")
-            if len(ids) >= context:
-                raise _bad(f"the {where} take {len(ids)} tokens, more than this model's context "
-                           f"of {context} tokens leaves room for an answer: shorten them",
-                           where, "context_length_exceeded")
+                           f"and {them} {len(ids)}, so at most {context - len(ids)} new tokens "
+                           f"fit, got {req.max_tokens}", "max_tokens", "context_length_exceeded")
+            self.prompt_ids.append(ids)
         self.answer_text = generation.AnswerText(pyfunc.tokenizer, pyfunc.fmt)
         self.holds = [*self.answer_text.markers(), *req.stop]
         self.choices = [Choice(p * req.n + k, p) for p in range(len(self.prompt_ids))
@@ -409,12 +453,21 @@ class Run:
         """Generate every choice (through the model's batcher when it has one), then finish
         each choice's text. Raises OpenAIError 504 when `deadline` (`time.monotonic()` seconds)
         passes first."""
-        rows = [(self.prompt_ids[c.prompt], self.req.conversations[c.prompt], w)
-                for c, w in zip(self.choices, self.watches)]
         from mlflow.exceptions import MlflowException
 
+        from dolly.generation import Generation
+
+        # a blank last user turn is answered "" without running the model, as a blank
+        # instruction is on every path (dolly.prompts.is_blank)
+        todo = [k for k, c in enumerate(self.choices)
+                if not prompts.is_blank(self.req.conversations[c.prompt][-1]["content"])]
+        rows = [(self.prompt_ids[self.choices[k].prompt],
+                 self.req.conversations[self.choices[k].prompt], self.watches[k]) for k in todo]
         try:
-            generations = self.pyfunc.generate_rows(rows, self.settings(), deadline)
+            made = self.pyfunc.generate_rows(rows, self.settings(), deadline) if rows else []
+            generations = [Generation("", True, 0, 0, False, ended=True)] * len(self.choices)
+            for k, g in zip(todo, made):
+                generations[k] = g
         except MlflowException as e:  # the deadline passed while the rows waited for a batch
             if e.get_http_status_code() == 504:
                 raise OpenAIError(504, "the request's deadline passed before its answer was "
@@ -541,6 +594,7 @@ def add_routes(app, pyfunc, timeout_s: Callable[[], float]) -> None:
 
     async def body_of(request: HTTPRequest):
         from mlflow.exceptions import MlflowException
+        from starlette.requests import ClientDisconnect
 
         from dolly.serve import json_body
 
@@ -550,32 +604,51 @@ def add_routes(app, pyfunc, timeout_s: Callable[[], float]) -> None:
             raise OpenAIError(413, f"the body is {int(declared)} bytes, the server takes at most "
                               f"{limit}", None, "request_too_large")
         raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > limit:
-                raise OpenAIError(413, f"the body is over {limit} bytes, the server takes at "
-                                  "most that", None, "request_too_large")
+        try:
+            async for part in request.stream():
+                raw += part
+                if len(raw) > limit:
+                    raise OpenAIError(413, f"the body is over {limit} bytes, the server takes "
+                                      "at most that", None, "request_too_large")
+        except ClientDisconnect:
+            raise OpenAIError(400, "the client closed the connection before the body was "
+                              "complete", None, "client_disconnected") from None
         try:
             return json_body.loads(bytes(raw))
         except MlflowException as e:
             raise _bad(e.message, None, "invalid_json") from None
 
     def deadline_of(start: float) -> float:
+        """A little before the server's own timeout (MLflow's middleware answers 504 in its own
+        shape then), counted from when the request reached the route."""
         timeout = timeout_s()
         return start + timeout - min(0.5, timeout * 0.1)
+
+    async def before(deadline: float, fn, *args):
+        """`fn(*args)` in the pool, or a 504 once `deadline` passes: the model stops the
+        request's rows itself at that deadline, but the answer does not wait for it."""
+        try:
+            return await asyncio.wait_for(call(fn, *args),
+                                          timeout=max(deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError:
+            raise OpenAIError(504, "the request's deadline passed before its answer was ready",
+                              None, "timeout") from None
 
     async def completions(request: HTTPRequest, kind: str):
         start = time.monotonic()
         try:
             payload = await body_of(request)
             req = parse_request(payload, kind, pyfunc.served_name, pyfunc.fmt.name)
+            deadline = deadline_of(start)
             if not req.stream:
-                run = await call(Run, pyfunc, req)
-                await call(run.run, deadline_of(start))
-                return JSONResponse(run.result())
-            return await stream(req, deadline_of(start))
+                def whole():
+                    run = Run(pyfunc, req)
+                    run.run(deadline)
+                    return run.result()
+                return JSONResponse(await before(deadline, whole))
+            return await stream(req, deadline)
         except OpenAIError as e:
-            if e.status >= 500:
+            if e.status >= 500 or e.code == "client_disconnected":
                 _logger.warning("request failed (%s): %s", e.status, e.message)
             return error(e)
         except Exception:
@@ -590,7 +663,7 @@ def add_routes(app, pyfunc, timeout_s: Callable[[], float]) -> None:
         def on_delta(index: int, text: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("delta", index, text))
 
-        run = await call(Run, pyfunc, req, on_delta)  # a 400 here is still a plain response
+        run = await before(deadline, Run, pyfunc, req, on_delta)  # a 400 here is a plain response
 
         def work() -> None:
             try:
@@ -658,8 +731,19 @@ def add_routes(app, pyfunc, timeout_s: Callable[[], float]) -> None:
                                      "model_not_found"))
         return JSONResponse(model_card(pyfunc))
 
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-    async def unknown_route(rest: str):
-        return error(OpenAIError(404, f"this server has no route /v1/{_short(rest)[1:-1]}: it "
+    routes = {CHAT_ROUTE: "POST", COMPLETIONS_ROUTE: "POST", MODELS_ROUTE: "GET"}
+
+    async def unknown_route(request, rest: str):
+        path = "/v1/" + rest
+        if path in routes or path.startswith(MODELS_ROUTE + "/"):
+            allowed = routes.get(path, "GET")
+            return JSONResponse(OpenAIError(
+                405, f"{request.method} is not allowed on {_short(path)[1:-1]}: use {allowed}",
+                None, "method_not_allowed").body(), status_code=405, headers={"Allow": allowed})
+        return error(OpenAIError(404, f"this server has no route {_short(path)[1:-1]}: it "
                                  f"serves {CHAT_ROUTE}, {COMPLETIONS_ROUTE} and {MODELS_ROUTE}",
                                  None, "unknown_url"))
+
+    unknown_route.__annotations__["request"] = HTTPRequest
+    app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
+                                              "HEAD"])(unknown_route)

@@ -178,6 +178,13 @@ class DollyPyfunc:
         # prompt formats: Dolly's), rendered from the logged tokenizer's own files.
         self.fmt = prompts.get_format(limits.get("prompt_format") or "dolly", self._tokenizer)
         self._frame = len(self._ids(self.fmt.prompt("")))  # the no-input template
+        # The texts of the tokenizer's special tokens: content holding one is refused on the
+        # OpenAI routes (it would tokenize to a control token of the prompt format).
+        added = getattr(self._tokenizer, "added_tokens_decoder", {}) or {}
+        self.control_texts = sorted(
+            {t for t in [*self._tokenizer.all_special_tokens,
+                         *(a.content for a in added.values() if getattr(a, "special", False))]
+             if isinstance(t, str) and t.strip()}, key=len, reverse=True)
         self.max_rows = int(limits.get("serve_max_rows") or 0)
         self.max_chars = int(limits.get("serve_max_chars") or 0)
         # A body over this is a 413 on the OpenAI routes: every character of the allowed text in
@@ -339,6 +346,11 @@ class DollyPyfunc:
             except openai_api.OpenAIError as e:
                 if e.status == 504:
                     raise deadline_passed() from None
+                if e.status == 404:
+                    from mlflow.exceptions import MlflowException
+                    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+                    raise MlflowException(e.message, RESOURCE_DOES_NOT_EXIST) from None
                 raise bad_input(e.message) from None
         frame = as_frame(data)
         settings = self._check(frame, params or {})

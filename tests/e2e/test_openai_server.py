@@ -164,6 +164,9 @@ def test_malformed_json_is_a_400_in_openai_shape(served):
     r = requests.post(served[0] + "/v1/embeddings", json={"model": "dolly", "input": "x"},
                       timeout=10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = requests.get(served[0] + "/v1/chat/completions", timeout=10)
+    assert (r.status_code, r.json()["error"]["message"], r.headers["allow"]) == (
+        405, "GET is not allowed on /v1/chat/completions: use POST", "POST")
 
 
 def test_past_the_deadline_is_a_504_and_the_server_stops_working_on_it(client, served):
