@@ -67,7 +67,7 @@ def docs_conversation() -> tuple[list[dict], str]:
     """The multi-turn example of docs/serving.md: (messages, the answer it prints)."""
     text = (ROOT / "docs" / "serving.md").read_text(encoding="utf-8")
     block = re.search(r"messages=\[\n(.*?)\]\)\nprint\(r\.choices\[0\]\.message\.content\)\s*"
-                      r"# (.+)\n", text, re.S)
+                      r"# ([^\n]+)\n", text, re.S)
     assert block, "docs/serving.md has no multi-turn example"
     messages = json.loads("[" + block.group(1).strip().rstrip(",") + "]")
     return messages, block.group(2).strip()
