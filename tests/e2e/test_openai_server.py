@@ -7,7 +7,6 @@ import os
 import re
 import time
 
-import httpx
 import mlflow
 import openai
 import pytest
@@ -187,10 +186,10 @@ def test_an_abandoned_stream_stops_generating(served):
     url, log = served
     body = {"model": "dolly", "messages": [{"role": "user", "content": "Write about lamps."}],
             "temperature": 1, "max_tokens": 200, "n": 8, "stream": True}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+    with requests.post(url + "/v1/chat/completions", json=body, timeout=30, stream=True) as r:
         assert r.status_code == 200
         first = next(r.iter_lines())
-        assert first.startswith("data: ")
+        assert first.startswith(b"data: ")
     # the client has closed the connection after its first event
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
