@@ -2,8 +2,6 @@
 import json
 import os
 import re
-import signal
-import subprocess
 import time
 
 import mlflow
@@ -11,43 +9,18 @@ import pandas as pd
 import pytest
 import requests
 
-from helpers import BIN, ROOT, TEMPLATE_BITS, free_port, tracking_to
+from helpers import TEMPLATE_BITS, start_server, stop_server, tracking_to
 from dolly import prompts
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model, champion):
-    port = free_port()
-    log = open(tiny_model.root / f"serve-{port}.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/dolly@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT, env=tiny_model.env(), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    proc, url = start_server("models:/dolly@champion", tiny_model.env(),
+                             tiny_model.root / "serve-invocations.log")
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}: "
-                            f"{(tiny_model.root / f'serve-{port}.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not answer /ping within 180 s")
-            time.sleep(1)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group only
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
+        stop_server(proc)
 
 
 def _answers(resp, n):
