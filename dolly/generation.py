@@ -278,6 +278,9 @@ class AnswerText:
     def __init__(self, tokenizer, fmt=None):
         self.tokenizer = tokenizer
         self.fmt = fmt if fmt is not None else prompts.DollyFormat(tokenizer)
+        # stop: the format's end of answer and the tokenizer's eos (a base model's own end of
+        # text also ends an answer); end ("the answer is complete"): Dolly's `### End`, or for
+        # a chat model every stop id (its eos ends its turn as well)
         self.stop_ids = set(self.fmt.stop_ids(tokenizer))
         self.end_ids = (set(self.fmt.end_ids(tokenizer)) if self.fmt.name == "dolly"
                         else set(self.stop_ids))
@@ -391,11 +394,8 @@ def generate(
         raise ValueError("instructions and prompt_ids or watches differ in length")
     fmt = fmt if fmt is not None else prompts.DollyFormat(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    end_ids = set(fmt.end_ids(tokenizer))
-    # a base model's own end of text also ends an answer
-    stop_ids = set(fmt.stop_ids(tokenizer))
-    if fmt.name != "dolly":  # a chat model's eos ends its turn as well
-        end_ids = set(stop_ids)
+    answer = AnswerText(tokenizer, fmt)
+    end_ids, stop_ids = answer.end_ids, answer.stop_ids
     context = context_length(model, tokenizer)
     budget = context - answer_room(max_new_tokens, context)
     encoded = []
