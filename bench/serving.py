@@ -3,7 +3,8 @@ without batching across requests, and what a timed-out request costs.
 
 `--api chat` (the default): OpenAI chat completion requests (POST /v1/chat/completions, one
 user message, temperature 0, `max_tokens` = --max-new-tokens), first whole, then streamed (the
-same count, from the same clients) for the time to the first streamed token; `--api
+same count, from the same clients) for the time to the first streamed token (the first event
+after the role chunk: the first text, or the finish chunk of an answer without any); `--api
 invocations`: MLflow's own `{"inputs": [...]}` requests to /invocations.
 
 A tiny GPT-J (freshly initialised, GPT-J's tokenizer, generation stopping at `### End`) is saved
@@ -129,10 +130,11 @@ class Api:
         if not stream:
             ok = r.status_code == 200 and len(r.json()["choices"]) == 1
             return ok, "" if ok else f"{r.status_code}: {r.text[:200]}", None
+        # the first event after the role chunk: the first text, or the finish chunk of an
+        # answer that has none (an untrained model's whitespace)
         first, done = None, False
         for line in r.iter_lines():
-            if first is None and line.startswith(b"data: ") and b'"content"' in line \
-                    and b'"role"' not in line:
+            if first is None and line.startswith(b"data: ") and b'"role"' not in line:
                 first = (time.perf_counter() - t0) * 1000
             done = done or line == b"data: [DONE]"
         ok = r.status_code == 200 and done
