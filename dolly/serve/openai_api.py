@@ -683,7 +683,7 @@ def add_routes(app, pyfunc, timeout_s: Callable[[], float]) -> None:
                 for c in run.choices:
                     if req.kind == "chat":
                         yield sse(run.chunk(c.index, first=True))
-                task = loop.run_in_executor(pool, contextvars.copy_context().run, work)
+                task = asyncio.ensure_future(call(work))
                 while True:
                     what, index, item = await queue.get()
                     if what == "delta":
