@@ -178,6 +178,37 @@ class Config:
         steps=TRAIN,
     )
 
+    # --- what trains: every weight (ZeRO-3) or LoRA adapters (peft) -------------------------
+    finetune: str = _f(
+        "full",
+        "What trains: 'full' (every weight, DeepSpeed ZeRO-3), 'lora' (low-rank adapters on a "
+        "frozen 16/32-bit base, peft; plain data parallel, see docs/lora.md) or 'qlora' (the "
+        "same adapters on a base loaded in 4-bit NF4 by bitsandbytes; CUDA GPUs only).",
+        ("full", "lora", "qlora"), steps=TRAIN, checkpoint=True,
+    )
+    lora_r: int = _f(16, "LoRA rank r: each adapted weight W (out x in) gains B (out x r) @ A "
+                     "(r x in).", steps=TRAIN, checkpoint=True)
+    lora_alpha: float = _f(32.0, "LoRA scale numerator: the adapter's update is "
+                           "(lora_alpha / lora_r) * B @ A (Hu et al. 2021, LoRA, eq. 3).",
+                           steps=TRAIN, checkpoint=True)
+    lora_dropout: float = _f(0.0, "Dropout on the adapter's input during training, in [0, 1).",
+                             steps=TRAIN, checkpoint=True)
+    lora_target_modules: str = _f(
+        "all-linear",
+        "Layers that get adapters: 'all-linear' (every linear layer of the transformer blocks, "
+        "found by type, the output layer excluded: peft's rule, so any architecture works) or "
+        "comma-separated module names (e.g. 'q_proj,v_proj').",
+        steps=TRAIN, checkpoint=True,
+    )
+    lora_learning_rate: float = _f(
+        0.0, "Peak learning rate of lora/qlora runs; 0 = 10 x learning_rate (the ratio at which "
+        "LoRA's best learning rate sat across model sizes and datasets in Schulman et al. 2025, "
+        "'LoRA Without Regret', Thinking Machines Lab).", steps=TRAIN, checkpoint=True)
+    merge: bool = _f(
+        False, "lora/qlora: merge the trained adapters into the base after training and log the "
+        "merged full model (faster serving, a full-size registered version) instead of the "
+        "adapter and a reference to its base.", steps=TRAIN)
+
     # --- training ---------------------------------------------------------------------------
     output_dir: str = _f(
         "outputs/train", "Local folder for checkpoints and the final weights (resume looks here).",
@@ -361,7 +392,35 @@ class Config:
                  "must be a TCP port (1-65535)")
         _require(bool(self.champion_alias.strip()), "champion_alias", self.champion_alias,
                  "must not be empty")
+        _require(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
+        _require(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha",
+                 self.lora_alpha, "must be > 0")
+        _require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout,
+                 "must be in [0, 1)")
+        _require(math.isfinite(self.lora_learning_rate) and self.lora_learning_rate >= 0,
+                 "lora_learning_rate", self.lora_learning_rate, "must be >= 0 (0 = 10 x "
+                 "learning_rate)")
+        targets = [t.strip() for t in self.lora_target_modules.split(",")]
+        _require(all(targets) and all(t.replace("_", "").replace(".", "").replace("-", "")
+                                      .isalnum() for t in targets),
+                 "lora_target_modules", self.lora_target_modules,
+                 "must be 'all-linear' or comma-separated module names")
+        _require(not self.merge or self.finetune != "full", "merge", self.merge,
+                 "merges LoRA adapters: it needs finetune=lora or qlora")
         _require(self.gpu_memory_gb >= 0, "gpu_memory_gb", self.gpu_memory_gb, "must be >= 0")
+
+    @property
+    def adapters(self) -> bool:
+        """True when LoRA adapters train (finetune lora or qlora) instead of every weight."""
+        return self.finetune != "full"
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """The learning rate this run trains with: learning_rate for full fine-tuning; for
+        adapters lora_learning_rate, or 10 x learning_rate when that is 0."""
+        if not self.adapters:
+            return self.learning_rate
+        return self.lora_learning_rate or 10 * self.learning_rate
 
     @property
     def test_count_or_fraction(self) -> float | int:

@@ -1,4 +1,6 @@
-"""train entry point: prepared/ -> DeepSpeed ZeRO-3 ranks -> <output_dir>/final -> logged model.
+"""train entry point: prepared/ -> DeepSpeed ZeRO-3 ranks (or data-parallel LoRA ranks) ->
+<output_dir>/final (full weights, or a LoRA adapter; merged into its base with merge=true) ->
+logged model.
 
 This process owns the MLflow run: it logs the resolved config, launches the ranks (rank 0 logs
 params, the per-step curves and the end-of-training tags into this run: dolly.train.trainer), and
@@ -6,6 +8,7 @@ logs the final model once, named after its base (`dolly-<base model>`, dolly.reg
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -20,9 +23,13 @@ def main(argv: list[str]) -> None:
     # system metrics (CPU, memory, GPU) of this process's machine, sampled by MLflow
     with (pipeline.step_run(cfg, "train", log_system_metrics=True) as run,
           train.exclusive(cfg)):
+        gpus = train.visible_gpu()[0] if cfg.num_gpus != 0 else 0
+        # qlora's 4-bit base needs CUDA: refuse before anything is read or loaded (Spark GPU
+        # executors count when num_gpus is set)
+        models.require_qlora_device(cfg, bool(gpus) or (cfg.launcher == "spark"
+                                                         and cfg.num_gpus > 0))
         prepared = tracking.local_path(inputs["prepared"], "prepared data")
         train_df, _, summary = data.load_prepared(prepared)
-        gpus = train.visible_gpu()[0] if cfg.num_gpus != 0 else 0
         if gpus:  # before anything is loaded or changed on disk: will this profile fit?
             train.require_fit(cfg, gpus_per_node=cfg.num_gpus if cfg.num_gpus > 0 else gpus,
                               seq_len=int(summary["token_lengths"]["max"]))
@@ -34,10 +41,17 @@ def main(argv: list[str]) -> None:
                                   log=lambda line: print(f"train: {line}", flush=True))
         if base is not None:  # the ranks load it from the cache; this run says which one
             models.log_base(base)
+        if plan.cfg.adapters:  # the base the adapter will refer to: found before training
+            path, name, revision = models.base_location(plan.cfg, load_tokenizer(
+                str(prepared / "tokenizer")))
+            mlflow.set_tags({"adapter_base": path, **({"adapter_base_revision": revision}
+                                                       if revision else {})})
         mlflow.log_param("prepared", inputs["prepared"][:500])
         data.log_split(plan.cfg, train_df, "train", summary.get("data_hash", ""))
+        how = ("ZeRO-3" if not plan.cfg.adapters else
+               f"{plan.cfg.finetune} adapters (r={plan.cfg.lora_r}), data parallel")
         print(f"train: {plan.world_size} rank(s) ({'GPU' if plan.gpu else 'CPU, gloo'}), "
-              f"{plan.cfg.precision}, ZeRO-3, {plan.cfg.launcher} launcher; output in "
+              f"{plan.cfg.precision}, {how}, {plan.cfg.launcher} launcher; output in "
               f"{plan.cfg.output_dir}", flush=True)
         code = train.start_ranks(plan, prepared, inputs["prepared"], run.info.run_id,
                                  mlflow.get_tracking_uri())
@@ -48,7 +62,15 @@ def main(argv: list[str]) -> None:
             print("train: this node's ranks finished; node 0 logs the model", flush=True)
             return
         result = train.read_result(plan.cfg)  # rank 0 logged resumed_from_step as a param
-        model_uri = registry.log_model(Path(result["final_dir"]), plan.cfg)
+        final = Path(result["final_dir"])
+        if plan.cfg.merge:  # log the merged full model instead of the adapter
+            merged = final.with_name(final.name + "-merged")
+            if merged.exists():
+                shutil.rmtree(merged)
+            models.merge_into_base(final, merged)
+            print(f"train: merged the adapter into its base: {merged}", flush=True)
+            final = merged
+        model_uri = registry.log_model(final, plan.cfg)
         mlflow.set_tag("model_uri", model_uri)
         print(f"train: {result['global_step']} steps (resumed from step "
               f"{result['resumed_from_step']}), final loss {result['final_loss']:.4f}, "

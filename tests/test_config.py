@@ -101,7 +101,8 @@ def test_derived_field_lists():
         "seed", "base_model", "tokenizer", "prompt_format", "tiny_n_layer", "tiny_n_embd", "tiny_n_head",
         "tiny_rotary_dim", "tiny_n_positions", "tiny_tie_embeddings", "pretrain_steps",
         "pretrain_batch_size", "pretrain_seq_len", "pretrain_learning_rate",
-        "per_device_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
+        "finetune", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+        "lora_learning_rate", "per_device_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
         "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "batching",
         "length_group_batches")
     assert fields_where(base=True) == (

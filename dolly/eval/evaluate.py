@@ -43,7 +43,7 @@ from dolly.errors import ConfigError, DollyError
 from dolly.eval.report import family_line, run_description
 from dolly.eval import probe
 from dolly.eval.metrics import category_metrics, exact_match, rouge_l
-from dolly.models import base_key, cache_root, is_pretrained_tiny, load_base_model
+from dolly.models import base_key, cache_root, is_pretrained_tiny, load_base_model, lora
 from dolly.prompts import DollyFormat, get_format
 from dolly.tokenizer import load_tokenizer
 from dolly.tracking import local_path
@@ -193,23 +193,49 @@ def dtype_for(dev: torch.device) -> torch.dtype:
 
 def model_folder(local: Path) -> tuple[Path, Path]:
     """(weights folder, tokenizer folder) inside a downloaded transformers-flavor model or a
-    plain saved-model folder."""
+    plain saved-model folder. For a LoRA adapter the weights folder is the adapter's (peft/ of
+    a logged PEFT model, or the folder itself); `adapter_base` says where its base is."""
     mlmodel = local / "MLmodel"
     if mlmodel.is_file():
-        import yaml
-
-        spec: dict[str, Any] = yaml.safe_load(mlmodel.read_text()) or {}
-        flavor = (spec.get("flavors") or {}).get("transformers") or {}
-        weights = local / flavor.get("model_binary", "model")
+        flavor = _transformers_flavor(mlmodel)
         tok = local / "components" / "tokenizer"
+        if flavor.get("peft_adaptor"):
+            weights = local / flavor["peft_adaptor"]
+            if lora.is_adapter(weights):
+                return weights, tok
+            raise DollyError(f"{local}: an MLflow PEFT model without its adapter "
+                             f"({weights.name}/{lora.ADAPTER_CONFIG})")
+        weights = local / flavor.get("model_binary", "model")
         if not (tok / "tokenizer_config.json").is_file():
             tok = weights
         if (weights / "config.json").is_file():
             return weights, tok
         raise DollyError(f"{local}: an MLflow model without transformers weights (no {weights.name}/config.json)")
-    if (local / "config.json").is_file():
+    if (local / "config.json").is_file() or lora.is_adapter(local):
         return local, local
     raise DollyError(f"{local}: neither an MLflow transformers model nor a saved model folder")
+
+
+def _transformers_flavor(mlmodel: Path) -> dict[str, Any]:
+    import yaml
+
+    spec: dict[str, Any] = yaml.safe_load(mlmodel.read_text()) or {}
+    return (spec.get("flavors") or {}).get("transformers") or {}
+
+
+def adapter_base(local: Path, weights: Path) -> str:
+    """The local folder of the base a LoRA adapter (`weights`, inside `local`) is loaded onto:
+    a logged model's `local_base_model_path` (MLflow's base_model_path) and base name, else
+    the adapter folder's own record (dolly.models.lora.base_reference). Raises DollyError when
+    the base is not there."""
+    if (local / "MLmodel").is_file():
+        flavor = _transformers_flavor(local / "MLmodel")
+        ref = {"path": flavor.get("local_base_model_path") or "",
+               "name": flavor.get("source_model_name") or "",
+               "revision": flavor.get("source_model_revision") or ""}
+    else:
+        ref = lora.base_reference(weights)
+    return lora.resolve_base_path(ref)
 
 
 def logged_run_id(local: Path) -> str | None:
@@ -246,6 +272,9 @@ def load_saved_model(model_uri: str, cfg: Config, dev, dtype, local: Path | None
 
     local = local or local_path(model_uri, "model")
     weights, tok_dir = model_folder(local)
+    if lora.is_adapter(weights):  # the base it refers to, with the adapter applied (unmerged)
+        model = lora.load_with_adapter(weights, adapter_base(local, weights), dtype).to(dev)
+        return model, load_tokenizer(str(tok_dir)), local
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(weights), dtype=dtype, use_safetensors=True,

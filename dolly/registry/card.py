@@ -63,10 +63,13 @@ _CARD_METRICS = ("exact_match", "exact_match_unseen", "rouge_l", "response_perpl
 
 def model_card(*, name: str, version: str, base_model: str, dataset: str, data_hash: str,
                licence: str, metrics: dict[str, float], train_run: str, eval_run: str,
-               primary_metric: str, pretrain_steps: int = 0, prompt_format: str = "dolly-v1") -> str:
+               primary_metric: str, pretrain_steps: int = 0, prompt_format: str = "dolly-v1",
+               weights: dict | None = None) -> str:
     """A short Markdown model card for the version description. `pretrain_steps`: how long the
     tiny base was pretrained on the built-in corpus (0: a randomly initialised base);
-    `prompt_format`: what the logged model records (`dolly-v1` or `chat_template`)."""
+    `prompt_format`: what the logged model records (`dolly-v1` or `chat_template`); `weights`:
+    what the logged weights are (dolly.registry.gate.logged_weights: full, merged LoRA, or a
+    LoRA adapter and the base it needs)."""
     def fmt(v):
         return "n/a" if v is None else f"{v:.4g}"
 
@@ -100,6 +103,7 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
                 "training happened, not that instruction tuning improved a pretrained model.",
                 ""]),
         f"- Base model: {base_model}",
+        f"- Weights: {weights_line(weights or {})}",
         f"- Training data: {dataset} (data hash {data_hash[:12] or 'unknown'})",
         f"- Licence: {licence}",
         f"- Train run: {train_run}; evaluation run: {eval_run}",
@@ -115,6 +119,23 @@ def model_card(*, name: str, version: str, base_model: str, dataset: str, data_h
         "Limitations: answers are only as good as the training data; not for factual or "
         "safety-critical use.",
     ])
+
+
+def weights_line(weights: dict) -> str:
+    """The model card's line on what the version's artifacts hold."""
+    kind = weights.get("finetune", "full")
+    if kind in ("lora", "qlora"):
+        base = weights.get("adapter_base", "?")
+        rev = weights.get("adapter_base_revision")
+        return (f"a {'QLoRA' if kind == 'qlora' else 'LoRA'} adapter only (r={weights.get('lora_r')}, "
+                f"alpha={weights.get('lora_alpha')}, on {weights.get('lora_target_modules')}); "
+                f"loading it needs its base **{base}**{f' at revision {rev}' if rev else ''}, "
+                f"read from `{weights.get('adapter_base_path', '?')}` (MLflow's "
+                "`base_model_path`; `mlflow.transformers.load_model(uri, base_model_path=...)` "
+                "takes another copy)")
+    if "merged" in kind:
+        return "full weights: a LoRA adapter merged into its base (`merge=true`)"
+    return "full weights (every parameter fine-tuned)"
 
 
 def registered_model_description(name: str, cfg: Config) -> str:

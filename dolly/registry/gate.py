@@ -64,6 +64,20 @@ def logged_prompt_format(model_uri: str, default: str) -> str:
         return default
 
 
+def logged_weights(model_uri: str) -> dict:
+    """What the logged model's weights are (MLmodel metadata: `finetune`, and for an adapter
+    its base, rank and targets); {} for an old or unreadable model."""
+    import mlflow
+
+    keys = ("finetune", "adapter_base", "adapter_base_path", "adapter_base_revision", "lora_r",
+            "lora_alpha", "lora_target_modules")
+    try:
+        meta = mlflow.models.get_model_info(model_uri).metadata or {}
+    except Exception:
+        return {}
+    return {k: meta[k] for k in keys if k in meta}
+
+
 def champion(client, name: str, alias: str, primary: str) -> tuple[str, float | None] | None:
     """(version, its tuned primary metric) the alias points at, or None when it is unset."""
     from mlflow.exceptions import MlflowException
@@ -194,7 +208,8 @@ def register(model_uri: str, cfg: Config, *, eval_metrics: dict[str, float], eva
                       dataset=dataset, data_hash=data_hash, licence=licence,
                       metrics=eval_metrics, train_run=train_run, eval_run=eval_run,
                       primary_metric=primary, pretrain_steps=cfg.pretrain_steps,
-                      prompt_format=logged_prompt_format(model_uri, cfg.prompt_format))
+                      prompt_format=logged_prompt_format(model_uri, cfg.prompt_format),
+                      weights=logged_weights(model_uri))
     client.update_model_version(name, version, description=card)
     try:
         existing_licence = client.get_registered_model(name).tags.get("license")

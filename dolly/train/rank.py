@@ -59,6 +59,18 @@ def _cpu_deepspeed_state(timeout_s: int) -> None:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
+def _cpu_ddp_state(timeout_s: int) -> None:
+    """The process group of CPU ranks training adapters: plain data parallel over gloo, created
+    here so that `timeout` bounds every collective, as _cpu_deepspeed_state does for ZeRO-3
+    (TrainingArguments reuses it: accelerator_config use_configured_state)."""
+    from accelerate import PartialState
+
+    # cpu=True: accelerate's MULTI_CPU (DDP over gloo) exists only for a CPU state; without it
+    # the Trainer sees no distributed state, wraps nothing in DDP, and each rank would train
+    # alone (measured: transformers warned "parallel_mode != ParallelMode.DISTRIBUTED").
+    PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
 def deepspeed_config(cfg: Config, gpu: bool, load_universal: bool = False) -> dict[str, Any]:
     """The ZeRO-3 JSON ("auto" values filled by the Trainer) plus offload from the config, and
     `checkpoint.load_universal` when the resumed checkpoint is a universal one.
@@ -92,6 +104,8 @@ def training_arguments(cfg: Config, gpu: bool, load_universal: bool = False):
     from transformers import TrainingArguments
 
     extra = {} if gpu else {"accelerator_config": {"use_configured_state": True}}
+    if cfg.adapters:  # plain data parallel (DDP): see _cpu_ddp_state and docs/lora.md
+        extra.update(ddp_backend=None if gpu else "gloo", ddp_find_unused_parameters=False)
     return TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.per_device_batch_size,
@@ -99,7 +113,7 @@ def training_arguments(cfg: Config, gpu: bool, load_universal: bool = False):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
+        learning_rate=cfg.peak_learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
@@ -121,7 +135,7 @@ def training_arguments(cfg: Config, gpu: bool, load_universal: bool = False):
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        deepspeed=deepspeed_config(cfg, gpu, load_universal),
+        deepspeed=None if cfg.adapters else deepspeed_config(cfg, gpu, load_universal),
         ddp_timeout=cfg.rank_timeout_s,
         remove_unused_columns=False,  # the collator needs response_start
         dataloader_num_workers=0,
@@ -166,6 +180,24 @@ def _flops_inputs(model, precision: str, world: int, gpu: bool) -> dict[str, Any
             "peak_per_device": throughput.peak_flops(device, precision), "n_devices": world}
 
 
+def frozen_digest(model) -> str:
+    """sha256 over every frozen parameter (name, dtype, shape, bytes), in name order: equal
+    before and after training when only the adapters changed. Read on the CPU (a 16-bit 6B base:
+    about 12 GB hashed once at each end of the run)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            continue
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def probe_loss(engine, collator, records: PreparedDataset, device) -> float:
     """Loss of the model on a fixed batch (the first test records); all ranks must call it."""
     import torch
@@ -199,8 +231,12 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
                             category=FutureWarning)
     if gpu and not torch.cuda.is_available():
         raise DollyError(f"rank {rank} was started for a GPU but sees none")
+    if cfg.finetune == "qlora":
+        from dolly.models.lora import require_qlora_device
+
+        require_qlora_device(cfg, gpu and torch.cuda.is_available())
     if not gpu:
-        _cpu_deepspeed_state(cfg.rank_timeout_s)
+        (_cpu_ddp_state if cfg.adapters else _cpu_deepspeed_state)(cfg.rank_timeout_s)
     args = training_arguments(cfg, gpu, load_universal)  # before the model: ZeRO-3 partitions it while loading
 
     tok = load_tokenizer(str(prepared / "tokenizer"))
@@ -213,9 +249,22 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     collator = collator_for(fmt, tok)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    model = load_base_model(cfg, tok, dtype=dtype, pretrain_missing=False)  # the parent built it
+    model = load_base_model(cfg, tok, dtype=dtype, pretrain_missing=False,  # the parent built it
+                            grow_embeddings=not cfg.adapters,
+                            quantize_4bit=cfg.finetune == "qlora")
     model.config.use_cache = False  # no generation during training
     model.config.pad_token_id = tok.pad_token_id
+    trainable = None
+    if cfg.adapters:
+        from dolly.models.lora import add_adapters, trainable_counts
+
+        model = add_adapters(model, cfg)
+        trainable = trainable_counts(model)[0]
+        frozen_before = frozen_digest(model) if rank == 0 else ""
+        if rank == 0:
+            print(f"train: {cfg.finetune}: {trainable:,} trainable adapter parameters (r="
+                  f"{cfg.lora_r}, alpha={cfg.lora_alpha:g}, {cfg.lora_target_modules}); the "
+                  f"base's {trainable_counts(model)[1] - trainable:,} are frozen", flush=True)
 
     resumed_from = None if cfg.resume == "never" else cfg.resume
     resumed_step = 0
@@ -227,11 +276,12 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
         if rank == 0:
             print(f"train: resuming from {resumed_from} (step {resumed_step})", flush=True)
     flops = _flops_inputs(model, cfg.precision, world, gpu)
-    params = {"zero_stage": 3, "world_size": world, "effective_batch_size":
+    params = {"zero_stage": 0 if cfg.adapters else 3, "world_size": world,
+              "trainable_param_count": trainable if trainable is not None else "all", "effective_batch_size":
               cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world,
               "param_count": sum(param_numel(p) for p in model.parameters()),
               "resumed_from_step": resumed_step, "device": "gpu" if gpu else "cpu"}
-    callbacks = guard + [PartitionRecord()] + ([RankZeroMlflow(run_id, params)] if run_id else [])
+    callbacks = guard + ([] if cfg.adapters else [PartitionRecord()]) + ([RankZeroMlflow(run_id, params)] if run_id else [])
     callbacks += list(extra_callbacks or [])
     trainer = DollyTrainer(
         model=model, args=args, train_dataset=train_ds,
@@ -254,6 +304,13 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
         bos_token_id=tok.bos_token_id, eos_token_id=end_ids[0] if len(end_ids) == 1 else end_ids,
         pad_token_id=tok.pad_token_id)
     trainer.save_model(str(final))  # every rank: gathers the 16-bit weights, rank 0 writes
+    # (adapters: rank 0 writes adapter_config.json and adapter_model.safetensors only)
+    if cfg.adapters and rank == 0:
+        from dolly.models import base_location
+        from dolly.models.lora import write_base_reference
+
+        model.generation_config.save_pretrained(str(final))  # the adapter alone has none
+        write_base_reference(final, *base_location(cfg, tok))
     probe = probe_loss(trainer.model_wrapped, collator, PreparedDataset(test_df.sort_index()), args.device)
     if rank != 0:
         return None
@@ -269,6 +326,9 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
         "precision": cfg.precision, "final_dir": str(final.resolve()),
         "param_count": params["param_count"],
     }
+    if cfg.adapters:  # the base is frozen: its weights must come out as they went in
+        result.update(finetune=cfg.finetune, trainable_param_count=trainable,
+                      frozen_digest_before=frozen_before, frozen_digest_after=frozen_digest(model))
     write_result(cfg, result)
     return result
 
