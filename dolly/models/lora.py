@@ -61,6 +61,11 @@ def add_adapters(model, cfg: Config):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    from transformers import set_seed
+
+    # LoRA's A matrices start random (B at zero): seeded, so that two runs of one config start
+    # from the same adapter (unseeded, a rerun of the same command trained other weights).
+    set_seed(cfg.seed)
     try:
         peft_model = get_peft_model(model, lora_config(cfg))
     except ValueError as e:  # "Target modules {...} not found in the base model"

@@ -68,7 +68,13 @@ def _cpu_ddp_state(timeout_s: int) -> None:
     # cpu=True: accelerate's MULTI_CPU (DDP over gloo) exists only for a CPU state; without it
     # the Trainer sees no distributed state, wraps nothing in DDP, and each rank would train
     # alone (measured: transformers warned "parallel_mode != ParallelMode.DISTRIBUTED").
-    PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=timeout_s))
+    import torch
+
+    state = PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=timeout_s))
+    # accelerate names the device cpu:<local rank>; the Trainer then resumes with
+    # torch.load(map_location=that device), and torch cannot restore storages to "cpu:1"
+    # (measured: "don't know how to restore data location ... (tagged with cpu:0)"). One CPU.
+    state.device = torch.device("cpu")
 
 
 def deepspeed_config(cfg: Config, gpu: bool, load_universal: bool = False) -> dict[str, Any]:
