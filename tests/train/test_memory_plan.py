@@ -431,3 +431,255 @@ def test_a_cpu_profile_is_planned_on_this_machines_memory(monkeypatch):
         assert plan.lines()[1].startswith("setup: 1 node(s) x 2 CPU rank(s), fp32, micro-batch 16")
     # a GPU profile on the same machine is still planned for its GPUs
     assert mp.plan_for(load_config("configs/gpt-j-6b-a100.yaml")).device == "GPU"
+
+
+# ---------------------------------------------------------------- finetune = lora | qlora ------
+
+def test_adapter_parameters_by_hand(gptj6b, known_shapes):
+    """r*(in+out) per adapted linear layer (A: r x in, B: out x r), all-linear = every linear
+    layer of the blocks (the LM head is not adapted)."""
+    layers = mp.adapted_layers(gptj6b, "all-linear")
+    assert len(layers) == 28 * 6
+    # GPT-J 6B, r=16: 28 layers x (4 x 16 x (4096+4096) [q, k, v, out_proj]
+    #                              + 16 x (4096+16384) [fc_in] + 16 x (16384+4096) [fc_out])
+    #               = 28 x (524,288 + 327,680 + 327,680) = 28 x 1,179,648
+    assert mp.adapter_param_count(layers, 16) == 33_030_144
+    # Llama-3.1-8B, r=16: 32 x 16 x ((4096+4096) [q] + 2 x (4096+1024) [k, v: 8 key/value heads]
+    #                                + (4096+4096) [o] + 3 x (4096+14336) [gate, up, down])
+    llama = known_shapes["meta-llama/Llama-3.1-8B"]
+    assert mp.adapter_param_count(mp.adapted_layers(llama, "all-linear"), 16) == \
+        32 * 16 * (8192 + 2 * 5120 + 8192 + 3 * 18_432) == 41_943_040
+    # named layers only (peft's match: the module path is the name or ends with .name)
+    qv = mp.adapted_layers(gptj6b, "q_proj, v_proj")
+    assert len(qv) == 56 and mp.adapter_param_count(qv, 8) == 28 * 2 * 8 * 8192
+    with pytest.raises(DollyError, match="names no linear layer of EleutherAI/gpt-j-6b"):
+        mp.adapted_layers(gptj6b, "query_key_value")
+
+
+@pytest.mark.parametrize("hub", ["EleutherAI/gpt-j-6b", *KNOWN])
+def test_the_layouts_linear_layers_are_the_models(gptj6b, known_shapes, hub):
+    """ModelShape.block_linears' layout mapping (for a shape built by hand) names the same
+    linear layers, with the same shapes, as the model built from the config."""
+    shape = gptj6b if hub.startswith("EleutherAI/gpt-j") else known_shapes[hub]
+    built = sorted((p.rsplit(".", 1)[-1], i, o) for p, i, o in shape.linears)
+    by_layout = sorted((p.rsplit(".", 1)[-1], i, o)
+                       for p, i, o in dataclasses.replace(shape, linears=()).block_linears())
+    assert built == by_layout and len(built) == shape.n_layer * (
+        6 if hub.startswith("EleutherAI/gpt-j") else 4 if "pythia" in hub else 7)
+
+
+def test_base_bytes_by_hand(gptj6b):
+    # lora: the 16-bit base on every GPU
+    assert mp.base_weight_bytes(gptj6b, "lora", "bf16") == 2 * 6_050_882_784 == 12_101_765_568
+    # qlora, per layer: 4 linear layers of 4096 x 4096 (16,777,216 weights: 8,388,608 bytes of
+    # 4-bit pairs + 262,144 8-bit absmax + 4 x 1,024 fp32 second-level constants = 8,654,848)
+    # and 2 of 4096 x 16,384 (67,108,864: 33,554,432 + 1,048,576 + 4 x 4,096 = 34,619,392)
+    assert mp.nf4_bytes(16_777_216) == 8_654_848 and mp.nf4_bytes(67_108_864) == 34_619_392
+    # = 4.127 bits per weight (Dettmers et al. 2023: 4 + 8/64 + 32/(64*256))
+    assert mp.nf4_bytes(67_108_864) * 8 / 67_108_864 == 4 + 8 / 64 + 32 / (64 * 256)
+    quantized = 28 * (4 * 8_654_848 + 2 * 34_619_392)  # 2,908,028,928
+    # every other parameter in fp32 (peft's prepare_model_for_kbit_training): the embedding
+    # 50,400 x 4096, the LM head 4096 x 50,400 + 50,400 bias, 29 LayerNorms (one per parallel
+    # block and the final one; weight + bias), fc_in and fc_out biases: 6,050,882,784 - 28 x
+    # 201,326,592 weights = 413,738,208
+    rest = 50_400 * 4096 + (4096 * 50_400 + 50_400) + 29 * 2 * 4096 + 28 * (16_384 + 4096)
+    assert rest == 6_050_882_784 - 28 * 201_326_592 == 413_738_208
+    assert mp.base_weight_bytes(gptj6b, "qlora", "bf16") == quantized + 4 * rest \
+        == 4_562_981_760
+
+
+def test_adapter_states_by_hand():
+    # fp32 weights 4 + gradients 4 + AdamW moments 8, DDP buckets 4 (> 1 rank), autocast's
+    # 16-bit copies 2 (16-bit runs)
+    assert mp.adapter_state_bytes(33_030_144, "bf16", 1) == 18 * 33_030_144
+    assert mp.adapter_state_bytes(33_030_144, "bf16", 8) == 22 * 33_030_144
+    assert mp.adapter_state_bytes(33_030_144, "fp32", 2) == 20 * 33_030_144
+
+
+def test_lora_layer_by_hand(gptj6b):
+    """GPT-J, bf16, b=4, s=1024, r=16, all-linear: the full-fine-tuning layer (56*s*b*h +
+    6*a*s^2*b) less the tensors only the frozen projections kept (LayerNorm output h, attention
+    output h, fc_out's input 4h: 2 bytes each) plus, per adapted layer, lora_A's 16-bit copy of
+    its input (q, k, v, out_proj, fc_in read h, fc_out 4h) and lora_B's r-wide input."""
+    tokens, h = 4 * 1024, 4096
+    block = [layer for layer in gptj6b.block_linears() if mp._block_index(layer[0]) == 0]
+    full = 56 * tokens * h + 6 * 16 * 1024**2 * 4
+    assert mp.layer_activation_bytes(gptj6b, 4, 1024, "bf16") == full == 1_342_177_280
+    lora = full - 2 * tokens * (h + h + 4 * h) + tokens * (5 * 2 * h + 2 * 4 * h + 6 * 2 * 16)
+    assert mp.adapter_layer_bytes(gptj6b, 4, 1024, "bf16", block, block, 16) == lora \
+        == 1_443_627_008
+
+
+# GPT-J 6B on the A10 profile (micro-batch 4 x 1024, bf16, checkpointing; its optimizer offload is
+# ignored) -> frozen base, adapter states, activations (no ckpt, ckpt), logits, need, fits
+ADAPTER_PLANS = {
+    ("lora", 1): (12_101_765_568, 594_542_592, 40_421_556_224, 2_383_151_104, 2_064_384_000,
+                  17_143_843_264, True),
+    ("lora", 4): (12_101_765_568, 726_663_168, 40_421_556_224, 2_383_151_104, 2_064_384_000,
+                  17_275_963_840, True),
+    ("qlora", 1): (4_562_981_760, 594_542_592, 72_365_375_488, 4_463_525_888, 2_064_384_000,
+                   11_685_434_240, True),
+}
+
+
+@pytest.mark.parametrize("finetune,gpus", list(ADAPTER_PLANS))
+def test_adapter_plans_gptj6b_on_a10(gptj6b, finetune, gpus):
+    plan = _plan("a10", gptj6b, num_gpus=gpus, finetune=finetune)
+    assert (plan.base_weights, plan.adapter_states, plan.activations_no_ckpt,
+            plan.activations_ckpt, plan.logits, plan.need, plan.fits) == \
+        ADAPTER_PLANS[(finetune, gpus)]
+    assert plan.model_states == plan.base_weights + plan.adapter_states
+    assert plan.adapter_params == 33_030_144 and plan.adapted_layers == 168
+    # checkpointing: each layer's 16-bit input (fp32 for qlora: peft upcasts the embedding) + one
+    kept = 2 if finetune == "lora" else 4
+    assert plan.activations_ckpt - kept * 4 * 1024 * 4096 * 28 == \
+        plan.activations_no_ckpt // 28
+    lines = plan.lines()
+    assert lines[1].startswith("setup: 1 node(s) x ") and (
+        f"finetune {finetune} (LoRA r=16 on 168 linear layers, all-linear; plain data parallel: "
+        "every GPU holds the whole frozen base; no DeepSpeed, no offload)") in lines[1]
+    assert lines[2].startswith("frozen base per GPU (")
+    assert lines[3].startswith("adapters per GPU: 33,030,144 trainable parameters, fp32 (")
+    assert any("offload_optimizer / offload_params are ZeRO-3 settings" in n for n in plan.notes)
+    assert plan.verdict().startswith("verdict: fits: ")
+
+
+def test_full_report_names_its_finetune(gptj6b):
+    assert _plan("a100", gptj6b, num_gpus=8).lines()[1].endswith(
+        "offload none, finetune full (every weight, DeepSpeed ZeRO-3)")
+
+
+def test_a_lora_base_over_the_gpu_turns_to_qlora_or_zero3(known_shapes):
+    """Llama-3.1-8B's 16-bit base (14.96 GiB) is over a 16 GiB GPU's 14.40 usable: the plan
+    turns to its 4-bit base, or to ZeRO-3, which partitions every weight across GPUs."""
+    cfg = load_config("configs/llama-3.1-8b-h100.yaml",
+                      {"finetune": "lora", "num_gpus": 8, "gpu_memory_gb": 16})
+    plan = mp.plan_for(cfg, shape=known_shapes["meta-llama/Llama-3.1-8B"])
+    assert plan.fits is False and plan.base_weights == 2 * 8_030_261_248
+    assert plan.fixes == [
+        "-P finetune=qlora -P per_device_batch_size=1 -P gradient_accumulation_steps=8 (the base "
+        "in 4-bit NF4: 7.27 GiB instead of 14.96 GiB)",
+        "-P finetune=full -P per_device_batch_size=1 -P gradient_accumulation_steps=8 "
+        "-P num_nodes=2 (every weight, DeepSpeed ZeRO-3 partitions them across 16 GPUs: the "
+        "frozen lora base alone, 14.96 GiB, is over one GPU)"]
+    # a base that fits: the usual knobs first, qlora after them
+    roomy = mp.plan_for(load_config("configs/llama-3.1-8b-h100.yaml", {
+        "finetune": "lora", "num_gpus": 1, "gpu_memory_gb": 22.5,
+        "gradient_checkpointing": False}), shape=known_shapes["meta-llama/Llama-3.1-8B"])
+    assert roomy.fixes == [
+        "-P gradient_checkpointing=true -P per_device_batch_size=1 "
+        "-P gradient_accumulation_steps=8",
+        "-P finetune=qlora -P gradient_checkpointing=true -P per_device_batch_size=2 "
+        "-P gradient_accumulation_steps=4 (the base in 4-bit NF4: 7.27 GiB instead of 14.96 GiB)"]
+
+
+def test_require_fit_with_adapters_needs_no_offload_memory(gptj6b, monkeypatch):
+    """Adapters train without DeepSpeed: the profile's optimizer offload asks no host memory."""
+    monkeypatch.setattr(mp, "model_shape", lambda cfg: gptj6b)
+    monkeypatch.setattr(mp, "visible_gpu", lambda: (1, int(22.5 * GIB)))
+    monkeypatch.setattr(mp, "host_memory", lambda: 16 * GIB)
+    cfg = load_config(PROFILES.format("a10"), {"finetune": "lora"})
+    assert mp.require_fit(cfg, gpus_per_node=1).fits is True
+    chosen = mp.choose(gptj6b, mp.setting_of(cfg, 1), int(22.5 * GIB))
+    assert chosen.finetune == "lora" and chosen.gradient_checkpointing
+
+
+def _tiny(model_type: str, n_layer: int, dtype=None):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, fields, attn = TINY_ADAPTED[model_type]
+    common = dict(vocab_size=1000, tie_word_embeddings=False, pad_token_id=0, bos_token_id=0,
+                  eos_token_id=0, **fields)
+    if model_type == "gptj":
+        config = AutoConfig.for_model("gptj", n_layer=n_layer, n_positions=512, rotary_dim=16,
+                                      **common)
+    else:
+        config = AutoConfig.for_model(model_type, num_hidden_layers=n_layer,
+                                      max_position_embeddings=512, **common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    return (model.to(dtype) if dtype is not None else model), config
+
+
+def _with_adapters(model, targets: str, r: int, dropout: float = 0.0):
+    """`model` as dolly.models.lora.add_adapters wraps it (peft's defaults, input grads on)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == "all-linear" else targets.split(",")))
+    peft_model.enable_input_require_grads()
+    return peft_model
+
+
+# name -> model_type, config fields, attention (sizes as TINY_LAYOUTS: no activation has a
+# weight's shape), the named targets of the subset case
+TINY_ADAPTED = {
+    "gptj": ("gptj", dict(n_embd=192, n_head=6), None),
+    "llama": ("llama", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
+                            intermediate_size=512), "sdpa"),
+    "llama eager": ("llama", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
+                                  intermediate_size=512), "eager"),
+    "qwen3": ("qwen3", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
+                            head_dim=40, intermediate_size=512), "sdpa"),
+    "gpt-neox": ("gpt_neox", dict(hidden_size=192, num_attention_heads=6, intermediate_size=768,
+                                  rotary_pct=0.25, use_parallel_residual=True), "sdpa"),
+}
+SUBSETS = {"gptj": "q_proj,v_proj", "llama": "q_proj,v_proj", "llama eager": "o_proj,down_proj",
+           "qwen3": "k_proj,up_proj", "gpt-neox": "dense,dense_h_to_4h"}
+
+
+@pytest.mark.parametrize("name", ["gptj", "llama"])
+@pytest.mark.parametrize("targets", ["all-linear", "subset"])
+def test_adapter_count_is_peft_trainable_count(name, targets):
+    """The plan's trainable parameters = peft's on a real tiny model (CPU), all-linear or named."""
+    model, config = _tiny(name, 2)
+    targets = SUBSETS[name] if targets == "subset" else targets
+    trainable = sum(p.numel() for p in _with_adapters(model, targets, 8).parameters()
+                    if p.requires_grad)
+    layers = mp.adapted_layers(mp.shape_of(config), targets)
+    assert trainable == mp.adapter_param_count(layers, 8)
+    assert len(layers) == 2 * (len(targets.split(",")) if targets != "all-linear" else
+                               {"gptj": 6, "llama": 7}[name])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("targets", ["all-linear", "subset"])
+@pytest.mark.parametrize("name", list(TINY_ADAPTED))
+def test_lora_layer_is_what_autograd_saves(name, targets, precision, dropout):
+    """What a frozen block with adapters keeps for backward, less what the same block keeps when
+    every weight trains (a 2-layer minus a 1-layer model each, padded batch), against the plan's
+    difference (adapter_layer_bytes - layer_activation_bytes): equal to the byte on CPU, fp32,
+    and bf16 under CPU autocast with peft's fp32 adapters (how the Trainer runs bf16 without
+    DeepSpeed). On CPU dropout keeps an fp32 noise tensor (on_cpu)."""
+    import contextlib
+
+    import torch
+
+    targets = SUBSETS[name] if targets == "subset" else targets
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+
+    def per_layer(adapters: bool) -> int:
+        saved = []
+        for n_layer in (1, 2):
+            model, _ = _tiny(name, n_layer, dtype)
+            if adapters:
+                model = _with_adapters(model, targets, 8, dropout)
+            with autocast:
+                torch.manual_seed(1)
+                saved.append(_saved_bytes(model.train(), 2, 128, padded=True))
+        return saved[1] - saved[0]
+
+    _, config = _tiny(name, 2)
+    shape = dataclasses.replace(mp.shape_of(config), sdpa=TINY_ADAPTED[name][2] != "eager")
+    block = [layer for layer in shape.block_linears() if mp._block_index(layer[0]) == 1]
+    adapted = [layer for layer in mp.adapted_layers(shape, targets)
+               if mp._block_index(layer[0]) == 1]
+    planned = mp.adapter_layer_bytes(shape, 2, 128, precision, block, adapted, 8, dropout,
+                                     on_cpu=True) - mp.layer_activation_bytes(shape, 2, 128,
+                                                                              precision)
+    assert per_layer(True) - per_layer(False) == planned
