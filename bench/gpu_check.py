@@ -14,6 +14,18 @@
     `--timed-steps` steps are warm-up; the next `--timed-steps` are measured by the trainer's own
     counters (non-pad tokens/s, MFU, peak GPU memory, next to the plan's prediction).
     Needs DeepSpeed; skipped (with the reason in the JSON) where it is missing.
+(a2) LoRA and (a3) QLoRA training at the same shape, through the same `dolly.train.rank.train`
+    with finetune=lora / qlora (peft adapters, r 16, all linear layers, on a frozen base; plain
+    data parallel, no DeepSpeed), each in a child process of its own (a fresh CUDA context and
+    peak-memory counter, nothing left over from the other parts) that cannot import MLflow or
+    DeepSpeed (so the check proves they need neither). A LoRA adapter refers to its base by
+    folder, so the randomly initialised base is saved first (bf16 on the GPU) and is the
+    `base_model` of both. The micro-batch comes from the memory plan as for (a); where the plan
+    does not handle adapters yet, the plan figure is null and `<part>_plan_note` says why.
+    `--adapter-timed-steps` warm-up + timed steps (default 10 + 10): non-pad tokens/s, MFU,
+    peak GPU memory next to the plan, trainable parameters, and whether the frozen base's digest
+    is the same after training. QLoRA needs bitsandbytes and a GPU: skipped (the reason in the
+    JSON) without them and in --smoke.
 (b) Generation at the same shape: dolly.generation.generate (batched, left-padded, stops at
     `### End`) vs Dolly v1's generate_response (one prompt at a time) on the same `--prompts`
     instructions, greedy, the same max_new_tokens: rows/s, tokens/s, and `gen_agreement` (share
@@ -26,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +51,12 @@ GPTJ_6B = {"tiny_n_layer": 28, "tiny_n_embd": 4096, "tiny_n_head": 16, "tiny_rot
            "tiny_n_positions": 2048, "tiny_tie_embeddings": False}
 SMOKE = {"tiny_n_layer": 2, "tiny_n_embd": 64, "tiny_n_head": 4, "tiny_rotary_dim": 16,
          "tiny_n_positions": 512, "tiny_tie_embeddings": False}
+ADAPTERS = ("lora", "qlora")  # parts (a2) and (a3), in this order
+# micro-batch (with gradient checkpointing) of an adapter part when the memory plan chooses none:
+# a bf16 6B base (12 GiB) + checkpointed activations of 16 x 727 tokens take ~25 GiB
+ADAPTER_FALLBACK_MICRO_BATCH = 16
+# modules an adapter part's child process may not import: lora/qlora train without them
+ADAPTER_BLOCKED_MODULES = ("mlflow", "deepspeed")
 
 
 def parse_args():
@@ -53,11 +72,18 @@ def parse_args():
     p.add_argument("--prompts", type=int, default=0, help="generation prompts (64; 6 in --smoke)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="(64; 4 in --smoke)")
     p.add_argument("--gen-batch-size", type=int, default=0, help="(64; 4 in --smoke)")
-    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--adapter-timed-steps", type=int, default=0, help="warm-up steps = timed "
+                   "steps of the LoRA and QLoRA parts (default 10 on GPU, 2 in --smoke)")
+    p.add_argument("--skip-train", action="store_true", help="no training part at all")
+    p.add_argument("--skip-full", action="store_true", help="no full fine-tune (a)")
+    p.add_argument("--skip-adapters", action="store_true", help="no LoRA / QLoRA (a2, a3)")
     p.add_argument("--skip-generate", action="store_true")
+    # internal: this script started as one adapter part's child process (run_adapter_child)
+    p.add_argument("--adapter-child", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     d = (2, 6, 4, 4) if a.smoke else (20, 64, 64, 64)
     a.timed_steps = a.timed_steps or d[0]
+    a.adapter_timed_steps = a.adapter_timed_steps or (2 if a.smoke else 10)
     a.prompts, a.max_new_tokens, a.gen_batch_size = (a.prompts or d[1], a.max_new_tokens or d[2],
                                                      a.gen_batch_size or d[3])
     return a
@@ -112,6 +138,16 @@ def prepare(args, work: Path, shape: dict, n: int):
     return cfg, work / "prepared", load_tokenizer(str(work / "prepared" / "tokenizer"))
 
 
+def training_data(args, work: Path):
+    """The records every training part trains on, prepared once: (cfg, prepared, tok, longest)."""
+    from dolly.data import load_prepared
+
+    n = args.records or (64 if args.smoke else 4 * 64 * args.timed_steps)
+    cfg, prepared, tok = prepare(args, work, SMOKE if args.smoke else GPTJ_6B, n)
+    _, _, summary = load_prepared(prepared)
+    return cfg, prepared, tok, int(summary["token_lengths"]["max"])
+
+
 # ------------------------------------------------------------------------------ training ------
 
 def plan_training(cfg, longest: int, gpu: bool, smoke: bool):
@@ -139,7 +175,34 @@ def plan_training(cfg, longest: int, gpu: bool, smoke: bool):
     raise SystemExit("error: not even one layer of this shape fits the GPU")
 
 
-def train_part(args, work: Path, gpu: bool) -> dict:
+def log_keeper(kept: list):
+    """A TrainerCallback that appends the Trainer's logs (throughput, MFU, memory) to `kept`."""
+    from transformers import TrainerCallback
+
+    class Keep(TrainerCallback):
+        def on_log(self, _args, state, control, logs=None, **kwargs):
+            kept.append(dict(logs or {}))
+
+    return Keep()
+
+
+def as_one_rank() -> None:
+    """The environment of rank 0 of a world of one, as the launchers set it."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+
+
+def timed_figures(kept: list[dict]) -> dict:
+    """The last logging interval's figures (the timed steps; the first interval is warm-up)."""
+    timed = [entry for entry in kept if "loss" in entry and "train_tokens_per_second" in entry]
+    last = timed[-1] if timed else {}
+    peak = last.get("peak_gpu_mb_rank0")
+    return {"train_tokens_per_second_per_gpu": last.get("train_tokens_per_second"),
+            "padding_efficiency": last.get("padding_efficiency"), "mfu": last.get("mfu"),
+            "peak_gpu_gib": peak / 1024 if peak is not None else None}
+
+
+def train_part(args, work: Path, gpu: bool, data) -> dict:
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -150,12 +213,7 @@ def train_part(args, work: Path, gpu: bool) -> dict:
 
     from dolly.train import rank as training
 
-    n = args.records or (64 if args.smoke else 4 * 64 * args.timed_steps)
-    cfg, prepared, _ = prepare(args, work, SMOKE if args.smoke else GPTJ_6B, n)
-    from dolly.data import load_prepared
-
-    _, _, summary = load_prepared(prepared)
-    longest = int(summary["token_lengths"]["max"])
+    cfg, prepared, _, longest = data
     cfg, plan = plan_training(cfg, longest, gpu, args.smoke)
     steps = 2 * args.timed_steps  # two logging intervals: warm-up, then the timed one
     cfg = dataclasses.replace(cfg, max_steps=steps, logging_steps=args.timed_steps, eval_steps=0,
@@ -165,34 +223,20 @@ def train_part(args, work: Path, gpu: bool) -> dict:
              f"{cfg.per_device_batch_size}, checkpointing {cfg.gradient_checkpointing}, "
              f"{steps} steps; plan: {plan.verdict()}")
     kept: list[dict] = []
-    from transformers import TrainerCallback
-
-    class Keep(TrainerCallback):
-        """Keeps the Trainer's logs (throughput, MFU, memory) for the JSON line."""
-
-        def on_log(self, _args, state, control, logs=None, **kwargs):
-            kept.append(dict(logs or {}))
-
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    result = training.train(cfg, prepared, gpu, extra_callbacks=[Keep()])
-    timed = [entry for entry in kept if "loss" in entry and "train_tokens_per_second" in entry]
-    last = timed[-1] if timed else {}
-    peak = last.get("peak_gpu_mb_rank0")
-    out = {
+    as_one_rank()
+    if gpu:  # the peak of this part, not of the generation model or the saved base before it
+        torch.cuda.reset_peak_memory_stats()
+    result = training.train(cfg, prepared, gpu, extra_callbacks=[log_keeper(kept)])
+    return {
         "n_layer": cfg.tiny_n_layer, "n_embd": cfg.tiny_n_embd,
         "param_count": result["param_count"], "micro_batch": cfg.per_device_batch_size,
         "gradient_checkpointing": cfg.gradient_checkpointing, "timed_steps": args.timed_steps,
         "longest_record": longest, "final_loss": result["final_loss"],
-        "train_tokens_per_second_per_gpu": last.get("train_tokens_per_second"),
-        "padding_efficiency": last.get("padding_efficiency"),
-        "mfu": last.get("mfu"),
-        "peak_gpu_gib": peak / 1024 if peak is not None else None,
+        **timed_figures(kept),
         "planned_gpu_gib": plan.need / 2**30,
         "gpu_memory_gib": (torch.cuda.get_device_properties(0).total_memory / 2**30
                                    if gpu else None),
     }
-    return out
 
 
 def _free_port() -> int:
@@ -201,6 +245,202 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------- LoRA / QLoRA (a2, a3) ------
+
+def save_random_base(cfg, tok, folder: Path, gpu: bool) -> Path:
+    """The randomly initialised base of cfg's tiny_* shape saved in `folder` (bf16 on a GPU,
+    fp32 on CPU): what a LoRA adapter's base_reference.json points to (the tiny base with
+    pretrain_steps=0 is built in memory and has no folder of its own)."""
+    import gc
+
+    import torch
+    from transformers import GPTJForCausalLM
+
+    from dolly.models.tiny import tiny_config
+
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    progress(f"adapters: saving a random {cfg.tiny_n_layer} x {cfg.tiny_n_embd} base ({dtype}) "
+             f"for LoRA and QLoRA in {folder}")
+    torch.manual_seed(cfg.seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = GPTJForCausalLM(tiny_config(cfg, tok))
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(str(folder))
+    del model
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+    return folder
+
+
+def plan_adapter(cfg, longest: int, gpu: bool):
+    """(cfg with micro-batch and checkpointing, planned bytes or None, note or None) for one
+    adapter part, from dolly.train.memory_plan (`choose`, `plan_for`) as for the full fine-tune.
+
+    The plan figure is None, with the reason in the note, when the plan fails or does not
+    handle adapters (its figure equals the full ZeRO-3 fine-tune's at the same setting); on a
+    GPU the micro-batch is then `choose`'s if it chose one, else ADAPTER_FALLBACK_MICRO_BATCH
+    with gradient checkpointing."""
+    import dataclasses
+
+    from dolly.train import memory_plan as mp
+
+    if gpu:
+        cfg = dataclasses.replace(cfg, precision="bf16")
+    else:  # CPU: a fixed tiny setting, as for the full fine-tune
+        cfg = dataclasses.replace(cfg, per_device_batch_size=2, precision="fp32")
+    fallback = dataclasses.replace(cfg, per_device_batch_size=ADAPTER_FALLBACK_MICRO_BATCH,
+                                   gradient_checkpointing=True)
+    note = None
+    try:
+        shape = mp.model_shape(cfg)
+        if gpu:
+            chosen = mp.choose(shape, mp.setting_of(cfg, 1, longest), mp.visible_gpu()[1])
+            if chosen is None:
+                cfg, note = fallback, (f"the memory plan fits no micro-batch: micro-batch "
+                                       f"{ADAPTER_FALLBACK_MICRO_BATCH} with checkpointing")
+            else:
+                cfg = dataclasses.replace(cfg, per_device_batch_size=chosen.micro_batch,
+                                          gradient_checkpointing=chosen.gradient_checkpointing)
+        plan = mp.plan_for(cfg, gpus_per_node=1, seq_len=longest, shape=shape)
+        full = mp.plan_for(dataclasses.replace(cfg, finetune="full"), gpus_per_node=1,
+                           seq_len=longest, shape=shape)
+    except Exception as e:  # noqa: BLE001 (the plan is reported, never needed to train)
+        why = f"memory plan failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not gpu:
+            return cfg, None, why
+        return fallback, None, (f"{why}; micro-batch {ADAPTER_FALLBACK_MICRO_BATCH} with "
+                                "checkpointing")
+    if plan.need == full.need:
+        unhandled = (f"the memory plan does not handle finetune={cfg.finetune} yet: it planned "
+                     f"{full.need / 2**30:.2f} GiB, the full ZeRO-3 fine-tune's figure at the "
+                     "same setting")
+        return cfg, None, f"{unhandled}; {note}" if note else unhandled
+    return cfg, plan.need, note
+
+
+def adapter_parts(args, work: Path, gpu: bool, data) -> dict:
+    """(a2) LoRA and (a3) QLoRA: the base saved once, each part trained in a child process."""
+    import dataclasses
+    import importlib.util
+
+    from dolly.train.handoff import encode_config
+
+    cfg, prepared, tok, longest = data
+    out: dict = {"adapter_timed_steps": args.adapter_timed_steps, "adapter_r": cfg.lora_r,
+                 "adapter_target_modules": cfg.lora_target_modules}
+    skipped = {}
+    if args.smoke:
+        skipped["qlora"] = ("--smoke runs on CPU: QLoRA's 4-bit NF4 base needs bitsandbytes "
+                            "on a CUDA GPU")
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        skipped["qlora"] = "bitsandbytes is not installed"
+    base = save_random_base(cfg, tok, work / "base", gpu)
+    steps = 2 * args.adapter_timed_steps
+    for part in ADAPTERS:
+        if part in skipped:
+            out[f"{part}_skipped"] = skipped[part]
+            progress(f"{part}: skipped: {skipped[part]}")
+            continue
+        trial, planned, note = plan_adapter(dataclasses.replace(cfg, finetune=part), longest, gpu)
+        trial = dataclasses.replace(
+            trial, base_model=str(base), output_dir=str(work / part), max_steps=steps,
+            logging_steps=args.adapter_timed_steps, eval_steps=0, save_steps=0, warmup_steps=0,
+            resume="never", lr_scheduler="constant", learning_rate=1e-5)
+        progress(f"{part}: {trial.tiny_n_layer} x {trial.tiny_n_embd}, micro-batch "
+                 f"{trial.per_device_batch_size}, checkpointing {trial.gradient_checkpointing}, "
+                 f"{steps} steps; plan: " + (f"{planned / 2**30:.2f} GiB" if planned is not None
+                                             else f"none ({note})"))
+        got = run_adapter_child(args, work / f"{part}.json", encode_config(trial), prepared)
+        out.update({f"{part}_{k}": v for k, v in got.items()})
+        out.update({f"{part}_micro_batch": trial.per_device_batch_size,
+                    f"{part}_gradient_checkpointing": trial.gradient_checkpointing,
+                    f"{part}_planned_gpu_gib": planned / 2**30 if planned is not None else None,
+                    f"{part}_plan_note": note})
+    return out
+
+
+def run_adapter_child(args, result_file: Path, config_b64: str, prepared: Path) -> dict:
+    """This script again as one adapter part's process (`adapter_child`): its figures, or
+    {"skipped": why} / {"error": why}. Its output goes to ours; its result comes in a file."""
+    spec = {"config_b64": config_b64, "prepared": str(prepared), "result": str(result_file)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--adapter-child", json.dumps(spec)]
+    if args.smoke:
+        cmd.append("--smoke")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, timeout=600 if args.smoke else 2400)
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"timed out after {e.timeout:.0f} s"}
+    seconds = time.perf_counter() - t0
+    if result_file.is_file():
+        return {**json.loads(result_file.read_text()), "seconds": seconds}
+    return {"error": f"the child process exited with status {proc.returncode} and no result "
+                     "(its output is above)"}
+
+
+def adapter_child(args) -> None:
+    """One adapter part in this process (started by run_adapter_child): dolly.train.rank.train
+    with finetune=lora|qlora as rank 0 of one, MLflow and DeepSpeed unimportable; writes the
+    figures (or {"skipped"/"error": why}) to the result file the parent named."""
+    for name in ADAPTER_BLOCKED_MODULES:  # `import mlflow` now raises ImportError
+        sys.modules[name] = None
+    spec = json.loads(args.adapter_child)
+    out_file = Path(spec["result"])
+    try:
+        out_file.write_text(json.dumps(_adapter_train(args, spec)))
+    except BaseException as e:
+        out_file.write_text(json.dumps({"error": f"{type(e).__name__}: {e}"[:2000]}))
+        raise
+
+
+def _adapter_train(args, spec: dict) -> dict:
+    import torch
+
+    from dolly.train import rank as training
+    from dolly.train.handoff import decode_config
+
+    cfg = decode_config(spec["config_b64"])
+    gpu = torch.cuda.is_available() and not args.smoke
+    if cfg.finetune == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:  # noqa: BLE001 (missing, or its CUDA library does not load)
+            return {"skipped": f"bitsandbytes is not importable: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}"}
+    from transformers import TrainerCallback
+
+    unpacked: list[int] = []
+
+    class Count(TrainerCallback):
+        """The model's parameter elements by their logical shapes: a 4-bit weight holds two
+        elements a byte, so its own numel() (what the trainer's param_count and MFU count) is
+        half its shape's."""
+
+        def on_train_begin(self, _args, state, control, model=None, **kwargs):
+            if model is not None:
+                unpacked.append(sum(
+                    p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None
+                    else p.numel() for p in model.parameters()))
+
+    kept: list[dict] = []
+    as_one_rank()
+    result = training.train(cfg, Path(spec["prepared"]), gpu,
+                            extra_callbacks=[log_keeper(kept), Count()])
+    figures = timed_figures(kept)  # lora_tokens_per_second_per_gpu, not lora_train_...
+    figures["tokens_per_second_per_gpu"] = figures.pop("train_tokens_per_second_per_gpu")
+    return {"n_layer": cfg.tiny_n_layer, "param_count": result["param_count"],
+            "param_count_unpacked": unpacked[0] if unpacked else None,
+            "trainable_param_count": result["trainable_param_count"],
+            "frozen_digests_match": result["frozen_digest_before"] == result["frozen_digest_after"],
+            "final_loss": result["final_loss"], **figures,
+            "adapter_files": sorted(p.name for p in Path(result["final_dir"]).iterdir())}
 
 
 # ---------------------------------------------------------------------------- generation ------
@@ -267,6 +507,8 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.adapter_child:
+        return adapter_child(args)
     import torch
 
     gpu = torch.cuda.is_available() and not args.smoke
@@ -284,7 +526,12 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
         if not args.skip_train:
-            result.update(train_part(args, Path(tmp), gpu))
+            data = training_data(args, Path(tmp))
+            # the adapter parts' processes before ZeRO-3 in this one: they need the GPU free
+            if not args.skip_adapters:
+                result.update(adapter_parts(args, Path(tmp), gpu, data))
+            if not args.skip_full:
+                result.update(train_part(args, Path(tmp), gpu, data))
     result["seconds"] = time.perf_counter() - t0
     finish(result)
 

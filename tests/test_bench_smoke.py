@@ -38,11 +38,14 @@ CASES = {
     "register_memory": (["--n-layer", "1", "--n-embd", "64", "--n-head", "4", "--rotary-dim", "16",
                          "--min-params", "0", "--no-baseline"],
                         ["model_bytes", "peak_rss_bytes", "peak_rss_over_model_bytes"]),
-    # the real rank code (dolly.train.rank.train, ZeRO-3, 1 CPU rank) + both generation paths
+    # the real rank code (dolly.train.rank.train, ZeRO-3, 1 CPU rank; then finetune=lora in a
+    # child process) + both generation paths
     "gpu_check": (["--smoke"],
                   ["train_tokens_per_second_per_gpu", "padding_efficiency", "planned_gpu_gib",
                    "final_loss", "micro_batch", "gen_rows_per_second", "gen_tokens_per_second",
-                   "gen_baseline_rows_per_second", "gen_speedup", "gen_agreement"]),
+                   "gen_baseline_rows_per_second", "gen_speedup", "gen_agreement",
+                   "lora_tokens_per_second_per_gpu", "lora_padding_efficiency", "lora_final_loss",
+                   "lora_micro_batch", "lora_param_count", "lora_trainable_param_count"]),
 }
 
 
@@ -89,11 +92,26 @@ def test_bench_script_ends_with_its_json(name, runs):
     if name == "gpu_check":  # both generation paths gave the same greedy answers
         assert result["mode"] == "smoke" and result["gen_agreement"] == 1.0
         assert result["gen_rows"] == 6 and result["timed_steps"] == 2
+        _assert_lora_ran(result)
+
+
+def _assert_lora_ran(result: dict) -> None:
+    """gpu_check's LoRA part trained adapters only and saved them; QLoRA is skipped on CPU."""
+    assert "lora_error" not in result, result["lora_error"]
+    assert result["lora_frozen_digests_match"] is True
+    assert 0 < result["lora_trainable_param_count"] < result["lora_param_count"]
+    assert {"adapter_model.safetensors", "adapter_config.json",
+            "base_reference.json"} <= set(result["lora_adapter_files"])
+    # the plan's figure, or why there is none (the plan does not handle adapters, no DeepSpeed)
+    assert (isinstance(result["lora_planned_gpu_gib"], float)
+            or isinstance(result["lora_plan_note"], str)), result
+    assert "CPU" in result["qlora_skipped"] and "qlora_tokens_per_second_per_gpu" not in result
 
 
 @pytest.mark.timeout(300)
 def test_gpu_check_generation_needs_neither_deepspeed_nor_mlflow(tmp_path):
-    """The GPU machine may lack DeepSpeed and MLflow: generation still runs, training says why."""
+    """The GPU machine may lack DeepSpeed and MLflow: generation and LoRA still run, the full
+    fine-tune says why it did not."""
     code = ("import runpy, sys; sys.modules['deepspeed'] = None; sys.modules['mlflow'] = None; "
             f"sys.path.insert(0, {str(ROOT / 'bench')!r}); "
             f"sys.argv = ['gpu_check.py', '--smoke', '--data', {DATA!r}]; "
@@ -105,4 +123,5 @@ def test_gpu_check_generation_needs_neither_deepspeed_nor_mlflow(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["train_skipped"] == "DeepSpeed is not installed"
     assert result["gen_rows"] == 6 and result["gen_agreement"] == 1.0
+    _assert_lora_ran(result)  # LoRA needs neither (its child process cannot import them)
     assert "mlflow" not in proc.stderr.lower()
