@@ -264,7 +264,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     if cfg.adapters:
         from dolly.models.lora import add_adapters, trainable_counts
 
-        model = add_adapters(model, cfg)
+        model = add_adapters(model, cfg, tok)
         trainable = trainable_counts(model)[0]
         frozen_before = frozen_digest(model) if rank == 0 else ""
         if rank == 0:
