@@ -20,14 +20,13 @@ from dolly.tokenizer import load_tokenizer
 
 def main(argv: list[str]) -> None:
     cfg, inputs = cli.parse(argv, {"prepared": None})
+    gpus = train.visible_gpu()[0] if cfg.num_gpus != 0 else 0
+    # qlora's 4-bit base needs CUDA: refused before anything is read, loaded or written (Spark
+    # GPU executors count when num_gpus is set)
+    models.require_qlora_device(cfg, bool(gpus) or (cfg.launcher == "spark" and cfg.num_gpus > 0))
     # system metrics (CPU, memory, GPU) of this process's machine, sampled by MLflow
     with (pipeline.step_run(cfg, "train", log_system_metrics=True) as run,
           train.exclusive(cfg)):
-        gpus = train.visible_gpu()[0] if cfg.num_gpus != 0 else 0
-        # qlora's 4-bit base needs CUDA: refuse before anything is read or loaded (Spark GPU
-        # executors count when num_gpus is set)
-        models.require_qlora_device(cfg, bool(gpus) or (cfg.launcher == "spark"
-                                                         and cfg.num_gpus > 0))
         prepared = tracking.local_path(inputs["prepared"], "prepared data")
         train_df, _, summary = data.load_prepared(prepared)
         if gpus:  # before anything is loaded or changed on disk: will this profile fit?

@@ -182,9 +182,26 @@ def merge_into_base(adapter_dir: str | Path, out_dir: str | Path, dtype=None) ->
     the update away."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    import torch
+
     ref = base_reference(adapter_dir)
     model = load_with_adapter(adapter_dir, resolve_base_path(ref), dtype)
+    head = model.get_output_embeddings()
+    head_bias = None
+    if type(head).__name__ == "TrainableTokensWrapper":
+        # peft 0.21.2 computes an LM head tied to trainable token rows as F.linear(x, W) without
+        # the head's bias (GPT-J's head has one), in training and in every unmerged forward;
+        # merge_and_unload keeps the bias, and the merged model answered differently (measured
+        # on the tiny GPT-J: max logit difference 3.6e-3). The merged head gets the bias the
+        # unmerged forward applies: its output for a zero input.
+        linear = head.token_adapter.base_layer
+        with torch.no_grad():
+            head_bias = head(torch.zeros(1, linear.in_features, dtype=linear.weight.dtype,
+                                         device=linear.weight.device))[0].clone()
     merged = model.merge_and_unload()
+    out_layer = merged.get_output_embeddings()
+    if head_bias is not None and getattr(out_layer, "bias", None) is not None:
+        out_layer.bias.data.copy_(head_bias)
     gen = Path(adapter_dir, "generation_config.json")
     if gen.is_file():
         merged.generation_config = GenerationConfig.from_pretrained(str(adapter_dir))
