@@ -14,10 +14,15 @@ def test_the_profiles_are_all_there():
             "tiny"} <= {p.stem for p in PROFILES}
 
 
-def test_default_profile_is_the_dataclass_defaults_but_random_batches_and_300_held_out():
+def test_default_profile_is_the_dataclass_defaults_but_random_batches_300_held_out_and_lora_lr():
     cfg = load_config(ROOT / "configs/tiny.yaml")
     assert cfg.to_dict() == {**Config().to_dict(), "profile": "tiny", "batching": "random",
-                             "test_size": 0.05}
+                             "test_size": 0.05, "lora_learning_rate": 3e-3}
+    assert cfg.peak_learning_rate == 1e-3
+    lora = load_config(ROOT / "configs/tiny.yaml", {"finetune": "lora"})
+    assert (lora.peak_learning_rate, lora.adapters) == (3e-3, True)
+    # without a profile's value (the dataclass default 0), adapters train at 10 x learning_rate
+    assert Config(finetune="qlora", learning_rate=2e-4).peak_learning_rate == pytest.approx(2e-3)
     assert round(cfg.builtin_records * cfg.test_size) == 300
 
 
@@ -126,7 +131,8 @@ def test_strings_round_trip_every_value():
     assert Config.from_strings(text) == cfg
     changed = cfg.to_strings(changed_from=Config())
     assert changed == {"columns": "instruction=q", "seed": "7", "batching": "random",
-                       "epochs": repr(1 / 3), "gradient_checkpointing": "True"}
+                       "epochs": repr(1 / 3), "gradient_checkpointing": "True",
+                       "lora_learning_rate": "0.003"}
     assert Config.from_strings(changed) == cfg
 
 
