@@ -206,6 +206,28 @@ def test_resume_on_another_world_size_continues_to_the_same_total_steps(lora, tm
         assert abs(loss - two[step]) < 0.35, (step, loss, two[step])
 
 
+def test_spark_launcher_trains_the_same_adapter(lora, tmp_path):
+    """launcher=spark: the same ranks as a Spark barrier job on local[2] end with the adapter
+    the DeepSpeed launcher's uninterrupted run (C) trained."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "spark"
+    proc = subprocess.run(_train_cmd(lora.prepared, out, max_steps=STEPS_B, save_steps=0,
+                                     launcher="spark", spark_master="local[2]"),
+                          cwd=ROOT, env=project_env(fresh_store(tmp_path)), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lora adapters (r=4), data parallel, spark launcher" in proc.stdout
+    result = lora.result(out)
+    assert (result["world_size"], result["global_step"]) == (2, STEPS_B)
+    a = load_file(out / "final" / "adapter_model.safetensors")
+    c = load_file(lora.straight / "final" / "adapter_model.safetensors")
+    assert a.keys() == c.keys()
+    diff = max((a[k] - c[k]).abs().max().item() for k in a)
+    print(f"\nspark vs deepspeed launcher: max |adapter difference| {diff:.3g}")
+    assert diff <= 1e-6
+
+
 def test_qlora_on_cpu_is_refused_in_one_line_before_anything_is_loaded(lora, tmp_path):
     out = tmp_path / "never"
     proc = subprocess.run(_train_cmd(lora.prepared, out, finetune="qlora", max_steps=2),
