@@ -178,10 +178,20 @@ def _flops_inputs(model, precision: str, world: int, gpu: bool) -> dict[str, Any
 
     total = sum(param_numel(p) for p in model.parameters())  # a tied weight counts once
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    inp_w = getattr(inp, "weight", None)
+    if inp_w is None:  # peft's wrapper of an embedding with trainable token rows
+        inp_w = inp.token_adapter.base_layer.weight
+    out_w = getattr(out, "weight", None) if out is not None else None
+    if out is not None and out_w is None:
+        out_w = out.token_adapter.base_layer.weight
     # the input embedding is a lookup, not a matmul, unless the LM head shares its weight
-    embed = 0 if out is not None and out.weight is inp.weight else param_numel(inp.weight)
+    embed = 0 if out_w is not None and out_w is inp_w else param_numel(inp_w)
+    # frozen matmul weights (LoRA's base) need no weight gradient: 4 FLOPs a token, not 6
+    frozen = sum(param_numel(p) for p in model.parameters() if not p.requires_grad) - \
+        (0 if inp_w.requires_grad or embed == 0 else embed)
     device = torch.cuda.get_device_name() if gpu else "cpu"
     return {"matmul_params": total - embed, "n_layer": int(model.config.num_hidden_layers),
+            "frozen_matmul_params": max(frozen, 0) if model_is_adapted(model) else 0,
             "width": int(model.config.hidden_size),
             "peak_per_device": throughput.peak_flops(device, precision), "n_devices": world}
 
@@ -202,6 +212,11 @@ def frozen_digest(model) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def model_is_adapted(model) -> bool:
+    """True for a peft model (LoRA adapters on a frozen base)."""
+    return hasattr(model, "peft_config")
 
 
 def probe_loss(engine, collator, records: PreparedDataset, device) -> float:

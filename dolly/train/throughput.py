@@ -33,9 +33,15 @@ def peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def flops_per_token(matmul_params: int, n_layer: int, width: int, context: float) -> float:
-    """Training FLOPs (forward + backward) of one token at a mean context of `context` tokens."""
-    return 6.0 * matmul_params + 12.0 * n_layer * width * context
+def flops_per_token(matmul_params: int, n_layer: int, width: int, context: float,
+                    frozen_matmul_params: int = 0) -> float:
+    """Training FLOPs (forward + backward) of one token at a mean context of `context` tokens:
+    6 per trained matmul weight (forward 2, the input's gradient 2, the weight's gradient 2) and
+    4 per frozen one (no weight gradient: LoRA's base, of the `matmul_params`), plus attention's
+    12 x layers x width x context (Kaplan et al. 2020, table 1, forward 2 N + 2 n_layer n_ctx
+    d_model, backward twice that)."""
+    trained = matmul_params - frozen_matmul_params
+    return 6.0 * trained + 4.0 * frozen_matmul_params + 12.0 * n_layer * width * context
 
 
 def mfu(tokens_per_s: float, per_token: float, peak_per_device: float | None,
@@ -100,14 +106,16 @@ class _Pause:
 
 
 def summarize(real: int, computed: int, sequences: int, seconds: float, *, matmul_params: int,
-              n_layer: int, width: int, peak_per_device: float | None, n_devices: int) -> dict:
-    """The metrics of one logging interval, summed over all ranks."""
+              n_layer: int, width: int, peak_per_device: float | None, n_devices: int,
+              frozen_matmul_params: int = 0) -> dict:
+    """The metrics of one logging interval, summed over all ranks (`frozen_matmul_params`: the
+    part of `matmul_params` that does not train, see flops_per_token)."""
     out = {
         "train_tokens_per_second": real / seconds,
         "padding_efficiency": real / computed if computed else 1.0,
     }
     context = computed / sequences if sequences else 0.0
-    per_token = flops_per_token(matmul_params, n_layer, width, context)
+    per_token = flops_per_token(matmul_params, n_layer, width, context, frozen_matmul_params)
     out["model_tflops_per_second"] = out["train_tokens_per_second"] * per_token / 1e12
     m = mfu(out["train_tokens_per_second"], per_token, peak_per_device, n_devices)
     if m is not None:

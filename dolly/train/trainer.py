@@ -61,7 +61,12 @@ def peak_rss_mb() -> float:
 
 
 def param_numel(p) -> int:
-    """A parameter's full element count, also when ZeRO-3 holds only a partition (`ds_numel`)."""
+    """A parameter's full element count, also when ZeRO-3 holds only a partition (`ds_numel`) or
+    bitsandbytes stores it packed in 4 bits (two weights a byte; its `quant_state.shape` is the
+    weight's own shape)."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
     return int(getattr(p, "ds_numel", p.numel()))
 
 

@@ -62,3 +62,25 @@ def test_counter_excludes_paused_time():
     assert zeros[:3] == (0, 0, 0)
     assert zeros[3] == pytest.approx(0.5)
     assert tp.TokenCounter().clock is time.perf_counter  # what training measures with
+
+
+def test_frozen_weights_cost_four_flops_a_token_not_six():
+    # LoRA on GPT-J 6B's matmul weights: all frozen but 33,030,144 adapter parameters
+    n, adapters = 6_050_000_000, 33_030_144
+    per_token = tp.flops_per_token(n + adapters, 28, 4096, 1024,
+                                   frozen_matmul_params=n)
+    assert per_token == 6 * adapters + 4 * n + 12 * 28 * 4096 * 1024
+    assert tp.flops_per_token(n, 28, 4096, 1024, 0) == 6 * n + 12 * 28 * 4096 * 1024
+
+
+def test_param_numel_counts_a_4bit_weight_by_its_shape():
+    import types
+
+    import torch
+
+    from dolly.train.trainer import param_numel
+
+    packed = torch.nn.Parameter(torch.zeros(8192, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = types.SimpleNamespace(shape=torch.Size([128, 128]))  # 2 weights a byte
+    assert param_numel(packed) == 16384
+    assert param_numel(torch.nn.Parameter(torch.zeros(3, 5))) == 15
