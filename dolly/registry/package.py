@@ -30,10 +30,11 @@ _SERVING_PACKAGES = ("mlflow", "transformers", "torch", "tokenizers", "safetenso
                      "pandas", "numpy", "lazy_loader")
 
 
-def pip_requirements() -> list[str]:
-    """`name==version` of the packages serving needs, pinned to the ones installed here."""
+def pip_requirements(adapter: bool = False) -> list[str]:
+    """`name==version` of the packages serving needs, pinned to the ones installed here; with
+    `adapter`, peft too (it applies a logged LoRA adapter to its base)."""
     reqs = []
-    for name in _SERVING_PACKAGES:
+    for name in _SERVING_PACKAGES + (("peft",) if adapter else ()):
         try:
             version = metadata.version(name).split("+")[0]
         except metadata.PackageNotFoundError:
@@ -142,7 +143,7 @@ def _log(model_dir: str | Path, cfg: Config, name: str | None):
         # Dolly's loop unbatched, 3.7x at 8); MLflow only accepts it at logging time.
         model_config={"return_full_text": False, "batch_size": cfg.eval_batch_size},
         signature=signature(),
-        pip_requirements=pip_requirements(),
+        pip_requirements=pip_requirements(adapter=bool(extra)),
         # As mlflow.transformers.log_model does for a folder: checking a serving example would
         # load the whole model into memory.
         validate_serving_input=False,

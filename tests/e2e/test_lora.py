@@ -279,6 +279,10 @@ def test_the_registered_adapter_gives_the_trained_logits_through_both_mlflow_loa
     base_size = (Path(ref["path"]) / "model.safetensors").stat().st_size
     print(f"registered version: {size:,} bytes; base weights {base_size:,} bytes")
     assert (local / "peft" / "adapter_model.safetensors").is_file()
+    from importlib.metadata import version
+
+    # what `mlflow models serve` with a virtualenv installs must include peft
+    assert f"peft=={version('peft')}" in (local / "requirements.txt").read_text().split()
     assert not list(local.rglob("model.safetensors"))
     meta = mlflow.models.Model.load(str(local / "MLmodel")).metadata
     assert (meta["finetune"], meta["adapter_base"], meta["lora_r"]) == ("lora", "tiny-gptj", 4)
