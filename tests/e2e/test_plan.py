@@ -88,3 +88,23 @@ def test_looking_something_up_leaves_no_run(tracking_uri, entry_point, params, c
     deleted = _runs(tracking_uri, ViewType.DELETED_ONLY)
     assert [(r.data.tags["mlflow.project.entryPoint"], r.info.status) for r in deleted] == [
         (entry_point, "FINISHED" if code == 0 else "FAILED")]
+
+
+@pytest.mark.parametrize("finetune, base, verdict", [
+    ("lora", "frozen base per GPU (16-bit): 11.27 GiB",
+     "verdict: fits: each of the 1 GPUs needs 15.97 GiB of 20.25 GiB usable"),
+    ("qlora", "frozen base per GPU (4-bit NF4 linear layers",
+     "verdict: fits: each of the 1 GPUs needs 10.88 GiB of 20.25 GiB usable"),
+])
+def test_plan_of_lora_and_qlora_on_one_a10(tracking_uri, finetune, base, verdict):
+    """GPT-J 6B on one 24 GB A10: full fine-tuning cannot fit (ZeRO-3 on one GPU splits
+    nothing), LoRA's 16-bit base and QLoRA's 4-bit one do (docs/lora.md's table)."""
+    proc = mlflow_run("plan", {"config": "configs/gpt-j-6b-a10.yaml", "num_gpus": "1",
+                               "finetune": finetune}, tracking_uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert f"finetune {finetune} (LoRA r=16 on 168 linear layers, all-linear; plain data " \
+        "parallel" in out
+    assert base in out
+    assert "adapters per GPU: 33,030,144 trainable parameters" in out
+    assert verdict in out
