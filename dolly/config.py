@@ -405,6 +405,9 @@ class Config:
                                       .isalnum() for t in targets),
                  "lora_target_modules", self.lora_target_modules,
                  "must be 'all-linear' or comma-separated module names")
+        _require(len(targets) == 1 or "all-linear" not in targets, "lora_target_modules",
+                 self.lora_target_modules, "'all-linear' stands alone (it already covers "
+                 "every linear layer of the blocks)")
         _require(not self.merge or self.finetune != "full", "merge", self.merge,
                  "merges LoRA adapters: it needs finetune=lora or qlora")
         _require(self.gpu_memory_gb >= 0, "gpu_memory_gb", self.gpu_memory_gb, "must be >= 0")

@@ -24,6 +24,10 @@ def main(argv: list[str]) -> None:
     # qlora's 4-bit base needs CUDA: refused before anything is read, loaded or written (Spark
     # GPU executors count when num_gpus is set)
     models.require_qlora_device(cfg, bool(gpus) or (cfg.launcher == "spark" and cfg.num_gpus > 0))
+    if models.is_adapter(cfg.base_model):
+        raise DollyError(f"config key 'base_model': {cfg.base_model} is a LoRA adapter, not a "
+                         f"base model: train on its base ({models.base_reference(cfg.base_model)['name']}) "
+                         "or log the adapter merged (merge=true)")
     # system metrics (CPU, memory, GPU) of this process's machine, sampled by MLflow
     with (pipeline.step_run(cfg, "train", log_system_metrics=True) as run,
           train.exclusive(cfg)):
@@ -33,6 +37,10 @@ def main(argv: list[str]) -> None:
             train.require_fit(cfg, gpus_per_node=cfg.num_gpus if cfg.num_gpus > 0 else gpus,
                               seq_len=int(summary["token_lengths"]["max"]))
         plan = train.prepare_launch(cfg, prepared)
+        if cfg.adapters and cfg.lora_learning_rate:
+            plan.notes.append(f"{cfg.finetune} trains at lora_learning_rate "
+                              f"{cfg.lora_learning_rate:g} (learning_rate {cfg.learning_rate:g} "
+                              "is full fine-tuning's)")
         for note in plan.notes:
             print(f"train: {note}", flush=True)
         tracking.log_config(plan.cfg, "train")

@@ -82,6 +82,8 @@ def add_adapters(model, cfg: Config, tokenizer=None):
             gradient_checkpointing_kwargs={"use_reentrant": False})
     from transformers import set_seed
 
+    check_targets(model, cfg)
+
     # LoRA's A matrices start random (B at zero): seeded, so that two runs of one config start
     # from the same adapter (unseeded, a rerun of the same command trained other weights).
     set_seed(cfg.seed)
@@ -95,6 +97,27 @@ def add_adapters(model, cfg: Config, tokenizer=None):
         # with a frozen embedding the checkpointed blocks' inputs need grads for backward
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def check_targets(model, cfg: Config) -> None:
+    """Raise ConfigError (one line) unless every name of lora_target_modules matches a module of
+    `model` (peft's rule: the full name, or its last parts after a dot) other than the input
+    embedding or the output layer. peft itself refuses only a list of which no name matches, and
+    trains the rest silently."""
+    targets = cfg.lora_target_modules.strip()
+    if targets == "all-linear":
+        return
+    edges = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    modules = list(model.named_modules())
+    for name in (t.strip() for t in targets.split(",")):
+        hits = [m for n, m in modules if n == name or n.endswith("." + name)]
+        if not hits:
+            raise ConfigError(f"config key 'lora_target_modules': {name!r} names no module of "
+                              f"this model ({type(model).__name__})")
+        if any(id(m) in edges for m in hits):
+            raise ConfigError(f"config key 'lora_target_modules': {name!r} is the model's "
+                              "embedding or output layer; adapters go on the blocks' linear "
+                              "layers (the special tokens' rows train anyway)")
 
 
 def trainable_counts(model) -> tuple[int, int]:
@@ -141,7 +164,11 @@ def resolve_base_path(ref: dict[str, str]) -> str:
     if ref.get("path") and Path(ref["path"], "config.json").is_file():
         return ref["path"]
     name, revision = ref.get("name", ""), ref.get("revision") or None
-    if name and not Path(name).exists():
+    from dolly.config import TINY_BASES
+
+    hub_id = bool(name) and not Path(name).is_absolute() and not Path(name).exists() and \
+        name not in TINY_BASES and name.count("/") == 1
+    if hub_id:
         try:
             from huggingface_hub import snapshot_download
 

@@ -107,6 +107,7 @@ def _load_pyfunc(path, model_config: dict[str, Any] | None = None):
 
     mlmodel = Model.load(os.path.join(path, "MLmodel"))
     meta = mlmodel.metadata or {}
+    _require_adapter_base(mlmodel.flavors.get("transformers") or {}, meta)
     mlflow_patches.install_input_checks()
     limits = dict(meta.get(METADATA_KEY) or {})
     limits["created"] = _epoch(mlmodel.utc_time_created)
@@ -123,6 +124,23 @@ def _load_pyfunc(path, model_config: dict[str, Any] | None = None):
     pyfunc = DollyPyfunc(inner, limits)
     mlflow_patches.contain_scoring_server(pyfunc.batcher is not None, pyfunc)
     return pyfunc
+
+
+def _require_adapter_base(flavor: dict[str, Any], meta: dict[str, Any]) -> None:
+    """A logged LoRA adapter loads its base from the local folder it was logged with (MLflow's
+    `local_base_model_path`): when that folder is gone, raise one line that names the base,
+    instead of Hugging Face's "Repo id must be in the form ..." from deep in the loader."""
+    base = flavor.get("local_base_model_path")
+    if not base or os.path.isfile(os.path.join(base, "config.json")):
+        return
+    from mlflow.exceptions import MlflowException
+
+    raise MlflowException(
+        f"this model is a LoRA adapter on the base {meta.get('adapter_base') or base}, whose "
+        f"folder {base} is gone: put the base's files back there (for the tiny base: train once "
+        "with the same tiny_* and pretrain settings, DOLLY_BASE_CACHE), load with "
+        "mlflow.transformers.load_model(uri, base_model_path=<a copy>), or log the model with "
+        "merge=true")
 
 
 def _epoch(utc: str | None) -> int:

@@ -200,6 +200,8 @@ def prepare_launch(cfg: Config, prepared: Path) -> Plan:
     fp_file = out / FINGERPRINT_FILE
     old = json.loads(fp_file.read_text()) if fp_file.is_file() else None
     explicit = None if cfg.resume in ("auto", "never") else checkpoints.read_checkpoint(cfg.resume)
+    if explicit is not None and explicit.complete:
+        _require_same_kind(cfg, Path(explicit.path))
     decision = checkpoints.decide_resume(cfg.resume, checkpoints.find_checkpoints(out), old, fp,
                                          str(out), explicit,
                                          schedule_steps(cfg, len(train_df), world))
@@ -219,6 +221,34 @@ def prepare_launch(cfg: Config, prepared: Path) -> Plan:
     resolved = dataclasses.replace(cfg, precision=precision, resume=resume_from or "never",
                                    master_port=port, output_dir=str(out))
     return Plan(resolved, gpu, procs, world, resume_from, notes, decision.universal)
+
+
+def _require_same_kind(cfg: Config, ckpt: Path) -> None:
+    """Raise ConfigError when the checkpoint `resume` names holds another kind of training than
+    cfg's: adapters (adapter_config.json) for a full fine-tune or the reverse, or adapters of
+    another rank, scale or targets. The Trainer would otherwise load what matches, silently."""
+    conf_file = ckpt / "adapter_config.json"
+    if not cfg.adapters:
+        if conf_file.is_file():
+            raise ConfigError(f"config key 'resume': {ckpt} holds LoRA adapters; this run is "
+                              "finetune=full (set finetune=lora to continue it)")
+        return
+    if not conf_file.is_file():
+        raise ConfigError(f"config key 'resume': {ckpt} is a full fine-tune's checkpoint; this "
+                          f"run trains {cfg.finetune} adapters (set finetune=full to continue it)")
+    conf = json.loads(conf_file.read_text())
+    targets = conf.get("target_modules")
+    wanted = cfg.lora_target_modules.strip()
+    theirs = {"r": conf.get("r"), "lora_alpha": conf.get("lora_alpha")}
+    ours = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
+    differ = [f"lora_{k.removeprefix('lora_')} {theirs[k]} -> {ours[k]}" for k in theirs
+              if theirs[k] is not None and float(theirs[k]) != float(ours[k])]
+    if wanted != "all-linear" and isinstance(targets, list) and \
+            sorted(targets) != sorted(t.strip() for t in wanted.split(",")):
+        differ.append(f"lora_target_modules {','.join(sorted(targets))} -> {wanted}")
+    if differ:
+        raise ConfigError(f"config key 'resume': {ckpt} holds adapters of other settings "
+                          f"({'; '.join(differ)}); set them back to continue it")
 
 
 @contextmanager
