@@ -599,8 +599,9 @@ def _fits(shape: ModelShape, s: Setting, gpu_memory: int) -> bool:
     return bool(make_plan(shape, s, gpu_memory, suggest=False).fits)
 
 
-def _fixes(shape: ModelShape, s: Setting, gpu_memory: int) -> list[str]:
-    """Single changes that make the plan fit, cheapest in throughput first."""
+def _cheap_fixes(shape: ModelShape, s: Setting, gpu_memory: int) -> list[str]:
+    """The fixes that keep the setup: gradient checkpointing, then a smaller micro-batch (each
+    alone)."""
     out = []
     if not s.gradient_checkpointing and _fits(
             shape, dataclasses.replace(s, gradient_checkpointing=True), gpu_memory):
@@ -608,6 +609,12 @@ def _fixes(shape: ModelShape, s: Setting, gpu_memory: int) -> list[str]:
     smaller = _smaller_batch(shape, s, gpu_memory)
     if smaller:
         out.append(smaller)
+    return out
+
+
+def _fixes(shape: ModelShape, s: Setting, gpu_memory: int) -> list[str]:
+    """Single changes that make the plan fit, cheapest in throughput first."""
+    out = _cheap_fixes(shape, s, gpu_memory)
     if not s.offload_optimizer and _fits(
             shape, dataclasses.replace(s, offload_optimizer=True), gpu_memory):
         out.append("-P offload_optimizer=true")
@@ -671,13 +678,7 @@ def _adapter_fixes(shape: ModelShape, s: Setting, gpu_memory: int,
     the base in 4-bit, then, when the frozen base alone is over the GPU, every weight trained
     with ZeRO-3, which partitions it across GPUs (each with the checkpointing and micro-batch it
     needs)."""
-    out = []
-    if not s.gradient_checkpointing and _fits(
-            shape, dataclasses.replace(s, gradient_checkpointing=True), gpu_memory):
-        out.append("-P gradient_checkpointing=true")
-    smaller = _smaller_batch(shape, s, gpu_memory)
-    if smaller:
-        out.append(smaller)
+    out = _cheap_fixes(shape, s, gpu_memory)
     if not out:  # neither alone: both together
         both = _fit_with(shape, s, gpu_memory)
         if both is not None:
