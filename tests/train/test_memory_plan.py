@@ -615,17 +615,10 @@ def _with_adapters(model, targets: str, r: int, dropout: float = 0.0):
 
 # name -> model_type, config fields, attention (sizes as TINY_LAYOUTS: no activation has a
 # weight's shape), the named targets of the subset case
-TINY_ADAPTED = {
-    "gptj": ("gptj", dict(n_embd=192, n_head=6), None),
-    "llama": ("llama", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
-                            intermediate_size=512), "sdpa"),
-    "llama eager": ("llama", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
-                                  intermediate_size=512), "eager"),
-    "qwen3": ("qwen3", dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
-                            head_dim=40, intermediate_size=512), "sdpa"),
-    "gpt-neox": ("gpt_neox", dict(hidden_size=192, num_attention_heads=6, intermediate_size=768,
-                                  rotary_pct=0.25, use_parallel_residual=True), "sdpa"),
-}
+TINY_ADAPTED = {"gptj": ("gptj", dict(n_embd=192, n_head=6), None),
+                **{name: TINY_LAYOUTS[layout] for name, layout in (
+                    ("llama", "llama gqa"), ("llama eager", "llama eager"),
+                    ("qwen3", "qwen3 qk-norm"), ("gpt-neox", "gpt-neox parallel"))}}
 SUBSETS = {"gptj": "q_proj,v_proj", "llama": "q_proj,v_proj", "llama eager": "o_proj,down_proj",
            "qwen3": "k_proj,up_proj", "gpt-neox": "dense,dense_h_to_4h"}
 
