@@ -113,3 +113,13 @@ def test_every_step_is_a_short_script():
     long = {name: n for name, n in counts.items() if n >= 100}
     assert not long, (f"steps over 100 code lines (a step parses, sets up, runs and logs: the "
                       f"work belongs in dolly/): {long}; all: {counts}")
+
+
+def test_test_modules_have_unique_basenames():
+    # pytest imports test files without packages (pytest.ini: pythonpath = . tests, no
+    # __init__.py), so a module is known by its basename alone: two files of one name in
+    # different folders stop collection of the whole suite ("import file mismatch").
+    by_name: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        by_name.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {n: p for n, p in by_name.items() if len(p) > 1} == {}
