@@ -1,6 +1,7 @@
 """Base models: the tiny GPT-J of the offline default (tiny), pretrained once per configuration
 on the built-in corpus and cached (pretrain), or any model `from_pretrained` loads from the Hub or
-a folder (base); LoRA / QLoRA adapters on a base, through peft (lora).
+a folder (base); LoRA / QLoRA adapters on a base, through peft (lora); the training forward
+that computes logits only where the loss counts (labelled_loss).
 """
 import lazy_loader
 
@@ -8,9 +9,10 @@ import lazy_loader
 # room costs nothing until one of its names is used.
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=["base", "lora", "pretrain", "tiny"],
+    submodules=["base", "labelled_loss", "lora", "pretrain", "tiny"],
     submod_attrs={  # module -> the public names it defines
         "base": ["base_location", "load_base_model"],
+        "labelled_loss": ["PLAIN_HEAD_TYPES", "install", "uninstall"],
         "lora": ["add_adapters", "base_reference", "is_adapter", "load_with_adapter",
                  "merge_into_base", "require_qlora_device", "resolve_base_path"],
         "pretrain": ["CACHE_ENV", "base_info", "base_key", "cache_root", "cached_base",

@@ -239,8 +239,8 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     import torch
     from transformers import GenerationConfig
 
-    from dolly.data import collator_for, load_prepared
-    from dolly.models import load_base_model
+    from dolly.data import collator_for, load_prepared, train_collator_for
+    from dolly.models import labelled_loss, load_base_model
     from dolly.prompts import get_format
     from dolly.tokenizer import load_tokenizer
     from dolly.train.trainer import (DollyTrainer, PartitionRecord, RankZeroMlflow, ScheduleGuard,
@@ -267,7 +267,8 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     train_df, test_df, _ = load_prepared(prepared)
     test_df = test_df.sort_values("length", kind="stable")  # eval batches of similar length
     train_ds, test_ds = PreparedDataset(train_df), PreparedDataset(test_df)
-    collator = collator_for(fmt, tok)
+    collator = collator_for(fmt, tok)  # padded: evaluation, the probe loss
+    train_collator = train_collator_for(cfg, fmt, tok)  # packed rows with batching=packed
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     model = load_base_model(cfg, tok, dtype=dtype, pretrain_missing=False,  # the parent built it
@@ -286,6 +287,17 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
             print(f"train: {cfg.finetune}: {trainable:,} trainable adapter parameters (r="
                   f"{cfg.lora_r}, alpha={cfg.lora_alpha:g}, {cfg.lora_target_modules}); the "
                   f"base's {trainable_counts(model)[1] - trainable:,} are frozen", flush=True)
+
+    if not labelled_loss.install(model):  # logits only where the loss counts
+        if cfg.batching == "packed":
+            raise DollyError(
+                f"batching=packed: {model.config.model_type} is not among the architectures "
+                f"known to keep packed records apart ({', '.join(sorted(labelled_loss.PLAIN_HEAD_TYPES))}); "
+                "use batching=random")
+        if rank == 0:
+            print(f"train: {model.config.model_type}: logits for every position (the model's "
+                  "own forward; labelled-only logits are known for "
+                  f"{', '.join(sorted(labelled_loss.PLAIN_HEAD_TYPES))})", flush=True)
 
     resumed_from = None if cfg.resume == "never" else cfg.resume
     resumed_step = 0
@@ -306,8 +318,9 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
     callbacks += list(extra_callbacks or [])
     trainer = DollyTrainer(
         model=model, args=args, train_dataset=train_ds,
-        eval_dataset=test_ds if cfg.eval_steps else None, data_collator=collator,
-        processing_class=tok, callbacks=callbacks, dolly_cfg=cfg, flops=flops)
+        eval_dataset=test_ds if cfg.eval_steps else None, data_collator=train_collator,
+        processing_class=tok, callbacks=callbacks, dolly_cfg=cfg, flops=flops,
+        eval_collator=collator)
 
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resumed_from)
@@ -317,6 +330,7 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
         trainer.evaluate()  # a last eval_loss for the final weights
 
     final = Path(cfg.output_dir) / FINAL_DIR
+    labelled_loss.uninstall(model)
     model.config.use_cache = True
     # Generation stops at `### End` (Dolly v1) or the template's end of turn. Set after train(),
     # which adds the tokenizer's eos to the eos ids (transformers' align_special_tokens).

@@ -1,6 +1,6 @@
 """The rank side's Trainer pieces: DollyTrainer and its callbacks (imported by the ranks only).
 
-`DollyTrainer` adds length-grouped sampling and throughput / padding / memory metrics to the
+`DollyTrainer` adds length-grouped sampling, packed training batches and throughput / padding / memory metrics to the
 Hugging Face Trainer; `RankZeroMlflow` logs from rank 0 into the parent's MLflow run;
 `PartitionRecord` writes what each rank holds under ZeRO-3.
 """
@@ -74,18 +74,31 @@ class DollyTrainer(Trainer):
     """Adds length-grouped sampling and throughput / padding / memory metrics to the logs.
 
     dolly_cfg: the run's Config (batching, length_group_batches, seed); flops: the keyword
-    arguments of `throughput.summarize` that describe the model and devices.
+    arguments of `throughput.summarize` that describe the model and devices; eval_collator: the
+    padded collator evaluation batches use when the training ones are packed.
     """
 
-    def __init__(self, *args, dolly_cfg: Config, flops: dict, **kwargs):
+    def __init__(self, *args, dolly_cfg: Config, flops: dict, eval_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.dolly_cfg = dolly_cfg
         self.flops = flops
+        self.eval_collator = eval_collator
         self.counter = throughput.TokenCounter()
         self.started = False
         self.totals = [0.0, 0.0, 0.0, 0.0]  # real, computed, sequences, seconds (all ranks)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        # eval_loss from padded batches whatever the training batches: comparable across runs
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
     def _get_train_sampler(self, train_dataset=None):
+        # packed: the random micro-batches of batching=random, each packed by the collator
         if self.dolly_cfg.batching != "length_grouped":
             return super()._get_train_sampler(train_dataset)
         ds = train_dataset if train_dataset is not None else self.train_dataset
@@ -95,12 +108,19 @@ class DollyTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step, counting the batch's tokens first: `inputs` is the collator's
-        batch (`input_ids`, `attention_mask`, `labels`: each `(batch, seq) int64`)."""
+        batch, padded (`input_ids`, `attention_mask`, `labels`: each `(batch, seq) int64`) or
+        packed (dolly.data.packing: `input_ids`, `labels`, `position_ids` and the counts
+        `num_real_tokens`, `num_records`, which are taken out here: the model gets no mask)."""
         if not self.started:  # the first interval starts here, not at engine set-up
             self.counter.take()
             self.started = True
-        mask = inputs["attention_mask"]
-        self.counter.add(mask.sum(), mask.numel(), mask.shape[0])  # a tensor: no sync here
+        if "num_real_tokens" in inputs:
+            inputs = dict(inputs)
+            real, records = inputs.pop("num_real_tokens"), inputs.pop("num_records")
+            self.counter.add(real, inputs["input_ids"].numel(), records)
+        else:
+            mask = inputs["attention_mask"]
+            self.counter.add(mask.sum(), mask.numel(), mask.shape[0])  # a tensor: no sync here
         return super().training_step(model, inputs, num_items_in_batch)
 
     def evaluate(self, *args, **kwargs):
