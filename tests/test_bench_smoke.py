@@ -22,9 +22,14 @@ CASES = {
                   ["records", "seconds", "tokenizer_only_seconds", "baseline_seconds",
                    "overhead_vs_tokenizer", "speedup"]),
     "padding": (["--worlds", "1,2"],
-                ["padding_efficiency", "baseline_padding_efficiency"]),
+                ["padding_efficiency", "real_tokens", "computed_tokens", "packed_rows",
+                 "max_length", "length_grouped_padding_efficiency_world1",
+                 "length_grouped_padding_efficiency_world2", "baseline_padding_efficiency",
+                 "baseline_padding_efficiency_longest", "compute_saved"]),
     "train_throughput": (["--steps", "2", "--warmup-steps", "1", "--batch-size", "2", *SMALL],
-                         ["tokens_per_second", "baseline_tokens_per_second", "speedup"]),
+                         ["tokens_per_second", "baseline_tokens_per_second", "speedup",
+                          "padding_efficiency", "baseline_padding_efficiency", "real_tokens",
+                          "max_length", "final_loss", "baseline_final_loss"]),
     "scoring": (["--rows", "4", "--max-new-tokens", "2", "--batch-size", "2", *SMALL],
                 ["rows", "rows_per_second", "baseline_rows_per_second", "speedup"]),
     "serving": (["--requests", "4", "--concurrency", "2", "--max-new-tokens", "2", "--lone", "1",
@@ -89,6 +94,9 @@ def test_bench_script_ends_with_its_json(name, runs):
         assert result["api"] == "chat" and result["streamed_requests"] == 4
     if name == "scoring":
         assert result["rows"] == 4
+    if name in ("padding", "train_throughput"):  # ours is the config's default: packed rows
+        assert result["batching"] == "packed"
+        assert result["padding_efficiency"] >= result["baseline_padding_efficiency"]
     if name == "gpu_check":  # both generation paths gave the same greedy answers
         assert result["mode"] == "smoke" and result["gen_agreement"] == 1.0
         assert result["gen_rows"] == 6 and result["timed_steps"] == 2
