@@ -4,7 +4,9 @@
     python bench/gpu_check.py --smoke    # the same code at tiny shapes on CPU (the test suite)
 
 (a) Training: `dolly.train.rank.train` (the function every rank of the train step runs: HF Trainer
-    + DeepSpeed ZeRO-3, length-grouped batches, completion-only labels) in this one process
+    + DeepSpeed ZeRO-3, length-grouped padded batches (batching=length_grouped, set here
+    whatever the profile's default: the padded figure (a4) is compared with), completion-only
+    labels) in this one process
     (world size 1), bf16, on a randomly initialised GPT-J of 6B's shape (the tiny-gptj path with
     tiny_* = 28 x 4096, 16 heads, rotary 64, untied; GPT-J's BPE, 50,260 rows), on Alpaca-like
     records (--data, else a seeded synthetic set with Alpaca's length profile). The memory plan
@@ -26,6 +28,37 @@
     peak GPU memory next to the plan, trainable parameters, and whether the frozen base's digest
     is the same after training. QLoRA needs bitsandbytes and a GPU: skipped (the reason in the
     JSON) without them and in --smoke.
+(a4) Packed rows (batching=packed, dolly.data.packing) on GPT-J through the varlen attention path
+    (dolly.models.varlen), two parts:
+    - the check, in this process: a randomly initialised GPT-J of (a)'s full shape (bf16 on the
+      GPU; fp32 at the tiny shape in --smoke), eval, labelled-only logits
+      (dolly.models.labelled_loss installed). Each of `--packed-records` prepared records (16; 8
+      in --smoke) alone (CompletionCollator, one row, eager attention) against the same records
+      packed into rows of max_length by PackingCollator, with varlen attention enabled: a
+      record's loss in the packed batch is read by keeping only its labels. Within 1e-2
+      relative on the GPU (bf16, flash kernel vs eager), 1e-5 absolute in --smoke (fp32, where
+      no varlen kernel exists: CUDA only, so the packed path runs eager attention with
+      transformers' packed-sequence mask and `packed_varlen_skipped` says so). Proof that the
+      kernel ran: `packed_varlen_calls` (dolly.models.varlen.calls(): one per layer per forward)
+      and the CUDA kernel names of one packed forward under torch.profiler that contain
+      "flash" (`packed_flash_kernels`). A control lets the records see each other (an all-ones
+      attention mask, which the varlen layers refuse, so eager attention mixes the records):
+      `packed_control_max_rel_diff` should be far above the tolerance, else this model cannot
+      tell mixed records from separate ones (`packed_control_separates`). The script exits
+      with status 1 after its JSON when the packed losses are outside the tolerance.
+    - training (`packed_train_*`): the same `dolly.train.rank.train` as (a) (ZeRO-3, bf16, the
+      same layers) with batching=packed and varlen attention enabled at train begin (a
+      TrainerCallback), in a child process as (a2) (MLflow blocked; DeepSpeed allowed). Gradient
+      checkpointing off at the largest power-of-two micro-batch (<= (a)'s) that
+      dolly.train.memory_plan says fits without it (planned at (a)'s longest record: a packed
+      micro-batch of b records holds at most b x longest tokens; the plan counts eager
+      attention's s x s scores and every position's logits, which the varlen kernel and the
+      labelled-only logits do not keep, so it is an upper bound; without a varlen kernel rows
+      up to max_length are planned), with gradient accumulation so that an optimizer step
+      sees (a)'s records per step; checkpointing on at (a)'s micro-batch where no micro-batch
+      fits without it (`packed_train_plan_note`). `--packed-timed-steps` warm-up + timed steps
+      (10 + 10; 2 + 2 in --smoke). `packed_over_padded_tokens_per_second` compares with (a).
+      Skipped (the reason in `packed_train_skipped`) without DeepSpeed.
 (b) Generation at the same shape: dolly.generation.generate (batched, left-padded, stops at
     `### End`) vs Dolly v1's generate_response (one prompt at a time) on the same `--prompts`
     instructions, greedy, the same max_new_tokens: rows/s, tokens/s, and `gen_agreement` (share
@@ -55,8 +88,9 @@ ADAPTERS = ("lora", "qlora")  # parts (a2) and (a3), in this order
 # micro-batch (with gradient checkpointing) of an adapter part when the memory plan chooses none:
 # a bf16 6B base (12 GiB) + checkpointed activations of 16 x 727 tokens take ~25 GiB
 ADAPTER_FALLBACK_MICRO_BATCH = 16
-# modules an adapter part's child process may not import: lora/qlora train without them
-ADAPTER_BLOCKED_MODULES = ("mlflow", "deepspeed")
+# modules a child process may not import, by part: lora/qlora train without either; the packed
+# full fine-tune (a4) needs DeepSpeed, not MLflow
+BLOCKED_MODULES = {"adapter": ("mlflow", "deepspeed"), "packed": ("mlflow",)}
 
 
 def parse_args():
@@ -77,13 +111,20 @@ def parse_args():
     p.add_argument("--skip-train", action="store_true", help="no training part at all")
     p.add_argument("--skip-full", action="store_true", help="no full fine-tune (a)")
     p.add_argument("--skip-adapters", action="store_true", help="no LoRA / QLoRA (a2, a3)")
+    p.add_argument("--skip-packed", action="store_true", help="no packed rows (a4)")
+    p.add_argument("--packed-records", type=int, default=0, help="records of the packed check "
+                   "(default 16 on GPU, 8 in --smoke)")
+    p.add_argument("--packed-timed-steps", type=int, default=0, help="warm-up steps = timed "
+                   "steps of the packed training (default 10 on GPU, 2 in --smoke)")
     p.add_argument("--skip-generate", action="store_true")
-    # internal: this script started as one adapter part's child process (run_adapter_child)
-    p.add_argument("--adapter-child", default="", help=argparse.SUPPRESS)
+    # internal: this script started as one part's child process (run_child)
+    p.add_argument("--child", "--adapter-child", dest="child", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     d = (2, 6, 4, 4) if a.smoke else (20, 64, 64, 64)
     a.timed_steps = a.timed_steps or d[0]
     a.adapter_timed_steps = a.adapter_timed_steps or (2 if a.smoke else 10)
+    a.packed_timed_steps = a.packed_timed_steps or (2 if a.smoke else 10)
+    a.packed_records = a.packed_records or (8 if a.smoke else 16)
     a.prompts, a.max_new_tokens, a.gen_batch_size = (a.prompts or d[1], a.max_new_tokens or d[2],
                                                      a.gen_batch_size or d[3])
     return a
@@ -218,7 +259,8 @@ def train_part(args, work: Path, gpu: bool, data) -> dict:
     steps = 2 * args.timed_steps  # two logging intervals: warm-up, then the timed one
     cfg = dataclasses.replace(cfg, max_steps=steps, logging_steps=args.timed_steps, eval_steps=0,
                               save_steps=0, warmup_steps=0, resume="never",
-                              lr_scheduler="constant", learning_rate=1e-5)
+                              lr_scheduler="constant", learning_rate=1e-5,
+                              batching="length_grouped")  # the padded figure
     progress(f"train: {cfg.tiny_n_layer} x {cfg.tiny_n_embd}, micro-batch "
              f"{cfg.per_device_batch_size}, checkpointing {cfg.gradient_checkpointing}, "
              f"{steps} steps; plan: {plan.verdict()}")
@@ -357,7 +399,7 @@ def adapter_parts(args, work: Path, gpu: bool, data) -> dict:
                  f"{trial.per_device_batch_size}, checkpointing {trial.gradient_checkpointing}, "
                  f"{steps} steps; plan: " + (f"{planned / 2**30:.2f} GiB" if planned is not None
                                              else f"none ({note})"))
-        got = run_adapter_child(args, work / f"{part}.json", encode_config(trial), prepared)
+        got = run_child(args, work / f"{part}.json", encode_config(trial), prepared, "adapter")
         out.update({f"{part}_{k}": v for k, v in got.items()})
         out.update({f"{part}_micro_batch": trial.per_device_batch_size,
                     f"{part}_gradient_checkpointing": trial.gradient_checkpointing,
@@ -366,11 +408,13 @@ def adapter_parts(args, work: Path, gpu: bool, data) -> dict:
     return out
 
 
-def run_adapter_child(args, result_file: Path, config_b64: str, prepared: Path) -> dict:
-    """This script again as one adapter part's process (`adapter_child`): its figures, or
-    {"skipped": why} / {"error": why}. Its output goes to ours; its result comes in a file."""
-    spec = {"config_b64": config_b64, "prepared": str(prepared), "result": str(result_file)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--adapter-child", json.dumps(spec)]
+def run_child(args, result_file: Path, config_b64: str, prepared: Path, kind: str) -> dict:
+    """This script again as one part's process (`child_main`; kind "adapter": (a2) / (a3),
+    "packed": (a4)'s training): its figures, or {"skipped": why} / {"error": why}. Its output
+    goes to ours; its result comes in a file."""
+    spec = {"config_b64": config_b64, "prepared": str(prepared), "result": str(result_file),
+            "kind": kind}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     if args.smoke:
         cmd.append("--smoke")
     t0 = time.perf_counter()
@@ -385,16 +429,19 @@ def run_adapter_child(args, result_file: Path, config_b64: str, prepared: Path) 
                      "(its output is above)"}
 
 
-def adapter_child(args) -> None:
-    """One adapter part in this process (started by run_adapter_child): dolly.train.rank.train
-    with finetune=lora|qlora as rank 0 of one, MLflow and DeepSpeed unimportable; writes the
-    figures (or {"skipped"/"error": why}) to the result file the parent named."""
-    for name in ADAPTER_BLOCKED_MODULES:  # `import mlflow` now raises ImportError
+def child_main(args) -> None:
+    """One part in this process (started by run_child) as rank 0 of one: an adapter part
+    (dolly.train.rank.train with finetune=lora|qlora, MLflow and DeepSpeed unimportable) or
+    (a4)'s packed training (MLflow unimportable); writes the figures (or {"skipped"/"error":
+    why}) to the result file the parent named."""
+    spec = json.loads(args.child)
+    kind = spec.get("kind", "adapter")
+    for name in BLOCKED_MODULES[kind]:  # `import mlflow` now raises ImportError
         sys.modules[name] = None
-    spec = json.loads(args.adapter_child)
     out_file = Path(spec["result"])
     try:
-        out_file.write_text(json.dumps(_adapter_train(args, spec)))
+        work = _adapter_train if kind == "adapter" else _packed_train
+        out_file.write_text(json.dumps(work(args, spec)))
     except BaseException as e:
         out_file.write_text(json.dumps({"error": f"{type(e).__name__}: {e}"[:2000]}))
         raise
@@ -441,6 +488,279 @@ def _adapter_train(args, spec: dict) -> dict:
             "frozen_digests_match": result["frozen_digest_before"] == result["frozen_digest_after"],
             "final_loss": result["final_loss"], **figures,
             "adapter_files": sorted(p.name for p in Path(result["final_dir"]).iterdir())}
+
+
+# ------------------------------------------------------------------------ packed rows (a4) ------
+
+PACKED_GPU_RTOL = 1e-2   # bf16 on the GPU: flash kernel (packed) vs eager attention (alone)
+PACKED_CPU_ATOL = 1e-5   # fp32 in --smoke: eager attention on both sides
+
+
+def packed_features(prepared: Path, n: int) -> list[dict]:
+    """The first n prepared training records as collator features."""
+    from dolly.data import load_prepared
+
+    train_df, _, _ = load_prepared(prepared)
+    out = []
+    for _, row in train_df.head(n).iterrows():
+        f = {"input_ids": [int(t) for t in row["input_ids"]],
+             "response_start": int(row["response_start"])}
+        if "label_spans" in row and row["label_spans"] is not None:
+            f["label_spans"] = [int(t) for t in row["label_spans"]]
+        out.append(f)
+    return out
+
+
+def record_spans(batch: dict, feats: list[dict]) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each feature's record in a PackingCollator batch, in feature order:
+    a record starts where its position id is 0 and is found by its token ids."""
+    pos, ids = batch["position_ids"], batch["input_ids"]
+    where: dict[tuple, list] = {}
+    for r in range(pos.shape[0]):
+        starts = (pos[r] == 0).nonzero().flatten().tolist() + [pos.shape[1]]
+        for a, b in zip(starts, starts[1:]):
+            where.setdefault(tuple(ids[r, a:b].tolist()), []).append((r, a, b))
+    return [where[tuple(f["input_ids"])].pop(0) for f in feats]
+
+
+def flash_kernel_names(model, call: dict) -> list[str]:
+    """The CUDA kernels of one forward of `model(**call)` under torch.profiler whose names
+    contain "flash" (case-insensitive), each cut to 120 characters."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**call)
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages() if "flash" in e.key.lower()}
+    return sorted(n[:120] for n in names)
+
+
+def packed_check(args, data, gpu: bool) -> dict:
+    """(a4)'s check: per-record loss packed (varlen attention where a kernel runs) vs each
+    record alone (eager), the varlen call count, the profiler's flash kernels, the control."""
+    import gc
+
+    import torch
+    from transformers import GPTJForCausalLM
+
+    from dolly.data import PackingCollator, collator_for
+    from dolly.data.collator import IGNORE_INDEX
+    from dolly.models import labelled_loss, varlen
+    from dolly.models.tiny import tiny_config
+    from dolly.prompts import get_format
+
+    cfg, prepared, tok, _ = data
+    padded = collator_for(get_format(cfg.prompt_format, tok), tok)
+    feats = packed_features(prepared, args.packed_records)
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    progress(f"packed: {len(feats)} records alone and packed, a random GPT-J "
+             f"{cfg.tiny_n_layer} x {cfg.tiny_n_embd} ({dtype}) on {device}")
+    torch.manual_seed(cfg.seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = GPTJForCausalLM(tiny_config(cfg, tok)).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.config.use_cache = False  # as training calls it
+    assert labelled_loss.install(model)
+
+    def loss(**call) -> float:  # labelled-only loss: the mean over the labels given
+        with torch.no_grad():
+            return model(**{k: v.to(device) for k, v in call.items()}).loss.float().item()
+
+    alone = []
+    for f in feats:  # eager attention: varlen is not enabled yet
+        one = padded([f])
+        alone.append(loss(input_ids=one["input_ids"], attention_mask=one["attention_mask"],
+                          labels=one["labels"]))
+    out: dict = {"packed_records": len(feats), "packed_labelled_loss": True}
+    kernel = varlen.enable(model) if gpu else None
+    if kernel is None:
+        try:
+            varlen.find_kernel(model.config.n_embd // model.config.n_head)
+            why = "no varlen kernel"
+        except LookupError as e:
+            why = str(e)
+        out["packed_varlen_skipped"] = (f"{why}: the packed path ran with eager attention "
+                                        "(transformers' packed-sequence mask)")
+        progress(f"packed: varlen attention skipped: {why}")
+    out["packed_attention"] = f"varlen ({kernel})" if kernel else "eager"
+    out["packed_varlen_kernel"] = kernel
+    batch = PackingCollator(padded.pad_token_id, padded.response_key_id, cfg.max_length)(feats)
+    batch.pop("num_records")
+    out.update(packed_rows=int(batch["input_ids"].shape[0]),
+               packed_width=int(batch["input_ids"].shape[1]),
+               packed_real_tokens=int(batch.pop("num_real_tokens")))
+    spans = record_spans(batch, feats)
+
+    def per_record(**extra) -> list[float]:
+        got = []
+        for r, a, b in spans:  # one record's labels kept: its mean loss
+            labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+            labels[r, a:b] = batch["labels"][r, a:b]
+            got.append(loss(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                            labels=labels, **extra))
+        return got
+
+    def diff(got: list[float]) -> tuple[float, float]:  # (max absolute, max relative)
+        return (max(abs(x - y) for x, y in zip(got, alone)),
+                max(abs(x - y) / abs(y) for x, y in zip(got, alone)))
+
+    calls = varlen.calls()
+    packed = per_record()
+    out["packed_varlen_calls"] = varlen.calls() - calls
+    # control: an all-ones mask lets the records see each other (the varlen layers find it
+    # differs from their segments and run eager attention, which mixes the records)
+    control = per_record(attention_mask=torch.ones_like(batch["input_ids"]))
+    tolerance = PACKED_GPU_RTOL if gpu else PACKED_CPU_ATOL
+    which = 1 if gpu else 0  # the tolerance is relative on the GPU, absolute in --smoke
+    (out["packed_loss_max_abs_diff"], out["packed_loss_max_rel_diff"]) = got = diff(packed)
+    (out["packed_control_max_abs_diff"], out["packed_control_max_rel_diff"]) = mixed = diff(control)
+    out.update(packed_loss_tolerance=tolerance,
+               packed_loss_tolerance_kind="relative (bf16)" if gpu else "absolute (fp32)",
+               packed_loss_ok=got[which] <= tolerance,
+               packed_control_separates=mixed[which] > tolerance,
+               packed_mean_loss_alone=sum(alone) / len(alone))
+    if kernel:
+        call = {"input_ids": batch["input_ids"].to(device),
+                "position_ids": batch["position_ids"].to(device),
+                "labels": batch["labels"].to(device)}
+        try:
+            out["packed_flash_kernels"] = flash_kernel_names(model, call)
+        except Exception as e:  # noqa: BLE001 (the profiler is evidence, not the check)
+            out["packed_flash_kernels_error"] = f"{type(e).__name__}: {e}"[:300]
+    progress(f"packed: loss max rel diff {out['packed_loss_max_rel_diff']:.2e} "
+             f"(ok: {out['packed_loss_ok']}), control {out['packed_control_max_rel_diff']:.2e}, "
+             f"attention {out['packed_attention']}, varlen calls {out['packed_varlen_calls']}")
+    del model
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+    return out
+
+
+def plan_packed(cfg, longest: int, gpu: bool, kernel: bool):
+    """(cfg for (a4)'s training, planned bytes or None, note or None): (a)'s layers and records
+    per optimizer step, batching=packed, gradient checkpointing off at the largest power-of-two
+    micro-batch (<= (a)'s) the memory plan fits without it (see the module docstring), with
+    gradient accumulation making up (a)'s micro-batch; (a)'s setting where none fits."""
+    import dataclasses
+
+    from dolly.train import memory_plan as mp
+
+    padded, plan = plan_training(cfg, longest, gpu, not gpu)
+    cfg = dataclasses.replace(padded, batching="packed")
+    if not gpu:  # CPU: half (a)'s tiny micro-batch, accumulated twice (the GPU path's shape)
+        b = max(1, padded.per_device_batch_size // 2)
+        return dataclasses.replace(cfg, per_device_batch_size=b, gradient_checkpointing=False,
+                                   gradient_accumulation_steps=max(
+                                       1, padded.per_device_batch_size // b)), plan.need, None
+    seq = longest if kernel else max(cfg.max_length, longest)
+    gpu_bytes = mp.visible_gpu()[1]
+    b = padded.per_device_batch_size
+    while b >= 1:
+        setting = dataclasses.replace(mp.setting_of(cfg, 1, seq), micro_batch=b,
+                                      gradient_checkpointing=False)
+        trial = mp.make_plan(plan.shape, setting, gpu_bytes, suggest=False)
+        if trial.fits:
+            steps = max(1, padded.per_device_batch_size // b)
+            return dataclasses.replace(cfg, per_device_batch_size=b, gradient_checkpointing=False,
+                                       gradient_accumulation_steps=steps), trial.need, None
+        b //= 2
+    note = (f"the memory plan fits no micro-batch without gradient checkpointing at {seq} "
+            f"tokens: (a)'s micro-batch {padded.per_device_batch_size} with checkpointing")
+    return cfg, plan.need, note
+
+
+def packed_train(args, work: Path, gpu: bool, data, kernel: bool) -> dict:
+    """(a4)'s training in a child process: `packed_train_*` figures, or the reason it did not
+    run."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return {"packed_train_skipped": "DeepSpeed is not installed"}
+    import dataclasses
+
+    from dolly.train.handoff import encode_config
+
+    cfg, prepared, _, longest = data
+    cfg, planned, note = plan_packed(cfg, longest, gpu, kernel)
+    steps = 2 * args.packed_timed_steps
+    cfg = dataclasses.replace(cfg, output_dir=str(work / "packed"), max_steps=steps,
+                              logging_steps=args.packed_timed_steps, eval_steps=0, save_steps=0,
+                              warmup_steps=0, resume="never", lr_scheduler="constant",
+                              learning_rate=1e-5)
+    progress(f"packed train: {cfg.tiny_n_layer} x {cfg.tiny_n_embd}, micro-batch "
+             f"{cfg.per_device_batch_size} x {cfg.gradient_accumulation_steps} accumulated, "
+             f"checkpointing {cfg.gradient_checkpointing}, {steps} steps; plan: "
+             f"{planned / 2**30:.2f} GiB" + (f" ({note})" if note else ""))
+    got = run_child(args, work / "packed.json", encode_config(cfg), prepared, "packed")
+    out = {f"packed_train_{k}": v for k, v in got.items()}
+    out.update(packed_train_micro_batch=cfg.per_device_batch_size,
+               packed_train_gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+               packed_train_gradient_checkpointing=cfg.gradient_checkpointing,
+               packed_train_planned_gpu_gib=planned / 2**30, packed_train_plan_note=note,
+               packed_timed_steps=args.packed_timed_steps)
+    return out
+
+
+def _packed_train(args, spec: dict) -> dict:
+    """(a4)'s training in this child process: dolly.train.rank.train with batching=packed and
+    varlen attention enabled when training begins."""
+    import torch
+    from transformers import TrainerCallback
+
+    from dolly.models import varlen
+    from dolly.train import rank as training
+    from dolly.train.handoff import decode_config
+
+    cfg = decode_config(spec["config_b64"])
+    gpu = torch.cuda.is_available() and not args.smoke
+    chosen: dict = {}
+
+    class Varlen(TrainerCallback):
+        """Varlen attention on the model the Trainer trains (after rank.train built it)."""
+
+        def on_train_begin(self, _args, state, control, model=None, **kwargs):
+            if model is None or "kernel" in chosen:
+                return
+            chosen["kernel"] = varlen.enable(model) if gpu else None
+            chosen["calls"] = varlen.calls()
+            if chosen["kernel"] is None:
+                try:
+                    varlen.find_kernel(cfg.tiny_n_embd // cfg.tiny_n_head)
+                    chosen["skipped"] = "no varlen kernel"
+                except LookupError as e:
+                    chosen["skipped"] = str(e)
+            progress(f"packed train: varlen attention: {chosen['kernel'] or chosen['skipped']}")
+
+    kept: list[dict] = []
+    as_one_rank()
+    result = training.train(cfg, Path(spec["prepared"]), gpu,
+                            extra_callbacks=[log_keeper(kept), Varlen()])
+    figures = timed_figures(kept)
+    figures["tokens_per_second_per_gpu"] = figures.pop("train_tokens_per_second_per_gpu")
+    return {"n_layer": cfg.tiny_n_layer, "param_count": result["param_count"],
+            "final_loss": result["final_loss"], **figures,
+            "varlen_kernel": chosen.get("kernel"), "varlen_skipped": chosen.get("skipped"),
+            "varlen_calls": varlen.calls() - chosen.get("calls", 0)}
+
+
+def packed_part(args, work: Path, gpu: bool, data) -> dict:
+    """(a4): the check in this process, then the training in a child process."""
+    out = packed_check(args, data, gpu)
+    if gpu:  # the check's model gone before the training process wants the GPU
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    out.update(packed_train(args, work, gpu, data, kernel=out["packed_varlen_kernel"] is not None))
+    return out
 
 
 # ---------------------------------------------------------------------------- generation ------
@@ -507,8 +827,8 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.adapter_child:
-        return adapter_child(args)
+    if args.child:
+        return child_main(args)
     import torch
 
     gpu = torch.cuda.is_available() and not args.smoke
@@ -530,10 +850,21 @@ def main() -> None:
             # the adapter parts' processes before ZeRO-3 in this one: they need the GPU free
             if not args.skip_adapters:
                 result.update(adapter_parts(args, Path(tmp), gpu, data))
+            if not args.skip_packed:  # its training's child process also before ZeRO-3 here
+                result.update(packed_part(args, Path(tmp), gpu, data))
             if not args.skip_full:
                 result.update(train_part(args, Path(tmp), gpu, data))
+    packed, padded = (result.get("packed_train_tokens_per_second_per_gpu"),
+                      result.get("train_tokens_per_second_per_gpu"))
+    if packed and padded:
+        result["packed_over_padded_tokens_per_second"] = packed / padded
     result["seconds"] = time.perf_counter() - t0
     finish(result)
+    if result.get("packed_loss_ok") is False:
+        sys.exit("error: packed records' losses differ from their losses alone beyond "
+                 f"{result['packed_loss_tolerance']:g} (packed_loss_max_abs_diff "
+                 f"{result['packed_loss_max_abs_diff']:.3g}, packed_loss_max_rel_diff "
+                 f"{result['packed_loss_max_rel_diff']:.3g})")
 
 
 if __name__ == "__main__":

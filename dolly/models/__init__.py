@@ -9,7 +9,7 @@ import lazy_loader
 # room costs nothing until one of its names is used.
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=["base", "labelled_loss", "lora", "pretrain", "tiny"],
+    submodules=["base", "labelled_loss", "lora", "pretrain", "tiny", "varlen"],
     submod_attrs={  # module -> the public names it defines
         "base": ["base_location", "load_base_model"],
         "labelled_loss": ["PLAIN_HEAD_TYPES", "install", "uninstall"],
@@ -19,5 +19,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
                      "copy_accuracy", "ensure_base", "is_pretrained_tiny", "log_base",
                      "pretraining_texts", "unseen_copy_lines"],
         "tiny": ["build_tiny", "tiny_config"],
+        "varlen": ["Kernel", "VarlenGPTJAttention", "calls", "disable", "enable", "enabled",
+                   "find_kernel", "segments"],
     },
 )

@@ -289,15 +289,20 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
                   f"base's {trainable_counts(model)[1] - trainable:,} are frozen", flush=True)
 
     if not labelled_loss.install(model):  # logits only where the loss counts
-        if cfg.batching == "packed":
-            raise DollyError(
-                f"batching=packed: {model.config.model_type} is not among the architectures "
-                f"known to keep packed records apart ({', '.join(sorted(labelled_loss.PLAIN_HEAD_TYPES))}); "
-                "use batching=random")
+        known = ", ".join(sorted(labelled_loss.PLAIN_HEAD_TYPES))
+        if cfg.batching == "packed":  # the same records per step, each in a padded row
+            train_collator = collator
         if rank == 0:
-            print(f"train: {model.config.model_type}: logits for every position (the model's "
-                  "own forward; labelled-only logits are known for "
-                  f"{', '.join(sorted(labelled_loss.PLAIN_HEAD_TYPES))})", flush=True)
+            print(f"train: {model.config.model_type} is not among the architectures whose "
+                  f"packing and labelled-only logits are tested ({known}): "
+                  f"{'padded rows (as batching=random) and ' if cfg.batching == 'packed' else ''}"
+                  "the model's own logits for every position", flush=True)
+    elif cfg.batching == "packed" and gpu:
+        from dolly.models import varlen
+
+        kernel = varlen.enable(model)  # GPT-J: its flash path would mix packed records
+        if rank == 0 and kernel:
+            print(f"train: packed rows: GPT-J attention through {kernel}", flush=True)
 
     resumed_from = None if cfg.resume == "never" else cfg.resume
     resumed_step = 0
