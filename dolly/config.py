@@ -256,9 +256,9 @@ class Config:
     batching: str = _f(
         "packed",
         "'packed' (random micro-batches, as 'random', whose records are packed into rows of at "
-        "most max_length tokens that keep each record apart: about 0.97 of computed tokens are "
-        "real), 'length_grouped' (batches of similar length) or 'random' (Dolly v1: each record "
-        "its own row, padded to the batch's longest).",
+        "most max_length tokens that keep each record apart; padding efficiency 0.996 on "
+        "Alpaca at batch 8, 0.90 on the tiny default), 'length_grouped' (batches of similar "
+        "length) or 'random' (Dolly v1: each record its own row, padded to the batch's longest).",
         ("packed", "length_grouped", "random"),
         steps=TRAIN, checkpoint=True,
     )

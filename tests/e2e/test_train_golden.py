@@ -115,3 +115,24 @@ def test_a_run_interrupted_after_step_3_resumes_to_the_golden_losses(uninterrupt
     assert [s for s, _ in loss] == [4, 5, 6]  # continued: steps 1-3 are not trained again
     assert [v for _, v in lr] == pytest.approx(GOLDEN_LR[3:], rel=RTOL, abs=1e-12)
     assert [v for _, v in loss] == pytest.approx(GOLDEN_LOSS[3:], rel=RTOL)
+
+
+def test_packed_rows_train_the_losses_of_random_padded_batches(uninterrupted, tmp_path):
+    """batching=packed draws the micro-batches of batching=random and packs each into rows
+    (dolly/data/packing.py): the same records and the same count of labelled tokens per step,
+    so the same losses (to float rounding: the rows' shapes differ), with less padding."""
+    import mlflow
+
+    uri = uninterrupted.tracking_uri
+    losses, efficiency = {}, {}
+    for batching in ("random", "packed"):
+        params = {**uninterrupted.params, "batching": batching, "save_steps": 0,
+                  "output_dir": tmp_path / batching, "master_port": free_port()}
+        _, run_id = _train(uri, params)
+        losses[batching] = [v for _, v in _history(uri, run_id, "loss")]
+        tags = mlflow.MlflowClient(uri).get_run(run_id).data.tags
+        efficiency[batching] = float(tags["mean_padding_efficiency"])
+    print(f"\nlosses {losses}\npadding efficiency {efficiency}")
+    assert len(losses["packed"]) == 6
+    assert losses["packed"] == pytest.approx(losses["random"], rel=RTOL)
+    assert efficiency["packed"] >= 0.95 > efficiency["random"]
