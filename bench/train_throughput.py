@@ -14,7 +14,8 @@ They differ only in what the trainers do with those records:
   records in the fewest rows of at most the config's max_length tokens (1024, the max_length
   the records were prepared with, so every record fits a row), positions restarting per record,
   no attention mask; else the padded CompletionCollator, each record its own row.
-  model: dolly.models.labelled_loss.install (logits only at labelled positions).
+  model: dolly.models.labelled_loss.install (logits only at labelled positions); on CUDA with
+  packed rows also dolly.models.varlen.enable (GPT-J's attention through a varlen kernel).
 - Dolly v1: the Trainer's RandomSampler + Dolly's DataCollatorForCompletionOnlyLM (transformers'
   LM collator, pad_to_multiple_of=8): each record its own row padded to the micro-batch's
   longest; the model's own forward (logits at every position).
@@ -80,6 +81,11 @@ def run_side(name, cfg, tok, records, order, warm, collate, labelled: bool, args
     model.config.use_cache = False
     if labelled and not labelled_loss.install(model):
         raise SystemExit(f"labelled_loss does not support {model.config.model_type}")
+    if labelled and cfg.batching == "packed" and args.device == "cuda":
+        from dolly.models import varlen
+
+        # as dolly.train.rank does on GPUs: packed GPT-J rows through a varlen kernel
+        progress(f"{name}: attention through {varlen.enable(model) or 'eager (no varlen kernel)'}")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

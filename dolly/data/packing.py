@@ -72,9 +72,10 @@ class PackingCollator:
     within each record; the padding tail of a row counts from 0 as a segment of its own, so it
     is apart from the records too), `num_real_tokens: () int64` and `num_records: () int64`
     (the records' tokens and count, for throughput figures; dolly.train's trainer removes both
-    before the model sees the batch), where rows <= n and width <= max_length. A record longer
-    than max_length (prepared under another max_length) gets a row of its own. Raises ValueError
-    as CompletionCollator does.
+    before the model sees the batch), where rows <= n and width <= max_length. When a record is
+    longer than max_length (prepared under another max_length), that record's length is the
+    row capacity of the whole micro-batch, so width is at most the longest record's, as padding
+    would make it. Raises ValueError as CompletionCollator does.
     """
 
     pad_token_id: int

@@ -2,8 +2,9 @@
 
 `python -m dolly.train.rank --config_b64 ... --device gpu|cpu --prepared ...` (the DeepSpeed
 launcher) or `torchrun .../dolly/train/rank.py ...` (launcher=spark) runs the Hugging Face
-Trainer with DeepSpeed ZeRO-3, completion-only labels (dolly.data.collator), length-grouped
-batches (dolly.data.batching), and rank 0 logging to the parent's MLflow run through the client API (it never
+Trainer with DeepSpeed ZeRO-3 (or DDP for adapters), completion-only labels (dolly.data.collator),
+packed rows (dolly.data.packing) or padded batches (dolly.data.batching), logits only at labelled
+positions (dolly.models.labelled_loss), and rank 0 logging to the parent's MLflow run through the client API (it never
 starts, resumes or ends a run). At the end all ranks take part in gathering the consolidated
 weights into <output_dir>/final, and rank 0 writes train_result.json for the parent. The device
 is the parent's decision (`--device`); a rank never decides it again. Its command line, the
@@ -303,6 +304,14 @@ def train(cfg: Config, prepared: Path, gpu: bool, run_id: str = "",
         kernel = varlen.enable(model)  # GPT-J: its flash path would mix packed records
         if rank == 0 and kernel:
             print(f"train: packed rows: GPT-J attention through {kernel}", flush=True)
+        elif rank == 0 and model.config.model_type == "gptj":
+            try:
+                varlen.find_kernel(int(model.config.n_embd) // int(model.config.n_head))
+                why = "no kernel"
+            except LookupError as e:
+                why = str(e)
+            print(f"train: packed rows: GPT-J attention stays eager ({why}); records are kept "
+                  "apart by its mask, at eager attention's speed and memory", flush=True)
 
     resumed_from = None if cfg.resume == "never" else cfg.resume
     resumed_step = 0
