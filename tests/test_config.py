@@ -14,10 +14,11 @@ def test_the_profiles_are_all_there():
             "tiny"} <= {p.stem for p in PROFILES}
 
 
-def test_default_profile_is_the_dataclass_defaults_but_random_batches_300_held_out_and_lora_lr():
+def test_default_profile_is_the_dataclass_defaults_but_300_held_out_and_lora_lr():
     cfg = load_config(ROOT / "configs/tiny.yaml")
-    assert cfg.to_dict() == {**Config().to_dict(), "profile": "tiny", "batching": "random",
+    assert cfg.to_dict() == {**Config().to_dict(), "profile": "tiny",
                              "test_size": 0.05, "lora_learning_rate": 3e-3}
+    assert cfg.batching == "packed"  # the dataclass default, which the profile also states
     assert cfg.peak_learning_rate == 1e-3
     lora = load_config(ROOT / "configs/tiny.yaml", {"finetune": "lora"})
     assert (lora.peak_learning_rate, lora.adapters) == (3e-3, True)
@@ -130,7 +131,7 @@ def test_strings_round_trip_every_value():
     assert all(isinstance(v, str) for v in text.values())
     assert Config.from_strings(text) == cfg
     changed = cfg.to_strings(changed_from=Config())
-    assert changed == {"columns": "instruction=q", "seed": "7", "batching": "random",
+    assert changed == {"columns": "instruction=q", "seed": "7",
                        "epochs": repr(1 / 3), "gradient_checkpointing": "True",
                        "lora_learning_rate": "0.003"}
     assert Config.from_strings(changed) == cfg
