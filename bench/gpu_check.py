@@ -291,6 +291,25 @@ def _free_port() -> int:
 
 # ------------------------------------------------------------------- LoRA / QLoRA (a2, a3) ------
 
+
+def random_gptj(cfg, tok, gpu: bool):
+    """A randomly initialised GPT-J of the config's tiny shape (`tiny_config`), seeded with
+    cfg.seed, built directly on the device in its dtype: bf16 on the GPU, fp32 on the CPU."""
+    import torch
+    from transformers import GPTJForCausalLM
+
+    from dolly.models.tiny import tiny_config
+
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    torch.manual_seed(cfg.seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return GPTJForCausalLM(tiny_config(cfg, tok))
+    finally:
+        torch.set_default_dtype(default)
+
 def save_random_base(cfg, tok, folder: Path, gpu: bool) -> Path:
     """The randomly initialised base of cfg's tiny_* shape saved in `folder` (bf16 on a GPU,
     fp32 on CPU): what a LoRA adapter's base_reference.json points to (the tiny base with
@@ -298,21 +317,10 @@ def save_random_base(cfg, tok, folder: Path, gpu: bool) -> Path:
     import gc
 
     import torch
-    from transformers import GPTJForCausalLM
 
-    from dolly.models.tiny import tiny_config
-
-    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
-    progress(f"adapters: saving a random {cfg.tiny_n_layer} x {cfg.tiny_n_embd} base ({dtype}) "
-             f"for LoRA and QLoRA in {folder}")
-    torch.manual_seed(cfg.seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = GPTJForCausalLM(tiny_config(cfg, tok))
-    finally:
-        torch.set_default_dtype(default)
+    progress(f"adapters: saving a random {cfg.tiny_n_layer} x {cfg.tiny_n_embd} base "
+             f"({'bf16' if gpu else 'fp32'}) for LoRA and QLoRA in {folder}")
+    model = random_gptj(cfg, tok, gpu)
     model.save_pretrained(str(folder))
     del model
     gc.collect()
@@ -542,12 +550,10 @@ def packed_check(args, data, gpu: bool) -> dict:
     import gc
 
     import torch
-    from transformers import GPTJForCausalLM
 
     from dolly.data import PackingCollator, collator_for
     from dolly.data.collator import IGNORE_INDEX
     from dolly.models import labelled_loss, varlen
-    from dolly.models.tiny import tiny_config
     from dolly.prompts import get_format
 
     cfg, prepared, tok, _ = data
@@ -556,14 +562,7 @@ def packed_check(args, data, gpu: bool) -> dict:
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     progress(f"packed: {len(feats)} records alone and packed, a random GPT-J "
              f"{cfg.tiny_n_layer} x {cfg.tiny_n_embd} ({dtype}) on {device}")
-    torch.manual_seed(cfg.seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = GPTJForCausalLM(tiny_config(cfg, tok)).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = random_gptj(cfg, tok, gpu).eval()
     model.config.use_cache = False  # as training calls it
     assert labelled_loss.install(model)
 
