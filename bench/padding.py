@@ -33,7 +33,8 @@ from common import (DollyV1Collator, add_limit, batches, finish, parser, prepare
 
 from dolly.data.batching import LengthGroupedSampler
 from dolly.data.collator import collator_for
-from dolly.data.packing import PackingCollator, packed_efficiency, train_collator_for
+from dolly.data.packing import (PackingCollator, packed_efficiency, take_counts,
+                                train_collator_for)
 from dolly.prompts import get_format
 from dolly.train.rank import PreparedDataset
 
@@ -46,11 +47,8 @@ def efficiency(records: PreparedDataset, order, batch_size: int,
     real = computed = rows = 0
     for b in batches(order, batch_size):
         batch = collate([records[i] for i in b])
-        if "num_real_tokens" in batch:
-            real += int(batch["num_real_tokens"])
-        else:
-            real += int(batch["attention_mask"].sum())
-        computed += batch["input_ids"].numel()
+        r, c, _ = take_counts(batch)  # as DollyTrainer counts
+        real, computed = real + int(r), computed + c
         rows += batch["input_ids"].shape[0]
     return real / computed, real, computed, rows
 

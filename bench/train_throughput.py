@@ -51,23 +51,11 @@ from common import (add_model_args, ROOT, DollyV1Collator, add_limit, apply_thre
 
 from dolly.train import throughput
 from dolly.data.batching import LengthGroupedSampler
-from dolly.data.packing import train_collator_for
+from dolly.data.packing import take_counts, train_collator_for
 from dolly.models import labelled_loss
 from dolly.models.tiny import build_tiny
 from dolly.prompts import get_format
 from dolly.train.rank import PreparedDataset
-
-
-def batch_counts(batch: dict) -> tuple[int, int, int]:
-    """(real tokens, tokens computed, records) of a collated batch, as DollyTrainer counts them:
-    a packed batch's `num_real_tokens` and `num_records` (both popped from `batch`: the model
-    must not get them) and its `input_ids` size; a padded batch's attention-mask ones, size and
-    rows."""
-    if "num_real_tokens" in batch:
-        real, records = batch.pop("num_real_tokens"), batch.pop("num_records")
-        return int(real), batch["input_ids"].numel(), int(records)
-    mask = batch["attention_mask"]
-    return int(mask.sum()), mask.numel(), mask.shape[0]
 
 
 def run_side(name, cfg, tok, records, order, warm, collate, labelled: bool, args):
@@ -96,7 +84,7 @@ def run_side(name, cfg, tok, records, order, warm, collate, labelled: bool, args
 
     def step(idx):
         batch = collate([records[i] for i in idx])
-        counts = batch_counts(batch)
+        counts = [int(c) for c in take_counts(batch)]  # as DollyTrainer counts
         batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
         with autocast:
             loss = model(**batch).loss

@@ -34,9 +34,9 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     Deterministic. Raises ValueError for a record longer than `capacity` or of length < 1.
     """
     lengths = [int(n) for n in lengths]
-    if any(n < 1 or n > capacity for n in lengths):
-        bad = next(n for n in lengths if n < 1 or n > capacity)
-        raise ValueError(f"a record of {bad} tokens cannot be packed into rows of {capacity}")
+    bad = [n for n in lengths if n < 1 or n > capacity]
+    if bad:
+        raise ValueError(f"a record of {bad[0]} tokens cannot be packed into rows of {capacity}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     best: list[list[int]] = []
     fill: list[int] = []
@@ -104,6 +104,20 @@ class PackingCollator:
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                 "num_real_tokens": torch.tensor(int(np.sum(lengths)), dtype=torch.long),
                 "num_records": torch.tensor(len(features), dtype=torch.long)}
+
+
+def take_counts(batch: dict) -> tuple[Any, int, Any]:
+    """(real tokens, tokens computed, records) of a collated training batch, with a packed
+    batch's count keys removed from `batch` (the model must not get them). Packed
+    (PackingCollator): `num_real_tokens`, `input_ids`' size, `num_records`; padded
+    (CompletionCollator): the attention mask's ones, its size, its rows. The real-token and
+    record counts stay 0-dim int64 tensors where the batch has them (no device sync); int()
+    reads them."""
+    if "num_real_tokens" in batch:
+        real, records = batch.pop("num_real_tokens"), batch.pop("num_records")
+        return real, batch["input_ids"].numel(), records
+    mask = batch["attention_mask"]
+    return mask.sum(), mask.numel(), mask.shape[0]
 
 
 def packed_efficiency(lengths: Sequence[int], order: Sequence[int], batch_size: int,

@@ -1,7 +1,7 @@
 """The rank side's Trainer pieces: DollyTrainer and its callbacks (imported by the ranks only).
 
-`DollyTrainer` adds length-grouped sampling, packed training batches and throughput / padding / memory metrics to the
-Hugging Face Trainer; `RankZeroMlflow` logs from rank 0 into the parent's MLflow run;
+`DollyTrainer` adds length-grouped sampling, packed training batches and throughput / padding /
+memory metrics to the Hugging Face Trainer; `RankZeroMlflow` logs from rank 0 into the parent's MLflow run;
 `PartitionRecord` writes what each rank holds under ZeRO-3.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback
 from dolly.train import throughput
 from dolly.train.handoff import LENGTH_FREE_SCHEDULES
 from dolly.data.batching import LengthGroupedSampler
+from dolly.data.packing import take_counts
 from dolly.config import Config
 from dolly.errors import DollyError
 
@@ -71,7 +72,8 @@ def param_numel(p) -> int:
 
 
 class DollyTrainer(Trainer):
-    """Adds length-grouped sampling and throughput / padding / memory metrics to the logs.
+    """Adds length-grouped sampling, packed batches (their counts taken out before the model
+    sees them) and throughput / padding / memory metrics to the logs.
 
     dolly_cfg: the run's Config (batching, length_group_batches, seed); flops: the keyword
     arguments of `throughput.summarize` that describe the model and devices; eval_collator: the
@@ -114,13 +116,8 @@ class DollyTrainer(Trainer):
         if not self.started:  # the first interval starts here, not at engine set-up
             self.counter.take()
             self.started = True
-        if "num_real_tokens" in inputs:
-            inputs = dict(inputs)
-            real, records = inputs.pop("num_real_tokens"), inputs.pop("num_records")
-            self.counter.add(real, inputs["input_ids"].numel(), records)
-        else:
-            mask = inputs["attention_mask"]
-            self.counter.add(mask.sum(), mask.numel(), mask.shape[0])  # a tensor: no sync here
+        inputs = dict(inputs)
+        self.counter.add(*take_counts(inputs))  # tensors: no sync here
         return super().training_step(model, inputs, num_items_in_batch)
 
     def evaluate(self, *args, **kwargs):
